@@ -1,0 +1,174 @@
+"""Collect: find complete, new inbound files in the remote inbox and the local inbox, and stage them locally.
+
+A file is staged under ``staging/<kind>/NAME``: the folder says which inbound kind it is, so a file left there by
+a crash is picked up again on the next run. Remote names are checked before anything is done with them, and a
+file younger than the profile's minimum age is left for the next look (it may still be being written)::
+
+    collector = Collector(profile, clock)
+    staged = collector.from_local_inbox() + collector.from_remote(transport)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import posixpath
+import shutil
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from batchsync.clock import Clock
+from batchsync.config import InboundConfig, Profile
+from batchsync.errors import ConfigError, TransportError, UnsafeRemoteName
+from batchsync.transport import Transport, check_remote_name
+from batchsync.transport.base import with_retries
+from batchsync.workdir import WorkDir, unique_path
+
+log = logging.getLogger(__name__)
+IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".filepart")
+
+
+@dataclass
+class StagedFile:
+    path: Path
+    name: str
+    kind: InboundConfig
+    origin: str
+    remote_path: str | None = None
+
+
+@dataclass
+class CollectReport:
+    staged: list[StagedFile] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+
+
+class Collector:
+    def __init__(self, profile: Profile, clock: Clock, *, dry_run: bool = False) -> None:
+        self.profile, self.clock, self.dry_run = profile, clock, dry_run
+        self.work = WorkDir(profile.work_dir)
+        self.staging = self.work.dry_run / "staging" if dry_run else self.work.staging
+
+    def kind_for(self, name: str, kind: str | None = None) -> InboundConfig | None:
+        if kind is not None:
+            for entry in self.profile.inbound:
+                if entry.kind == kind:
+                    return entry
+            known = ", ".join(entry.kind for entry in self.profile.inbound) or "none"
+            raise ConfigError(f"profile {self.profile.name} has no inbound kind {kind!r} (it has: {known})")
+        for entry in self.profile.inbound:
+            if fnmatch.fnmatch(name, entry.pattern):
+                return entry
+        return None
+
+    def left_in_staging(self) -> list[StagedFile]:
+        """Files a crashed run staged but did not finish; processing them again is safe (the ledger)."""
+        found = []
+        for entry in self.profile.inbound:
+            folder = self.work.staging / entry.kind
+            if not self.dry_run and folder.is_dir():
+                for path in sorted(folder.iterdir()):
+                    if path.is_file() and not path.name.endswith(".part"):
+                        found.append(StagedFile(path, path.name, entry, f"staging:{path.name}"))
+        return found
+
+    def from_path(self, path: Path, kind: str | None = None) -> StagedFile:
+        """Stage a copy of one named file (``import --file``); the original is left where it is."""
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such file")
+        entry = self.kind_for(path.name, kind)
+        if entry is None:
+            raise ConfigError(f"{path.name} matches no inbound pattern of profile {self.profile.name}; use --kind")
+        target = self._stage_path(entry, path.name)
+        shutil.copyfile(path, target)
+        return StagedFile(target, path.name, entry, f"file:{path.resolve()}")
+
+    def from_local_inbox(self, report: CollectReport) -> None:
+        inbox = self.work.inbox
+        if not inbox.is_dir():
+            return
+        for path in sorted(inbox.iterdir()):
+            if not path.is_file() or path.name.startswith(".") or path.name.endswith(IGNORED_SUFFIXES):
+                continue
+            entry = self.kind_for(path.name)
+            mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+            if not self._old_enough(mtime, entry.min_age_seconds if entry else self._min_age()):
+                report.waiting.append(f"inbox/{path.name}")
+                continue
+            if entry is None:
+                if not self.dry_run:
+                    self.work.quarantine_file(path, path.name, "the name matches no inbound pattern of the profile")
+                report.refused.append(f"inbox/{path.name}: matches no inbound pattern")
+                continue
+            target = self._stage_path(entry, path.name)
+            if self.dry_run:
+                shutil.copyfile(path, target)
+            else:
+                os.replace(path, target)
+            report.staged.append(StagedFile(target, path.name, entry, f"inbox:{path.name}"))
+
+    def from_remote(self, transport: Transport, report: CollectReport) -> None:
+        for entry in self.profile.inbound:
+            if entry.remote_dir is None:
+                continue
+            listing = with_retries(
+                lambda folder=entry.remote_dir: transport.list(folder),  # type: ignore[misc]
+                attempts=self.profile.transport.retries,
+                clock=self.clock,
+                what=f"listing {entry.remote_dir}",
+            )
+            for remote in listing:
+                try:
+                    check_remote_name(remote.name)
+                except UnsafeRemoteName as exc:
+                    log.warning("%s (in %s)", exc, entry.remote_dir)
+                    report.refused.append(f"{entry.remote_dir}: {exc}")
+                    continue
+                if not fnmatch.fnmatch(remote.name, entry.pattern):
+                    continue
+                if remote.mtime is not None and not self._old_enough(remote.mtime, entry.min_age_seconds):
+                    report.waiting.append(f"{entry.remote_dir}/{remote.name}")
+                    continue
+                report.staged.append(self._download(transport, entry, remote.name))
+
+    def finish_remote(self, transport: Transport, staged: StagedFile) -> None:
+        """After the reconcile committed: move the remote file to ``processed/`` or delete it."""
+        if staged.remote_path is None or self.dry_run:
+            return
+        if staged.kind.after_import == "delete":
+            transport.delete(staged.remote_path)
+            return
+        folder = posixpath.join(posixpath.dirname(staged.remote_path), staged.kind.processed_dir)
+        stamp = self.clock.now().strftime("%Y%m%dT%H%M%S")
+        transport.rename(staged.remote_path, posixpath.join(folder, f"{stamp}_{staged.name}"))
+
+    def _download(self, transport: Transport, entry: InboundConfig, name: str) -> StagedFile:
+        remote_path = posixpath.join(entry.remote_dir or "", name)
+        target = self._stage_path(entry, name)
+        partial = target.with_name(target.name + ".part")
+        try:
+            with_retries(
+                lambda: transport.download(remote_path, partial),
+                attempts=self.profile.transport.retries,
+                clock=self.clock,
+                what=f"download of {remote_path}",
+            )
+        except TransportError:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, target)
+        return StagedFile(target, name, entry, f"remote:{remote_path}", remote_path)
+
+    def _stage_path(self, entry: InboundConfig, name: str) -> Path:
+        folder = self.staging / entry.kind
+        folder.mkdir(parents=True, exist_ok=True)
+        return unique_path(folder, name)
+
+    def _old_enough(self, mtime: datetime, min_age_seconds: float) -> bool:
+        return self.clock.now() - mtime >= timedelta(seconds=min_age_seconds)
+
+    def _min_age(self) -> float:
+        return min((entry.min_age_seconds for entry in self.profile.inbound), default=0.0)

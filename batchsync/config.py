@@ -1,0 +1,308 @@
+"""Profiles: one TOML file per provider account, read into frozen, typed objects.
+
+Every validation message is written here, and names the file, the key and what was expected::
+
+    profile = load_profile(Path("profiles/mailup.toml"))
+    profile.export.delimiter      # ";"
+    profile.list_by_provider_id("1").code
+
+Relative paths in a profile are read from the profile file's own folder. Secrets are never inline: a password
+is named by ``password_env`` (an environment variable) or ``password_file``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from batchsync.errors import ConfigError
+
+EventKind = Literal["unsubscribe", "hard_bounce", "complaint", "clean"]
+Status = Literal["subscribed", "unsubscribed", "pending", "cleaned"]
+ExportField = str  # email | first_name | last_name | list_id | groups | status | custom.<name>
+PLAIN_FIELDS = ("email", "first_name", "last_name", "list_id", "groups", "status")
+SECRET_KEYS = ("password", "passphrase", "secret", "token")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class DatabaseConfig(_Model):
+    url: str | None = None
+    url_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatabaseConfig:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give exactly one of 'url' or 'url_env'")
+        if self.url and "@" in self.url and ":" in self.url.split("://", 1)[-1].split("@", 1)[0]:
+            raise ValueError("the URL holds a password: put the URL in an environment variable (url_env)")
+        return self
+
+
+class WorkConfig(_Model):
+    dir: str = "var"
+    retention_days: int = Field(30, ge=1)
+    max_file_bytes: int = Field(2_000_000_000, ge=1)
+
+
+class TransportConfig(_Model):
+    kind: Literal["local", "ftp"]
+    path: str | None = None
+    host: str | None = None
+    port: int = Field(21, ge=1, le=65535)
+    user: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    timeout_seconds: float = Field(30.0, gt=0)
+    retries: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> TransportConfig:
+        if self.kind == "local" and not self.path:
+            raise ValueError("a 'local' transport needs 'path', the folder that stands in for the server")
+        if self.kind == "ftp" and not self.host:
+            raise ValueError("an 'ftp' transport needs 'host'")
+        if self.password_env and self.password_file:
+            raise ValueError("give at most one of 'password_env' or 'password_file'")
+        return self
+
+
+class ExportColumn(_Model):
+    header: str
+    field: ExportField
+
+    @field_validator("field")
+    @classmethod
+    def _known_field(cls, value: str) -> str:
+        if value in PLAIN_FIELDS or (value.startswith("custom.") and len(value) > 7):
+            return value
+        raise ValueError(f"unknown field {value!r}; expected one of {', '.join(PLAIN_FIELDS)} or custom.<name>")
+
+
+class Dialect(_Model):
+    encoding: Literal["utf-8", "utf-8-sig", "cp1252", "latin-1"] = "utf-8"
+    delimiter: Literal[";", ",", "|", "\t"] = ";"
+
+
+class ExportConfig(Dialect):
+    remote_dir: str = "import/{list_id}"
+    file_name: str = "{profile}_{list}_{stamp}_{mode}.csv"
+    group_separator: str = ","
+    full_weekday: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"] = "sunday"
+    timezone: str = "UTC"
+    chunk_rows: int = Field(5000, ge=1)
+    columns: tuple[ExportColumn, ...] = Field(strict=False)  # TOML arrays arrive as lists
+    status_values: dict[Status, str]
+
+    @field_validator("file_name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if "/" in value or "\\" in value:
+            raise ValueError("a file name template cannot hold a folder; put folders in 'remote_dir'")
+        return value
+
+    @model_validator(mode="after")
+    def _columns(self) -> ExportConfig:
+        fields = [c.field for c in self.columns]
+        for needed in ("email", "status"):
+            if needed not in fields:
+                raise ValueError(f"the export columns need one with field = {needed!r}")
+        if "subscribed" not in self.status_values or "unsubscribed" not in self.status_values:
+            raise ValueError("status_values needs at least 'subscribed' and 'unsubscribed'")
+        return self
+
+
+class ListConfig(_Model):
+    id: str
+    name: str | None = None
+    groups: dict[str, str] = Field(default_factory=dict)
+
+
+class EventCode(_Model):
+    event: EventKind
+    reason: str
+
+
+class InboundColumns(_Model):
+    email: str
+    list_id: str | None = None
+    at: str | None = None
+    reason: str | None = None
+
+
+class InboundConfig(Dialect):
+    kind: str
+    pattern: str
+    remote_dir: str | None = None
+    after_import: Literal["move", "delete"] = "move"
+    processed_dir: str = "processed"
+    min_age_seconds: float = Field(60.0, ge=0)
+    timestamp_format: str = "%Y-%m-%dT%H:%M:%S"
+    timezone: str = "UTC"
+    columns: InboundColumns
+    event: EventKind | None = None
+    codes: dict[str, EventCode] = Field(default_factory=dict)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'Europe/Rome')") from None
+        return value
+
+    @model_validator(mode="after")
+    def _event_source(self) -> InboundConfig:
+        if self.event is None and not (self.codes and self.columns.reason):
+            raise ValueError("say which event the rows are: 'event', or a 'reason' column with 'codes'")
+        return self
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+class PolicyConfig(_Model):
+    unsubscribe_all_lists: bool = False
+    hard_bounce_suppresses: bool = True
+
+
+class Profile(_Model):
+    name: str
+    provider: str = "mailup"
+    database: DatabaseConfig
+    work: WorkConfig = WorkConfig()
+    transport: TransportConfig
+    export: ExportConfig
+    lists: dict[str, ListConfig]
+    inbound: tuple[InboundConfig, ...] = Field((), strict=False)
+    policy: PolicyConfig = PolicyConfig()
+    base_dir: str = "."
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Profile:
+        ids = [entry.id for entry in self.lists.values()]
+        if len(set(ids)) != len(ids):
+            raise ValueError("two lists share one provider id")
+        kinds = [entry.kind for entry in self.inbound]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError("two inbound entries share one kind")
+        return self
+
+    def path(self, value: str) -> Path:
+        """A path from the profile, read relative to the profile's folder."""
+        candidate = Path(value).expanduser()
+        return candidate if candidate.is_absolute() else Path(self.base_dir) / candidate
+
+    @property
+    def work_dir(self) -> Path:
+        return self.path(self.work.dir)
+
+    def database_url(self) -> str:
+        if self.database.url_env:
+            url = os.environ.get(self.database.url_env)
+            if not url:
+                raise ConfigError(f"profile {self.name}: environment variable {self.database.url_env} is not set")
+            return url
+        url = self.database.url or ""
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            relative = url[len("sqlite:///") :]
+            if relative and relative != ":memory:":
+                return "sqlite:///" + str(self.path(relative).resolve())
+        return url
+
+    def list_by_provider_id(self, provider_id: str) -> str | None:
+        for code, entry in self.lists.items():
+            if entry.id == provider_id:
+                return code
+        return None
+
+
+def load_profile(path: Path, overrides: Mapping[str, Any] | None = None) -> Profile:
+    """Read and check one profile file; ``overrides`` maps dotted keys to values (the demo uses it)."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such profile file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw.setdefault("name", path.stem)
+    raw["base_dir"] = str(path.resolve().parent)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    _refuse_inline_secrets(path, raw, "")
+    try:
+        return Profile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc)) from None
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+
+
+def _refuse_inline_secrets(path: Path, node: Any, prefix: str) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in SECRET_KEYS:
+                raise ConfigError(
+                    f"{path}: {prefix}{key}: secrets are never written in a profile; "
+                    f"name an environment variable with {key}_env or a file with {key}_file"
+                )
+            _refuse_inline_secrets(path, value, f"{prefix}{key}.")
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: the profile is not valid:"]
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"])
+        kind = error["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key{_suggestion(error['loc'])}")
+        elif kind == "missing":
+            lines.append(f"  {loc}: required key is missing")
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            where = f"  {loc}: " if loc else "  "
+            shown = error.get("input")
+            got = f" (got {shown!r})" if not isinstance(shown, dict | list) and loc else ""
+            lines.append(f"{where}{message}{got}")
+    return "\n".join(lines)
+
+
+def _suggestion(loc: tuple[int | str, ...]) -> str:
+    model: type[BaseModel] | None = Profile
+    for part in loc[:-1]:
+        # A step that is not a field is a list index or a dict key: the model stays the same.
+        if model is not None and isinstance(part, str) and part in model.model_fields:
+            model = _model_of_annotation(model.model_fields[part].annotation)
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_of_annotation(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of_annotation(arg)
+        if found is not None:
+            return found
+    return None

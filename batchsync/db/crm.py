@@ -1,0 +1,226 @@
+"""Every statement on the CRM tables. Mapping batchsync onto another CRM's own tables changes this module only.
+
+Streams are ordered by ``email_key`` in code-point order on every backend (``COLLATE "C"`` on PostgreSQL), so
+that the exporter can merge them with the ledger in Python.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, func, insert, literal, select, update
+
+from batchsync.db.schema import (
+    activities,
+    contacts,
+    group_members,
+    groups,
+    lists,
+    metadata,
+    subscriptions,
+    suppressions,
+)
+from batchsync.rules import Status, Subscription
+
+GROUP_SEP = "\x1f"
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """One CRM contact on one list, as the exporter reads it."""
+
+    contact_id: int
+    email: str
+    email_key: str
+    first_name: str | None
+    last_name: str | None
+    custom: Mapping[str, Any] | None
+    status: Status
+    suppressed: bool
+    group_codes: tuple[str, ...]
+
+
+def ordered_key(column: ColumnElement[str], connection: Connection) -> ColumnElement[str]:
+    """Order strings by code point, as Python compares them, whatever the database's locale."""
+    return column.collate("C") if connection.dialect.name == "postgresql" else column
+
+
+def list_ids(connection: Connection, codes: Iterable[str]) -> dict[str, int]:
+    rows = connection.execute(select(lists.c.code, lists.c.id).where(lists.c.code.in_(list(codes))))
+    return {code: list_id for code, list_id in rows}
+
+
+def _group_codes_by_contact(connection: Connection, list_id: int) -> Any:
+    joined = (
+        func.string_agg(groups.c.code, literal(GROUP_SEP))
+        if connection.dialect.name == "postgresql"
+        else func.group_concat(groups.c.code, GROUP_SEP)
+    )
+    return (
+        select(group_members.c.contact_id, joined.label("codes"))
+        .join(groups, groups.c.id == group_members.c.group_id)
+        .where(groups.c.list_id == list_id)
+        .group_by(group_members.c.contact_id)
+        .subquery()
+    )
+
+
+def stream_export_sources(connection: Connection, list_id: int, chunk: int) -> Iterator[ExportSource]:
+    """Live contacts on one list with their status, suppression and groups, by email_key then contact id."""
+    codes = _group_codes_by_contact(connection, list_id)
+    query = (
+        select(
+            contacts.c.id,
+            contacts.c.email,
+            contacts.c.email_key,
+            contacts.c.first_name,
+            contacts.c.last_name,
+            contacts.c.custom,
+            subscriptions.c.status,
+            suppressions.c.email_key.is_not(None),
+            codes.c.codes,
+        )
+        .join(
+            subscriptions,
+            and_(subscriptions.c.contact_id == contacts.c.id, subscriptions.c.list_id == list_id),
+        )
+        .outerjoin(suppressions, suppressions.c.email_key == contacts.c.email_key)
+        .outerjoin(codes, codes.c.contact_id == contacts.c.id)
+        .where(contacts.c.deleted.is_(False))
+        .order_by(ordered_key(contacts.c.email_key, connection), contacts.c.id)
+    )
+    result = connection.execution_options(stream_results=True, yield_per=chunk).execute(query)
+    for row in result:
+        yield ExportSource(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            cast(Status, row[6]),
+            bool(row[7]),
+            tuple(sorted(row[8].split(GROUP_SEP))) if row[8] else (),
+        )
+
+
+def contacts_by_email(connection: Connection, keys: Iterable[str]) -> dict[str, list[int]]:
+    """Live contact ids for each email key (several when the CRM holds duplicates)."""
+    found: dict[str, list[int]] = defaultdict(list)
+    query = select(contacts.c.email_key, contacts.c.id).where(
+        contacts.c.email_key.in_(list(set(keys))), contacts.c.deleted.is_(False)
+    )
+    for key, contact_id in connection.execute(query.order_by(contacts.c.id)):
+        found[key].append(contact_id)
+    return found
+
+
+def subscriptions_of(
+    connection: Connection, contact_ids: Iterable[int], list_ids_: Iterable[int]
+) -> dict[tuple[int, int], Subscription]:
+    s = subscriptions.c
+    query = select(s.contact_id, s.list_id, s.status, s.status_at, s.source, s.consent_at, s.consent_by).where(
+        s.contact_id.in_(list(set(contact_ids))), s.list_id.in_(list(set(list_ids_)))
+    )
+    return {
+        (row[0], row[1]): Subscription(cast(Status, row[2]), row[3], row[4], row[5], row[6])
+        for row in connection.execute(query)
+    }
+
+
+def set_statuses(connection: Connection, changes: Sequence[Mapping[str, Any]], *, existing: bool) -> None:
+    """Write subscription statuses: ``existing`` rows are updated, the others inserted.
+
+    Each change holds contact_id, list_id, status, status_at, source and reason.
+    """
+    if not changes:
+        return
+    if not existing:
+        connection.execute(insert(subscriptions), [dict(change) for change in changes])
+        return
+    s = subscriptions.c
+    statement = (
+        update(subscriptions)
+        .where(s.contact_id == bindparam("b_contact"), s.list_id == bindparam("b_list"))
+        .values(
+            status=bindparam("b_status"),
+            status_at=bindparam("b_at"),
+            source=bindparam("b_source"),
+            reason=bindparam("b_reason"),
+        )
+    )
+    connection.execute(
+        statement,
+        [
+            {
+                "b_contact": c["contact_id"],
+                "b_list": c["list_id"],
+                "b_status": c["status"],
+                "b_at": c["status_at"],
+                "b_source": c["source"],
+                "b_reason": c["reason"],
+            }
+            for c in changes
+        ],
+    )
+
+
+def suppress(connection: Connection, entries: Mapping[str, Mapping[str, Any]]) -> int:
+    """Add addresses to the suppression list (email_key -> email, reason, at, source); keeps existing ones."""
+    if not entries:
+        return 0
+    known = set(connection.scalars(select(suppressions.c.email_key).where(suppressions.c.email_key.in_(list(entries)))))
+    new = [{"email_key": key, **values} for key, values in entries.items() if key not in known]
+    if new:
+        connection.execute(insert(suppressions), new)
+    return len(new)
+
+
+def add_activities(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    if rows:
+        connection.execute(insert(activities), [dict(row) for row in rows])
+
+
+def insert_rows(connection: Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Bulk insert into a CRM table by name (the sample generator's door into the CRM)."""
+    if rows:
+        connection.execute(insert(metadata.tables[table]), [dict(row) for row in rows])
+
+
+def touch_contacts(connection: Connection, contact_ids: Iterable[int], now: datetime) -> None:
+    ids = list(set(contact_ids))
+    if ids:
+        connection.execute(update(contacts).where(contacts.c.id.in_(ids)).values(updated_at=now))
+
+
+def count_contacts(connection: Connection) -> int:
+    return int(connection.scalar(select(func.count()).select_from(contacts)) or 0)
+
+
+def ensure_lists(connection: Connection, wanted: Mapping[str, tuple[str | None, Sequence[str]]]) -> int:
+    """Create the lists (code -> name, group codes) and groups that are missing; returns how many were added."""
+    added = 0
+    known = list_ids(connection, wanted)
+    for code, (name, group_codes) in wanted.items():
+        if code not in known:
+            result = connection.execute(insert(lists).values(code=code, name=name or code))
+            known[code] = int(result.inserted_primary_key[0])  # type: ignore[index]
+            added += 1
+        present = set(connection.scalars(select(groups.c.code).where(groups.c.list_id == known[code])))
+        for group_code in group_codes:
+            if group_code not in present:
+                connection.execute(insert(groups).values(list_id=known[code], code=group_code, name=group_code))
+                added += 1
+    return added
+
+
+def group_ids(connection: Connection, list_ids_: Iterable[int]) -> dict[int, list[int]]:
+    found: dict[int, list[int]] = defaultdict(list)
+    query = select(groups.c.list_id, groups.c.id).where(groups.c.list_id.in_(list(list_ids_))).order_by(groups.c.id)
+    for list_id, group_id in connection.execute(query):
+        found[list_id].append(group_id)
+    return found

@@ -1,0 +1,148 @@
+"""batchsync's own tables: runs, the inbound file ledger, the export ledger and the audit trail.
+
+The export ledger is advanced in two steps: the exporter stages what it sent in ``bs_pending`` while it writes
+the file, and :func:`commit_pending` moves it into ``bs_exported`` in one transaction once the upload is
+confirmed. A crash in between leaves ``bs_exported`` as it was, so the same rows go out again next time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
+
+from batchsync.db.crm import ordered_key
+from batchsync.db.schema import bs_changes, bs_exported, bs_files, bs_pending, bs_runs
+
+TOMBSTONE = "tombstone"
+
+
+@dataclass(frozen=True)
+class ExportedRow:
+    email_key: str
+    email: str
+    fingerprint: int
+    status: str
+
+
+# --- runs -------------------------------------------------------------------------------------------------
+
+
+def start_run(connection: Connection, profile: str, kind: str, now: datetime) -> int:
+    result = connection.execute(
+        insert(bs_runs).values(profile=profile, kind=kind, started_at=now, outcome="running", counts={}, files=[])
+    )
+    return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def finish_run(
+    connection: Connection,
+    run_id: int,
+    outcome: str,
+    counts: Mapping[str, int],
+    files: Sequence[str],
+    message: str | None,
+    now: datetime,
+) -> None:
+    connection.execute(
+        update(bs_runs)
+        .where(bs_runs.c.id == run_id)
+        .values(outcome=outcome, counts=dict(counts), files=list(files), message=message, finished_at=now)
+    )
+
+
+def last_runs(connection: Connection, profile: str, limit: int = 10) -> list[dict[str, Any]]:
+    query = select(bs_runs).where(bs_runs.c.profile == profile).order_by(bs_runs.c.id.desc()).limit(limit)
+    return [dict(row._mapping) for row in connection.execute(query)]
+
+
+# --- inbound files ----------------------------------------------------------------------------------------
+
+
+def applied_file(connection: Connection, profile: str, sha256: str) -> dict[str, Any] | None:
+    """The ledger entry of an already applied file with this content, if any."""
+    query = (
+        select(bs_files)
+        .where(bs_files.c.profile == profile, bs_files.c.sha256 == sha256, bs_files.c.outcome == "applied")
+        .limit(1)
+    )
+    row = connection.execute(query).first()
+    return dict(row._mapping) if row else None
+
+
+def record_file(connection: Connection, **values: Any) -> None:
+    connection.execute(insert(bs_files).values(**values))
+
+
+# --- export ledger ----------------------------------------------------------------------------------------
+
+
+def stream_exported(connection: Connection, profile: str, list_code: str, chunk: int) -> Iterator[ExportedRow]:
+    e = bs_exported.c
+    query = (
+        select(e.email_key, e.email, e.fingerprint, e.status)
+        .where(e.profile == profile, e.list_code == list_code)
+        .order_by(ordered_key(e.email_key, connection))
+    )
+    for row in connection.execution_options(stream_results=True, yield_per=chunk).execute(query):
+        yield ExportedRow(row[0], row[1], row[2], row[3])
+
+
+def clear_pending(connection: Connection, profile: str, list_code: str) -> None:
+    connection.execute(delete(bs_pending).where(bs_pending.c.profile == profile, bs_pending.c.list_code == list_code))
+
+
+def stage_pending(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    if rows:
+        connection.execute(insert(bs_pending), [dict(row) for row in rows])
+
+
+def commit_pending(connection: Connection, profile: str, list_code: str) -> None:
+    """Make the staged rows of a confirmed upload the new export state (call inside one transaction)."""
+    p, e = bs_pending.c, bs_exported.c
+    mine = and_(p.profile == profile, p.list_code == list_code)
+    staged_keys = select(p.email_key).where(mine)
+    connection.execute(
+        delete(bs_exported).where(e.profile == profile, e.list_code == list_code, e.email_key.in_(staged_keys))
+    )
+    columns = [p.profile, p.list_code, p.email_key, p.email, p.contact_id, p.fingerprint, p.status, p.at]
+    connection.execute(
+        insert(bs_exported).from_select(
+            [column.name for column in columns], select(*columns).where(mine, p.status != TOMBSTONE)
+        )
+    )
+    connection.execute(delete(bs_pending).where(mine))
+
+
+def note_provider_status(connection: Connection, profile: str, changes: Sequence[Mapping[str, str]]) -> None:
+    """Record that the provider already knows these statuses, so the next diff does not echo them back."""
+    if not changes:
+        return
+    e = bs_exported.c
+    statement = (
+        update(bs_exported)
+        .where(e.profile == profile, e.list_code == bindparam("b_list"), e.email_key == bindparam("b_key"))
+        .values(status=bindparam("b_status"))
+    )
+    connection.execute(
+        statement,
+        [{"b_list": c["list_code"], "b_key": c["email_key"], "b_status": c["status"]} for c in changes],
+    )
+
+
+def exported_count(connection: Connection, profile: str, list_code: str | None = None) -> int:
+    query = select(func.count()).select_from(bs_exported).where(bs_exported.c.profile == profile)
+    if list_code is not None:
+        query = query.where(bs_exported.c.list_code == list_code)
+    return int(connection.scalar(query) or 0)
+
+
+# --- audit trail ------------------------------------------------------------------------------------------
+
+
+def record_changes(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    if rows:
+        connection.execute(insert(bs_changes), [dict(row) for row in rows])

@@ -1,0 +1,242 @@
+"""The canonical CRM tables and batchsync's own ``bs_`` tables (DESIGN section 2), in SQLAlchemy Core.
+
+``create_all`` is idempotent: ``batchsync init`` may run any number of times.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+from batchsync.errors import DatabaseError
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in Python, naive UTC in the database, on every backend alike."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; batchsync keeps time in aware UTC")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        moment: datetime = datetime.fromisoformat(value) if isinstance(value, str) else value
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+metadata = MetaData()
+EMAIL = String(320)
+
+contacts = Table(
+    "contacts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("email", EMAIL, nullable=False),
+    Column("email_key", EMAIL, nullable=False),
+    Column("first_name", String(200)),
+    Column("last_name", String(200)),
+    Column("custom", JSON),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("deleted", Boolean, nullable=False, default=False),
+    Index("ix_contacts_email_key", "email_key"),
+)
+
+lists = Table(
+    "lists",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("code", String(100), nullable=False, unique=True),
+    Column("name", String(200)),
+)
+
+groups = Table(
+    "groups",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("list_id", Integer, ForeignKey("lists.id"), nullable=False),
+    Column("code", String(100), nullable=False),
+    Column("name", String(200)),
+    UniqueConstraint("list_id", "code"),
+)
+
+subscriptions = Table(
+    "subscriptions",
+    metadata,
+    Column("contact_id", Integer, ForeignKey("contacts.id"), primary_key=True),
+    Column("list_id", Integer, ForeignKey("lists.id"), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("status_at", UtcDateTime, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("reason", String(100)),
+    Column("consent_by", String(200)),
+    Column("consent_at", UtcDateTime),
+    Index("ix_subscriptions_list", "list_id", "contact_id"),
+)
+
+group_members = Table(
+    "group_members",
+    metadata,
+    Column("contact_id", Integer, ForeignKey("contacts.id"), primary_key=True),
+    Column("group_id", Integer, ForeignKey("groups.id"), primary_key=True),
+    Index("ix_group_members_group", "group_id", "contact_id"),
+)
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("email_key", EMAIL, primary_key=True),
+    Column("email", EMAIL, nullable=False),
+    Column("reason", String(100), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("source", String(100), nullable=False),
+)
+
+activities = Table(
+    "activities",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("contact_id", Integer, ForeignKey("contacts.id"), nullable=False),
+    Column("kind", String(50), nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("detail", Text),
+    Index("ix_activities_contact", "contact_id", "at"),
+)
+
+bs_runs = Table(
+    "bs_runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("profile", String(100), nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("started_at", UtcDateTime, nullable=False),
+    Column("finished_at", UtcDateTime),
+    Column("outcome", String(20), nullable=False),
+    Column("counts", JSON),
+    Column("files", JSON),
+    Column("message", Text),
+    Index("ix_bs_runs_profile", "profile", "started_at"),
+)
+
+bs_files = Table(
+    "bs_files",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("profile", String(100), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("name", String(500), nullable=False),
+    Column("origin", String(1000), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("outcome", String(20), nullable=False),
+    Column("run_id", Integer),
+    Column("at", UtcDateTime, nullable=False),
+    Column("detail", Text),
+    Index("ix_bs_files_hash", "profile", "sha256"),
+)
+
+exported_columns = (
+    ("profile", String(100)),
+    ("list_code", String(100)),
+    ("email_key", EMAIL),
+)
+
+
+def _exported_table(name: str) -> Table:
+    """bs_exported and its staging twin bs_pending share one shape."""
+    return Table(
+        name,
+        metadata,
+        *(Column(col, kind, primary_key=True) for col, kind in exported_columns),
+        Column("email", EMAIL, nullable=False),
+        Column("contact_id", Integer),
+        Column("fingerprint", BigInteger, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("at", UtcDateTime, nullable=False),
+    )
+
+
+bs_exported = _exported_table("bs_exported")
+bs_pending = _exported_table("bs_pending")
+
+bs_changes = Table(
+    "bs_changes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer),
+    Column("contact_id", Integer, nullable=False),
+    Column("list_code", String(100), nullable=False),
+    Column("old_status", String(16)),
+    Column("new_status", String(16), nullable=False),
+    Column("rule", String(100), nullable=False),
+    Column("source_file", String(500)),
+    Column("source_line", Integer),
+    Column("at", UtcDateTime, nullable=False),
+    Index("ix_bs_changes_contact", "contact_id"),
+)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for a CRM URL; ``postgresql://`` means psycopg 3. SQLite gets WAL and foreign keys."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": 60})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise DatabaseError(f"cannot use database URL {_redact(url)}: {exc}") from None
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def create_all(engine: Engine) -> None:
+    """Create every table and index that is missing; existing ones are left as they are."""
+    try:
+        metadata.create_all(engine)
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot create tables: {exc}") from None

@@ -1,0 +1,43 @@
+"""The error tree of batchsync.
+
+Library code raises these; only ``cli.py`` turns them into messages and exit codes.
+"""
+
+from __future__ import annotations
+
+
+class BatchsyncError(Exception):
+    """Base of every error batchsync raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(BatchsyncError):
+    """A profile or a command line that cannot be used as given."""
+
+    exit_code = 2
+
+
+class TransportError(BatchsyncError):
+    """A transfer failed. ``retryable`` says whether trying again may help."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class UnsafeRemoteName(TransportError):
+    """A name from a remote listing that is not a plain file name."""
+
+
+class BadFile(BatchsyncError):
+    """An inbound file that cannot be trusted as a whole: it goes to quarantine."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class DatabaseError(BatchsyncError):
+    """The CRM database cannot be reached or is not in the expected shape."""

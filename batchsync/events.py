@@ -1,0 +1,92 @@
+"""Reading one inbound row into an event, or into the reason it was rejected.
+
+Timestamps are read in the profile's time zone and turned into UTC. A row is rejected (not the file) for an
+invalid email, an unknown list id, an unknown reason code or an unparsable date.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from batchsync.config import InboundConfig, Profile
+from batchsync.formats.csvfile import Record
+from batchsync.rules import EventKind, OptOut, email_key, email_problem
+
+
+@dataclass(frozen=True)
+class InboundEvent:
+    line: int
+    email: str
+    email_key: str
+    list_code: str | None  # None: the row names no list, so it concerns every list of the profile
+    opt_out: OptOut
+    code: str
+
+
+class RowError(ValueError):
+    """A row that cannot be applied; the message is the reason written to the errors file."""
+
+
+class EventReader:
+    def __init__(self, profile: Profile, kind: InboundConfig, received_at: datetime) -> None:
+        self.profile, self.kind, self.received_at = profile, kind, received_at
+        self.columns = kind.columns
+
+    def required_columns(self) -> list[str]:
+        names = [self.columns.email, self.columns.list_id, self.columns.at, self.columns.reason]
+        return [name for name in names if name]
+
+    def read(self, record: Record) -> InboundEvent:
+        if len(record.raw) != record.expected:
+            raise RowError(f"{len(record.raw)} fields where the header has {record.expected}")
+        email = record.values.get(self.columns.email, "").strip()
+        problem = email_problem(email)
+        if problem is not None:
+            raise RowError(problem)
+        kind, code = self._event_kind(record)
+        return InboundEvent(
+            record.line,
+            email,
+            email_key(email),
+            self._list_code(record),
+            OptOut(kind, self._moment(record), self._reason(kind, code)),
+            code,
+        )
+
+    def _list_code(self, record: Record) -> str | None:
+        if not self.columns.list_id:
+            return None
+        value = record.values.get(self.columns.list_id, "").strip()
+        if not value:
+            return None
+        code = self.profile.list_by_provider_id(value)
+        if code is None:
+            raise RowError(f"unknown list id {value!r}")
+        return code
+
+    def _moment(self, record: Record) -> datetime:
+        if not self.columns.at:
+            return self.received_at
+        value = record.values.get(self.columns.at, "").strip()
+        try:
+            local = datetime.strptime(value, self.kind.timestamp_format)
+        except ValueError:
+            raise RowError(f"unparsable date {value!r} (expected {self.kind.timestamp_format})") from None
+        if local.tzinfo is None:
+            local = local.replace(tzinfo=self.kind.zone)
+        return local.astimezone(UTC)
+
+    def _event_kind(self, record: Record) -> tuple[EventKind, str]:
+        if self.columns.reason and self.kind.codes:
+            code = record.values.get(self.columns.reason, "").strip()
+            mapped = self.kind.codes.get(code)
+            if mapped is None:
+                raise RowError(f"unknown reason code {code!r} in column {self.columns.reason}")
+            return mapped.event, code
+        assert self.kind.event is not None  # the profile check guarantees one of the two
+        return self.kind.event, ""
+
+    def _reason(self, kind: EventKind, code: str) -> str:
+        mapped = self.kind.codes.get(code)
+        return f"{mapped.reason} ({self.columns.reason}={code})" if mapped else kind

@@ -1,0 +1,260 @@
+"""Export: CRM rows -> provider rows -> fingerprints -> diff against the ledger -> one file per list -> upload.
+
+For each list of the profile, the CRM's rows (one per email, duplicates merged) and the export ledger
+(``bs_exported``) are both streamed in email order and merged, so memory stays flat however long the list::
+
+    result = Exporter(profile, engine, clock).run(mode="diff")
+
+A *full* export writes every row; a *diff* writes the rows whose content or status changed since the last
+confirmed export, and a tombstone (an unsubscribed row) for every address that left the list. The ledger only
+moves after the provider's server confirms the whole file (see ``db.ledger``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, Engine
+
+from batchsync.clock import Clock, utc_stamp
+from batchsync.config import Profile
+from batchsync.db import crm, ledger
+from batchsync.errors import ConfigError
+from batchsync.formats.csvfile import CsvWriter
+from batchsync.merge import merge_sorted
+from batchsync.rows import ProviderRow, RowBuilder
+from batchsync.transport import Transport, open_transport, upload_confirmed
+from batchsync.transport.base import with_retries
+from batchsync.workdir import WorkDir
+
+log = logging.getLogger(__name__)
+Mode = Literal["full", "diff"]
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+@dataclass
+class ExportedFile:
+    list_code: str
+    local_path: Path | None = None
+    remote_path: str | None = None
+    rows: int = 0
+    tombstones: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    uploaded: bool = False
+    reports: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class ExportResult:
+    mode: Mode
+    dry_run: bool
+    files: list[ExportedFile]
+
+    @property
+    def rows(self) -> int:
+        return sum(item.rows for item in self.files)
+
+
+def choose_mode(profile: Profile, now: datetime) -> Mode:
+    """Full on the profile's weekday (in its time zone), diff on the other days."""
+    local = now.astimezone(ZoneInfo(profile.export.timezone))
+    return "full" if WEEKDAYS[local.weekday()] == profile.export.full_weekday else "diff"
+
+
+class Exporter:
+    def __init__(
+        self,
+        profile: Profile,
+        engine: Engine,
+        clock: Clock,
+        transport_factory: Callable[[Profile], Transport] = open_transport,
+    ) -> None:
+        self.profile, self.engine, self.clock = profile, engine, clock
+        self.transport_factory = transport_factory
+        self.work = WorkDir(profile.work_dir)
+
+    def run(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
+        now = self.clock.now()
+        chosen: Mode = mode or choose_mode(self.profile, now)
+        with self.engine.connect() as connection:
+            ids = crm.list_ids(connection, self.profile.lists)
+        missing = [code for code in self.profile.lists if code not in ids]
+        if missing:
+            raise ConfigError(f"profile {self.profile.name}: no CRM list with code {', '.join(missing)}")
+        files = []
+        transport: Transport | None = None
+        try:
+            for code in self.profile.lists:
+                staged = self._write_list(code, ids[code], chosen, now, dry_run)
+                if staged.local_path is not None and not dry_run:
+                    transport = transport or self.transport_factory(self.profile)
+                    self._deliver(transport, staged)
+                files.append(staged)
+        finally:
+            if transport is not None:
+                transport.close()
+        if not dry_run:
+            self.work.prune(self.work.sent, now - timedelta(days=self.profile.work.retention_days))
+        return ExportResult(chosen, dry_run, files)
+
+    def _write_list(self, code: str, list_id: int, mode: Mode, now: datetime, dry_run: bool) -> ExportedFile:
+        name = self._file_name(code, mode, now)
+        folder = self.work.dry_run if dry_run else self.work.outbox
+        staged = ExportedFile(code, remote_path=self._remote_dir(code) + "/" + name)
+        with self.engine.connect() as connection, connection.begin() as transaction:
+            ledger.clear_pending(connection, self.profile.name, code)
+            writer = _ListWriter(self.profile, code, folder / name)
+            try:
+                self._merge(connection, code, list_id, mode, now, writer)
+            finally:
+                writer.close()
+            staged.rows, staged.tombstones = writer.rows, writer.tombstones
+            staged.duplicates, staged.invalid = writer.duplicates, writer.invalid
+            staged.reports = writer.reports
+            staged.local_path = writer.path if writer.rows else None
+            if dry_run:
+                transaction.rollback()
+                return staged
+            if not writer.rows:
+                ledger.commit_pending(connection, self.profile.name, code)  # tombstones of rows never sent
+        log.info("list %s: %d rows (%d tombstones) for a %s export", code, staged.rows, staged.tombstones, mode)
+        return staged
+
+    def _merge(
+        self, connection: Connection, code: str, list_id: int, mode: Mode, now: datetime, writer: _ListWriter
+    ) -> None:
+        builder = RowBuilder(self.profile, code)
+        chunk = self.profile.export.chunk_rows
+        current = builder.rows(crm.stream_export_sources(connection, list_id, chunk), writer.report_invalid)
+        exported = ledger.stream_exported(connection, self.profile.name, code, chunk)
+        pending: list[dict[str, object]] = []
+        for _key, row, known in merge_sorted(current, exported, lambda r: r.email_key, lambda e: e.email_key):
+            if row is not None:
+                changed = known is None or known.fingerprint != row.fingerprint or known.status != row.status
+                if row.contact_ids[1:]:
+                    writer.report_duplicate(row)
+                if changed or mode == "full":
+                    writer.write(row.values)
+                if changed:
+                    pending.append(self._pending(code, row.email_key, row.email, row.contact_ids[0], row, now))
+            elif known is not None and known.status != ledger.TOMBSTONE:
+                if known.status in ("subscribed", "pending"):
+                    writer.write_tombstone(builder.tombstone(known.email))
+                pending.append(self._pending(code, known.email_key, known.email, None, None, now))
+            if len(pending) >= chunk:
+                ledger.stage_pending(connection, pending)
+                pending.clear()
+        ledger.stage_pending(connection, pending)
+
+    def _pending(
+        self, code: str, key: str, email: str, contact_id: int | None, row: ProviderRow | None, now: datetime
+    ) -> dict[str, object]:
+        return {
+            "profile": self.profile.name,
+            "list_code": code,
+            "email_key": key,
+            "email": email,
+            "contact_id": contact_id,
+            "fingerprint": row.fingerprint if row else 0,
+            "status": row.status if row else ledger.TOMBSTONE,
+            "at": now,
+        }
+
+    def _deliver(self, transport: Transport, staged: ExportedFile) -> None:
+        assert staged.local_path is not None and staged.remote_path is not None
+        local, remote = staged.local_path, staged.remote_path
+        with_retries(
+            lambda: upload_confirmed(transport, local, remote),
+            attempts=self.profile.transport.retries,
+            clock=self.clock,
+            what=f"upload of {remote}",
+        )
+        with self.engine.begin() as connection:
+            commit_pending(connection, self.profile.name, staged.list_code)
+        staged.uploaded = True
+        staged.local_path = self.work.keep_sent(local, staged.reports)
+        log.info("sent %s (%d rows) to %s", local.name, staged.rows, remote)
+
+    def _file_name(self, code: str, mode: Mode, now: datetime) -> str:
+        return _fill(self.profile.export.file_name, "export.file_name", self._placeholders(code, mode, now))
+
+    def _remote_dir(self, code: str) -> str:
+        values = self._placeholders(code, "full", self.clock.now())
+        return _fill(self.profile.export.remote_dir, "export.remote_dir", values).rstrip("/")
+
+    def _placeholders(self, code: str, mode: Mode, now: datetime) -> dict[str, str]:
+        return {
+            "profile": self.profile.name,
+            "list": code,
+            "list_id": self.profile.lists[code].id,
+            "stamp": utc_stamp(now),
+            "mode": mode,
+        }
+
+
+def commit_pending(connection: Connection, profile: str, list_code: str) -> None:
+    """The step after a confirmed upload; a module-level name so that tests can make it fail."""
+    ledger.commit_pending(connection, profile, list_code)
+
+
+def _fill(template: str, key: str, values: dict[str, str]) -> str:
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as exc:
+        known = ", ".join("{" + name + "}" for name in values)
+        raise ConfigError(f"{key}: cannot fill {template!r} ({exc}); placeholders are {known}") from None
+
+
+class _ListWriter:
+    """The export file of one list and the reports beside it (duplicates, skipped rows)."""
+
+    def __init__(self, profile: Profile, code: str, path: Path) -> None:
+        self.profile, self.code, self.path = profile, code, path
+        self.headers = [column.header for column in profile.export.columns]
+        self._file: CsvWriter | None = None
+        self._duplicates: CsvWriter | None = None
+        self._invalid: CsvWriter | None = None
+        self.rows = self.tombstones = self.duplicates = self.invalid = 0
+        self.reports: list[Path] = []
+
+    def write(self, values: list[str]) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = CsvWriter(self.path, self.profile.export, self.headers)
+        self._file.write(values)
+        self.rows += 1
+
+    def write_tombstone(self, values: list[str]) -> None:
+        self.write(values)
+        self.tombstones += 1
+
+    def report_duplicate(self, row: ProviderRow) -> None:
+        if self._duplicates is None:
+            self._duplicates = self._report("duplicates", ["email", "list", "contact_ids", "statuses", "exported"])
+        ids = ",".join(str(i) for i in row.contact_ids)
+        self._duplicates.write([row.email, self.code, ids, ",".join(row.source_statuses), row.status])
+        self.duplicates += 1
+
+    def report_invalid(self, contact_id: int, email: str, reason: str) -> None:
+        if self._invalid is None:
+            self._invalid = self._report("skipped", ["contact_id", "email", "list", "reason"])
+        self._invalid.write([str(contact_id), email, self.code, reason])
+        self.invalid += 1
+
+    def _report(self, kind: str, header: list[str]) -> CsvWriter:
+        path = self.path.with_name(f"{self.path.name}.{kind}.csv")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.reports.append(path)
+        return CsvWriter(path, self.profile.export, header)
+
+    def close(self) -> None:
+        for handle in (self._file, self._duplicates, self._invalid):
+            if handle is not None:
+                handle.close()

@@ -1,0 +1,137 @@
+"""Reading provider CSV files, and writing ours, in the dialect a profile declares.
+
+Reading is two passes. :func:`inspect_csv` reads the whole file once and raises :class:`BadFile` for anything
+that makes the file untrustworthy as a whole (empty, over the size limit, undecodable, a header without the
+required columns, a truncated last record). Only then does :func:`read_records` hand out rows, each with the
+line it starts on, so row-level problems can be reported by line.
+
+The csv module is used rather than pandas because every row needs its source line number, also across quoted
+fields with embedded newlines.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from batchsync.config import Dialect
+from batchsync.errors import BadFile
+
+csv.field_size_limit(1 << 24)
+
+
+@dataclass(frozen=True)
+class Record:
+    line: int  # the line the record starts on, 1-based, counting the header as line 1
+    values: dict[str, str]
+    raw: list[str]
+    expected: int  # the number of fields in the header
+
+
+@dataclass(frozen=True)
+class FileShape:
+    header: list[str]
+    records: int
+
+
+def _python_encoding(dialect: Dialect) -> str:
+    # A UTF-8 file may start with a BOM whether or not the profile says so: utf-8-sig reads both.
+    return "utf-8-sig" if dialect.encoding in ("utf-8", "utf-8-sig") else dialect.encoding
+
+
+def _open(path: Path, dialect: Dialect) -> IO[str]:
+    return path.open("r", encoding=_python_encoding(dialect), errors="strict", newline="")
+
+
+def inspect_csv(path: Path, dialect: Dialect, required: Sequence[str], max_bytes: int) -> FileShape:
+    """Check a whole file before anything of it is applied; raise BadFile when it cannot be trusted."""
+    size = path.stat().st_size
+    if size == 0:
+        raise BadFile(path.name, "empty file")
+    if size > max_bytes:
+        raise BadFile(path.name, f"file of {size} bytes is over the limit of {max_bytes} bytes")
+    records, line, header = 0, 1, None
+    last: list[str] = []
+    try:
+        with _open(path, dialect) as handle:
+            reader = csv.reader(handle, delimiter=dialect.delimiter, strict=True)
+            for row in reader:
+                if header is None:
+                    header = _check_header(path, row, required)
+                elif row:
+                    records += 1
+                    last = row
+                line = reader.line_num + 1
+            ends_with_newline = _ends_with_newline(path)
+    except UnicodeDecodeError as exc:
+        raise BadFile(path.name, f"not valid {dialect.encoding} text near line {line}: {exc.reason}") from None
+    except csv.Error as exc:
+        raise BadFile(path.name, f"truncated or malformed CSV at line {line}: {exc}") from None
+    if header is None:
+        raise BadFile(path.name, "empty file: no header row")
+    if last and len(last) < len(header) and not ends_with_newline:
+        raise BadFile(path.name, f"truncated last line {line - 1}: {len(last)} of {len(header)} fields")
+    return FileShape(header, records)
+
+
+def _check_header(path: Path, row: list[str], required: Sequence[str]) -> list[str]:
+    header = [cell.strip() for cell in row]
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise BadFile(
+            path.name,
+            f"wrong header: missing column(s) {', '.join(missing)}; found {';'.join(header) or 'nothing'}",
+        )
+    if len(set(header)) != len(header):
+        raise BadFile(path.name, "wrong header: a column name appears twice")
+    return header
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1) in (b"\n", b"\r")
+
+
+def read_records(path: Path, dialect: Dialect) -> Iterator[Record]:
+    """The data rows of an inspected file, with their starting line numbers."""
+    with _open(path, dialect) as handle:
+        reader = csv.reader(handle, delimiter=dialect.delimiter)
+        header = [cell.strip() for cell in next(reader)]
+        start = reader.line_num + 1
+        for row in reader:
+            if row:
+                yield Record(start, dict(zip(header, row, strict=False)), row, len(header))
+            start = reader.line_num + 1
+
+
+class CsvWriter:
+    """A CSV file in a profile's dialect, written row by row (constant memory)."""
+
+    def __init__(self, path: Path, dialect: Dialect, header: Sequence[str]) -> None:
+        self.path = path
+        # Characters the encoding cannot hold (a Chinese name in cp1252) become "?" rather than failing the file.
+        self._handle = path.open("w", encoding=dialect.encoding, errors="replace", newline="")
+        self._writer = csv.writer(self._handle, delimiter=dialect.delimiter, lineterminator="\r\n")
+        self._writer.writerow(header)
+        self.rows = 0
+
+    def write(self, row: Sequence[Any]) -> None:
+        self._writer.writerow(row)
+        self.rows += 1
+
+    def write_many(self, rows: Iterable[Sequence[Any]]) -> None:
+        for row in rows:
+            self.write(row)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> CsvWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

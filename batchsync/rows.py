@@ -1,0 +1,98 @@
+"""From CRM rows to the provider's rows: one row per email and list, with a fingerprint of its content.
+
+Several CRM contacts with one email become one row whose status is merged (an opt-out wins), and a suppressed
+address is never written as subscribed. The fingerprint covers every column but the status, which the ledger
+keeps on its own so that a status the provider reported is not echoed back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import groupby
+from operator import attrgetter
+
+from batchsync.config import Profile
+from batchsync.db.crm import ExportSource
+from batchsync.rules import Status, email_problem, export_status, merge_statuses
+
+InvalidSink = Callable[[int, str, str], None]
+
+
+@dataclass(frozen=True)
+class ProviderRow:
+    email_key: str
+    email: str
+    contact_ids: tuple[int, ...]
+    status: Status
+    source_statuses: tuple[str, ...]
+    values: list[str]
+    fingerprint: int
+
+
+def fingerprint(values: Iterable[str]) -> int:
+    """A signed 64-bit digest (it fits a BIGINT column) of the row's values."""
+    digest = hashlib.blake2b("\x1f".join(values).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class RowBuilder:
+    def __init__(self, profile: Profile, list_code: str) -> None:
+        self.export = profile.export
+        self.list = profile.lists[list_code]
+        self.fields = [column.field for column in profile.export.columns]
+        self.status_index = self.fields.index("status")
+
+    def rows(self, sources: Iterable[ExportSource], on_invalid: InvalidSink) -> Iterator[ProviderRow]:
+        """Provider rows in email order; invalid addresses go to ``on_invalid`` and are not exported."""
+        for key, grouped in groupby(sources, key=attrgetter("email_key")):
+            group = list(grouped)
+            problem = email_problem(group[0].email)
+            if problem is not None:
+                for source in group:
+                    on_invalid(source.contact_id, source.email, problem)
+                continue
+            status = merge_statuses(export_status(s.status, s.suppressed) for s in group)
+            if status not in self.export.status_values:
+                continue  # a status the provider has no value for (say, pending at MailUp) is not sent
+            values = [self._value(name, group, status) for name in self.fields]
+            content = values[: self.status_index] + values[self.status_index + 1 :]
+            yield ProviderRow(
+                key,
+                group[0].email.strip(),
+                tuple(s.contact_id for s in group),
+                status,
+                tuple(s.status for s in group),
+                values,
+                fingerprint(content),
+            )
+
+    def tombstone(self, email: str) -> list[str]:
+        """The row that tells the provider an address left the list: only email, list and status are filled."""
+        values = {
+            "email": email,
+            "list_id": self.list.id,
+            "status": self.export.status_values["unsubscribed"],
+        }
+        return [values.get(name, "") for name in self.fields]
+
+    def _value(self, name: str, group: list[ExportSource], status: Status) -> str:
+        first = group[0]
+        if name == "email":
+            return first.email.strip()
+        if name == "status":
+            return self.export.status_values[status]
+        if name == "list_id":
+            return self.list.id
+        if name == "groups":
+            return self._groups(group)
+        if name in ("first_name", "last_name"):
+            return getattr(first, name) or ""
+        custom = first.custom or {}
+        value = custom.get(name.removeprefix("custom."))
+        return "" if value is None else str(value)
+
+    def _groups(self, group: list[ExportSource]) -> str:
+        codes = sorted({code for source in group for code in source.group_codes})
+        return self.export.group_separator.join(self.list.groups.get(code, code) for code in codes)

@@ -1,0 +1,198 @@
+"""One run of a profile: collect and reconcile what came in, then export what changed.
+
+This is the library's front door; the CLI and the daemon call it and nothing below it::
+
+    sync = Sync(load_profile(Path("profiles/mailup.toml")))
+    sync.init()
+    report = sync.run()          # import, then export
+    report.exit_code             # 0 done, 3 done with rejected rows
+
+Every run that changes data is recorded in ``bs_runs``; a dry run writes its files under ``dry-run/`` and
+records nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from batchsync.clock import Clock
+from batchsync.collect import Collector, CollectReport, StagedFile
+from batchsync.config import Profile
+from batchsync.db import crm, ledger
+from batchsync.db.schema import create_all, make_engine
+from batchsync.export import Exporter, ExportResult, Mode
+from batchsync.reconcile import FileOutcome, Reconciler
+from batchsync.transport import Transport, open_transport
+from batchsync.workdir import WorkDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImportReport:
+    files: list[FileOutcome] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> int:
+        return sum(item.rejected for item in self.files)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "files": len(self.files),
+            "applied": sum(item.outcome == "applied" for item in self.files),
+            "duplicates": sum(item.outcome == "duplicate" for item in self.files),
+            "quarantined": sum(item.outcome == "quarantined" for item in self.files),
+            "rows": sum(item.rows for item in self.files),
+            "changed": sum(item.changed for item in self.files),
+            "rejected": self.rejected,
+            "refused_names": len(self.refused),
+        }
+
+
+@dataclass
+class RunReport:
+    run_id: int | None = None
+    imported: ImportReport | None = None
+    exported: ExportResult | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 done; 3 done, but rows or files were rejected."""
+        if self.imported and (self.imported.rejected or self.imported.counts()["quarantined"] or self.imported.refused):
+            return 3
+        return 0
+
+
+class Sync:
+    def __init__(
+        self,
+        profile: Profile,
+        *,
+        clock: Clock | None = None,
+        engine: Engine | None = None,
+        transport_factory: Callable[[Profile], Transport] = open_transport,
+    ) -> None:
+        self.profile = profile
+        self.clock = clock or Clock()
+        self.engine = engine or make_engine(profile.database_url())
+        self.transport_factory = transport_factory
+        self.work = WorkDir(profile.work_dir)
+
+    def init(self) -> int:
+        """Create the tables, the profile's lists and groups, and the work folders; safe to repeat."""
+        create_all(self.engine)
+        self.work.create()
+        wanted = {code: (entry.name, list(entry.groups)) for code, entry in self.profile.lists.items()}
+        with self.engine.begin() as connection:
+            return crm.ensure_lists(connection, wanted)
+
+    def import_files(
+        self, files: Sequence[Path] = (), *, kind: str | None = None, dry_run: bool = False
+    ) -> ImportReport:
+        with self._recorded("import", dry_run) as run:
+            report = self._import(run, files, kind, dry_run)
+            run.update(report.counts())
+        return report
+
+    def export(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
+        with self._recorded("export", dry_run) as run:
+            result = Exporter(self.profile, self.engine, self.clock, self.transport_factory).run(mode, dry_run=dry_run)
+            run.update(_export_counts(result))
+        return result
+
+    def run(self, mode: Mode | None = None, *, dry_run: bool = False) -> RunReport:
+        """Import first, so that the export already carries what the provider reported."""
+        with self._recorded("run", dry_run) as run:
+            imported = self._import(run, (), None, dry_run)
+            run.update(imported.counts())
+            exported = Exporter(self.profile, self.engine, self.clock, self.transport_factory).run(
+                mode, dry_run=dry_run
+            )
+            run.update(_export_counts(exported))
+        return RunReport(run.id, imported, exported)
+
+    def _import(self, run: _Run, files: Sequence[Path], kind: str | None, dry_run: bool) -> ImportReport:
+        collector = Collector(self.profile, self.clock, dry_run=dry_run)
+        reconciler = Reconciler(self.profile, self.engine, self.clock, run.id)
+        report = ImportReport()
+        if files:
+            for path in files:
+                report.files.append(reconciler.apply(collector.from_path(path, kind), dry_run=dry_run))
+            return report
+        collected = CollectReport(staged=collector.left_in_staging())
+        collector.from_local_inbox(collected)
+        transport = None
+        try:
+            if any(entry.remote_dir for entry in self.profile.inbound):
+                transport = self.transport_factory(self.profile)
+                collector.from_remote(transport, collected)
+            for staged in collected.staged:
+                report.files.append(self._apply_one(reconciler, collector, transport, staged, dry_run))
+        finally:
+            if transport is not None:
+                transport.close()
+        report.refused, report.waiting = collected.refused, collected.waiting
+        return report
+
+    def _apply_one(
+        self,
+        reconciler: Reconciler,
+        collector: Collector,
+        transport: Transport | None,
+        staged: StagedFile,
+        dry_run: bool,
+    ) -> FileOutcome:
+        outcome = reconciler.apply(staged, dry_run=dry_run)
+        if transport is not None and staged.remote_path is not None:
+            collector.finish_remote(transport, staged)
+        return outcome
+
+    @contextmanager
+    def _recorded(self, kind: str, dry_run: bool) -> Iterator[_Run]:
+        run = _Run()
+        if dry_run:
+            yield run
+            return
+        with self.engine.begin() as connection:
+            run.id = ledger.start_run(connection, self.profile.name, kind, self.clock.now())
+        try:
+            yield run
+        except BaseException as exc:
+            self._finish(run, "failed", f"{type(exc).__name__}: {exc}")
+            raise
+        outcome = "rejected" if run.counts.get("rejected") or run.counts.get("quarantined") else "ok"
+        self._finish(run, outcome, None)
+
+    def _finish(self, run: _Run, outcome: str, message: str | None) -> None:
+        with self.engine.begin() as connection:
+            assert run.id is not None
+            ledger.finish_run(connection, run.id, outcome, run.counts, run.files, message, self.clock.now())
+
+
+@dataclass
+class _Run:
+    id: int | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+    def update(self, counts: dict[str, Any]) -> None:
+        self.counts.update(counts)
+
+
+def _export_counts(result: ExportResult) -> dict[str, int]:
+    return {
+        "exported_rows": result.rows,
+        "tombstones": sum(item.tombstones for item in result.files),
+        "exported_files": sum(item.uploaded for item in result.files),
+        "duplicate_emails": sum(item.duplicates for item in result.files),
+        "invalid_emails": sum(item.invalid for item in result.files),
+    }

@@ -1,0 +1,52 @@
+"""Transports: one contract (``base.Transport``), one implementation per protocol."""
+
+from __future__ import annotations
+
+import os
+
+from batchsync.config import Profile, TransportConfig
+from batchsync.errors import ConfigError
+from batchsync.transport.base import RemoteEntry, Transport, check_remote_name, upload_confirmed
+from batchsync.transport.ftp import FtpTransport
+from batchsync.transport.local import LocalTransport
+
+__all__ = [
+    "RemoteEntry",
+    "Transport",
+    "check_remote_name",
+    "open_transport",
+    "read_secret",
+    "upload_confirmed",
+]
+
+
+def read_secret(profile: Profile, env: str | None, file: str | None, what: str) -> str:
+    """A secret named by an environment variable or a file; its value is never logged."""
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(f"profile {profile.name}: {what}: environment variable {env} is not set")
+        return value
+    if file:
+        path = profile.path(file)
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"profile {profile.name}: {what}: cannot read {path}: {exc.strerror}") from None
+    return ""
+
+
+def open_transport(profile: Profile) -> Transport:
+    """A transport for the profile; it connects on first use."""
+    config: TransportConfig = profile.transport
+    if config.kind == "local":
+        return LocalTransport(profile.path(config.path or "."))
+    password = read_secret(profile, config.password_env, config.password_file, "transport password")
+    return FtpTransport(
+        config.host or "",
+        config.port,
+        config.user or "anonymous",
+        password,
+        root=config.path or "",
+        timeout=config.timeout_seconds,
+    )

@@ -1,0 +1,83 @@
+"""The local folders of one profile: inbox, staging, archive, quarantine, outbox, sent and dry-run.
+
+Files are moved between them with ``os.replace`` on one file system, so a file is always whole wherever it is.
+A name already taken in the target folder gets a numbered suffix rather than overwriting anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class WorkDir:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.inbox = root / "inbox"
+        self.staging = root / "staging"
+        self.archive = root / "archive"
+        self.quarantine = root / "quarantine"
+        self.outbox = root / "outbox"
+        self.sent = root / "sent"
+        self.dry_run = root / "dry-run"
+
+    def create(self) -> None:
+        for folder in (self.inbox, self.staging, self.archive, self.quarantine, self.outbox, self.sent):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def keep_sent(self, local: Path, reports: Iterable[Path]) -> Path:
+        """Move a sent file and its reports from the outbox into ``sent/``; returns the file's new path."""
+        kept = move_unique(local, self.sent)
+        for report in reports:
+            if report.exists():
+                move_unique(report, self.sent, report.name.replace(local.name, kept.name, 1))
+        return kept
+
+    def quarantine_file(self, path: Path, name: str, reason: str) -> Path:
+        """Move a file into quarantine with a ``.reason.txt`` beside it."""
+        kept = move_unique(path, self.quarantine, name)
+        kept.with_name(kept.name + ".reason.txt").write_text(reason + "\n", encoding="utf-8")
+        return kept
+
+    def prune(self, folder: Path, older_than: datetime) -> int:
+        """Remove files in ``folder`` last changed before ``older_than`` (the retention period)."""
+        if not folder.is_dir():
+            return 0
+        removed = 0
+        for item in folder.iterdir():
+            if item.is_file() and datetime.fromtimestamp(item.stat().st_mtime, UTC) < older_than:
+                item.unlink()
+                removed += 1
+        if removed:
+            log.info("removed %d files older than the retention period from %s", removed, folder)
+        return removed
+
+
+def move_unique(path: Path, folder: Path, name: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    target = unique_path(folder, name or path.name)
+    os.replace(path, target)
+    return target
+
+
+def unique_path(folder: Path, name: str) -> Path:
+    target = folder / name
+    counter = 1
+    while target.exists():
+        target = folder / f"{name}.{counter}"
+        counter += 1
+    return target
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
