@@ -306,3 +306,13 @@ def _model_of_annotation(annotation: Any) -> type[BaseModel] | None:
         if found is not None:
             return found
     return None
+
+
+def builtin_profile_path(name: str) -> Path:
+    """A profile shipped with batchsync: inside the installed package, or in the source tree's profiles/."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "_profiles", here.parent / "profiles"):
+        candidate = folder / f"{name}.toml"
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"no built-in profile named {name!r}")

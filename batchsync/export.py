@@ -179,7 +179,7 @@ class Exporter:
         with self.engine.begin() as connection:
             commit_pending(connection, self.profile.name, staged.list_code)
         staged.uploaded = True
-        staged.local_path = self.work.keep_sent(local, staged.reports)
+        staged.local_path, staged.reports = self.work.keep_sent(local, staged.reports)
         log.info("sent %s (%d rows) to %s", local.name, staged.rows, remote)
 
     def _file_name(self, code: str, mode: Mode, now: datetime) -> str:

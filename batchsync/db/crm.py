@@ -93,7 +93,7 @@ def stream_export_sources(connection: Connection, list_id: int, chunk: int) -> I
         .where(contacts.c.deleted.is_(False))
         .order_by(ordered_key(contacts.c.email_key, connection), contacts.c.id)
     )
-    result = connection.execution_options(stream_results=True, yield_per=chunk).execute(query)
+    result = connection.execute(query.execution_options(stream_results=True, yield_per=chunk))
     for row in result:
         yield ExportSource(
             row[0],

@@ -87,7 +87,7 @@ def stream_exported(connection: Connection, profile: str, list_code: str, chunk:
         .where(e.profile == profile, e.list_code == list_code)
         .order_by(ordered_key(e.email_key, connection))
     )
-    for row in connection.execution_options(stream_results=True, yield_per=chunk).execute(query):
+    for row in connection.execute(query.execution_options(stream_results=True, yield_per=chunk)):
         yield ExportedRow(row[0], row[1], row[2], row[3])
 
 

@@ -1,0 +1,197 @@
+"""The ``batchsync`` command: parse arguments, call the library, print, and map errors to exit codes.
+
+Nothing else in batchsync prints or exits. Exit codes: 0 done, 1 failed, 2 usage or configuration error,
+3 done with rejected rows or files.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from batchsync.config import load_profile
+from batchsync.demo import DemoSummary, run_demo
+from batchsync.errors import BatchsyncError, ConfigError
+from batchsync.export import ExportResult
+from batchsync.samples import write_sample_crm, write_unsubscribers_file
+from batchsync.sync import ImportReport, Sync
+
+EXIT_REJECTED = 3
+profile_option = click.option(
+    "--profile", "-p", "profile_path", required=True, type=click.Path(path_type=Path),
+    help="The profile TOML file (see profiles/).",
+)
+dry_run_option = click.option(
+    "--dry-run", is_flag=True, help="Write the exact files and changes under the work folder's dry-run/; change nothing."
+)
+mode_option = click.option(
+    "--full/--diff", "full", default=None,
+    help="Every row, or only what changed since the last confirmed export. Default: the profile's full_weekday.",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="How much to log on stderr.")
+def cli(log_level: str) -> None:
+    """Keep a CRM's newsletter subscriptions in step with an email provider over batch files on (S)FTP.
+
+    Start with `batchsync demo`; then `batchsync init -p PROFILE` and `batchsync run -p PROFILE`.
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+@cli.command()
+@profile_option
+def init(profile_path: Path) -> None:
+    """Create the CRM and batchsync tables, the profile's lists and the work folders (safe to repeat)."""
+    sync = Sync(load_profile(profile_path))
+    added = sync.init()
+    click.echo(f"ready: tables in {sync.engine.url.render_as_string(hide_password=True)}, "
+               f"{added} lists or groups added, work folder {sync.work.root}")
+
+
+@cli.command()
+@profile_option
+@click.option("--contacts", default=10_000, show_default=True, help="How many contacts to generate.")
+@click.option("--seed", default=7, show_default=True, help="The same seed gives the same CRM.")
+@click.option("--files-to", type=click.Path(path_type=Path), help="Where to write the sample MailUp files.")
+def samples(profile_path: Path, contacts: int, seed: int, files_to: Path | None) -> None:
+    """Fill an empty CRM with a realistic sample and write matching MailUp unsubscribers files."""
+    profile = load_profile(profile_path)
+    sync = Sync(profile)
+    sync.init()
+    try:
+        summary = write_sample_crm(sync.engine, profile, contacts=contacts, seed=seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    folder = files_to or profile.work_dir / "samples"
+    path = folder / "unsubscribers_sample.csv"
+    rows = write_unsubscribers_file(path, summary.picks, profile, seed=seed)
+    click.echo(f"{summary.contacts} contacts, {summary.subscriptions} subscriptions, {summary.duplicates} duplicate "
+               f"emails, {summary.invalid} invalid emails, {summary.suppressed} suppressed")
+    click.echo(f"{rows} unsubscriber rows in {path}")
+
+
+@cli.command()
+@profile_option
+@mode_option
+@dry_run_option
+def export(profile_path: Path, full: bool | None, dry_run: bool) -> None:
+    """Export contacts to the provider: one file per list, uploaded whole, the ledger moved after."""
+    sync = Sync(load_profile(profile_path))
+    _echo_export(sync.export(_mode(full), dry_run=dry_run))
+
+
+@cli.command("import")
+@profile_option
+@click.option("--file", "files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Import this file (repeatable) instead of looking in the inboxes.")
+@click.option("--kind", help="The inbound kind of --file, when its name matches no pattern.")
+@dry_run_option
+def import_(profile_path: Path, files: tuple[Path, ...], kind: str | None, dry_run: bool) -> None:
+    """Collect the provider's files and the local inbox, and reconcile them into the CRM."""
+    report = Sync(load_profile(profile_path)).import_files(files, kind=kind, dry_run=dry_run)
+    _echo_import(report)
+    _exit_for(report)
+
+
+@cli.command()
+@profile_option
+@mode_option
+@dry_run_option
+def run(profile_path: Path, full: bool | None, dry_run: bool) -> None:
+    """Import, then export: one whole run, recorded in bs_runs."""
+    report = Sync(load_profile(profile_path)).run(_mode(full), dry_run=dry_run)
+    assert report.imported is not None and report.exported is not None
+    _echo_import(report.imported)
+    _echo_export(report.exported)
+    _exit_for(report.imported)
+
+
+@cli.command()
+@click.option("--dir", "folder", default=Path("batchsync-demo"), type=click.Path(path_type=Path),
+              show_default=True, help="The demo's working folder (replaced on each demo).")
+@click.option("--contacts", default=2_000, show_default=True, help="Size of the sample CRM.")
+def demo(folder: Path, contacts: int) -> None:
+    """Run the whole loop on a sample SQLite CRM, with a local FTP server playing MailUp."""
+    _echo_demo(run_demo(folder, contacts=contacts))
+
+
+def _mode(full: bool | None) -> Any:
+    return None if full is None else ("full" if full else "diff")
+
+
+def _echo_export(result: ExportResult) -> None:
+    verb = "would send" if result.dry_run else "sent"
+    for item in result.files:
+        where = f"{item.local_path} -> {item.remote_path}" if item.local_path else "nothing to send"
+        click.echo(f"export {result.mode} {item.list_code}: {item.rows} rows ({item.tombstones} tombstones), "
+                   f"{item.duplicates} duplicate emails, {item.invalid} invalid emails; {where}")
+        for report in item.reports:
+            click.echo(f"  report: {report}")
+    click.echo(f"export: {verb} {result.rows} rows in {sum(1 for f in result.files if f.local_path)} files")
+
+
+def _echo_import(report: ImportReport) -> None:
+    for item in report.files:
+        click.echo(f"import {item.name}: {item.outcome}; {item.rows} rows, {item.changed} changed, "
+                   f"{item.rejected} rejected" + (f" ({item.reason})" if item.reason else ""))
+        for label, path in (("kept", item.kept_at), ("result", item.result_path), ("errors", item.errors_path)):
+            if path is not None:
+                click.echo(f"  {label}: {path}")
+    for name in report.refused:
+        click.echo(f"refused: {name}", err=True)
+    for name in report.waiting:
+        click.echo(f"waiting (too new): {name}")
+    if not report.files:
+        click.echo("import: no new files")
+
+
+def _echo_demo(summary: DemoSummary) -> None:
+    counts = summary.imported.counts()
+    click.echo("")
+    click.echo("batchsync demo: done")
+    click.echo(f"  CRM:            {summary.crm_url} ({summary.samples.contacts} contacts)")
+    click.echo(f"  exported:       {summary.exported.rows} rows in {len(summary.exported.files)} files "
+               f"to {summary.provider_root / 'import'}")
+    click.echo(f"  provider file:  {summary.returned_file.name} (MailUp unsubscribers)")
+    click.echo(f"  events applied: {counts['changed']} of {counts['rows']} rows changed the CRM")
+    click.echo(f"  rows rejected:  {counts['rejected']}")
+    for item in summary.imported.files:
+        click.echo(f"  result file:    {item.result_path}")
+        click.echo(f"  errors file:    {item.errors_path}")
+        click.echo(f"  archived:       {item.kept_at}")
+    click.echo(f"  sent copies:    {summary.folder / 'work' / 'sent'}")
+
+
+def _exit_for(report: ImportReport) -> None:
+    if report.rejected or report.refused or report.counts()["quarantined"]:
+        raise SystemExit(EXIT_REJECTED)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; the one place where errors become messages and exit codes."""
+    try:
+        cli.main(args=argv, prog_name="batchsync", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except BatchsyncError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

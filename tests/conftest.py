@@ -1,0 +1,116 @@
+"""Shared fixtures: real peers on loopback (PostgreSQL via initdb + pg_ctl, pyftpdlib), SQLite files, profiles."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from batchsync.clock import ManualClock
+from batchsync.config import Profile, load_profile
+from batchsync.db.schema import make_engine
+from batchsync.ftpserver import LoopbackFtpServer
+
+ROOT = Path(__file__).resolve().parents[1]
+FTP_PASSWORD_ENV = "BATCHSYNC_TEST_FTP_PASSWORD"
+
+
+def _pg_binary(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if found is None:
+        raise RuntimeError(f"{name} not found: install PostgreSQL (scripts/test does)")
+    return found
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    """initdb refuses root: as root, run the server as 'nobody'."""
+    return ["runuser", "-u", "nobody", "--", *command] if os.geteuid() == 0 else command
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A real PostgreSQL in a temporary folder, on a free loopback port; yields its base URL."""
+    folder = Path(tempfile.mkdtemp(prefix="batchsync-pg-"))
+    data = folder / "data"
+    if os.geteuid() == 0:
+        shutil.chown(folder, "nobody")
+        folder.chmod(0o700)
+    port = _free_port()
+    subprocess.run(_as_postgres_user([_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                                      "-E", "UTF8", "--locale=C.UTF-8"]), check=True, capture_output=True)
+    options = f"-p {port} -c listen_addresses=127.0.0.1 -k {folder} -c fsync=off -c full_page_writes=off"
+    subprocess.run(_as_postgres_user([_pg_binary("pg_ctl"), "-D", str(data), "-o", options, "-l",
+                                      str(folder / "log"), "-w", "start"]), check=True, capture_output=True)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(_as_postgres_user([_pg_binary("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+_db_counter = iter(range(1_000_000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty CRM database: a SQLite file, or a new database on the real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'crm.sqlite'}"
+    base = request.getfixturevalue("pg_server")
+    name = f"crm_{os.getpid()}_{next(_db_counter)}"
+    admin = make_engine(f"{base}/postgres").execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return f"{base}/{name}"
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """A settable clock, a day ahead of the file system's time so that new files count as old enough."""
+    return ManualClock(datetime.now(UTC).replace(microsecond=0) + timedelta(days=1))
+
+
+@pytest.fixture
+def ftp_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackFtpServer]:
+    monkeypatch.setenv(FTP_PASSWORD_ENV, "s3cret-ftp-password")
+    with LoopbackFtpServer(tmp_path / "provider", "provider", "s3cret-ftp-password") as server:
+        yield server
+
+
+def local_transport(tmp_path: Path) -> dict[str, Any]:
+    return {"kind": "local", "path": str(tmp_path / "provider")}
+
+
+def ftp_transport(server: LoopbackFtpServer) -> dict[str, Any]:
+    return {"kind": "ftp", "host": "127.0.0.1", "port": server.port, "user": "provider",
+            "password_env": FTP_PASSWORD_ENV, "retries": 1, "timeout_seconds": 10}
+
+
+def mailup_profile(tmp_path: Path, db_url: str, transport: dict[str, Any] | None = None,
+                   **overrides: Any) -> Profile:
+    """The shipped MailUp profile, pointed at a test database, work folder and provider."""
+    values: dict[str, Any] = {
+        "database": {"url": db_url},
+        "work.dir": str(tmp_path / "work"),
+        "transport": transport or local_transport(tmp_path),
+    }
+    values.update(overrides)
+    return load_profile(ROOT / "profiles" / "mailup.toml", overrides=values)

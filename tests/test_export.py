@@ -1,0 +1,152 @@
+"""Export: MailUp's exact format, full and diff, tombstones, no echo, and at-least-once delivery."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+import batchsync.export
+from batchsync.clock import ManualClock
+from batchsync.db import ledger
+from batchsync.sync import Sync
+
+from .conftest import ftp_transport, mailup_profile
+from .crmdata import build_tiny_crm, delete_contact, read_csv, set_status, write_csv, unsub_row, UNSUB_HEADER
+
+HEADER = b"111;1;2;idList;ExternalGroupName;optout\r\n"
+
+
+def make_sync(tmp_path: Path, db_url: str, clock: ManualClock, **overrides: object) -> Sync:
+    sync = Sync(mailup_profile(tmp_path, db_url, **overrides), clock=clock)
+    sync.init()
+    build_tiny_crm(sync.engine)
+    return sync
+
+
+def uploaded(tmp_path: Path) -> dict[str, list[Path]]:
+    """Files on the provider side, by MailUp list id."""
+    root = tmp_path / "provider" / "import"
+    return {folder.name: sorted(folder.glob("*.csv")) for folder in sorted(root.iterdir())} if root.exists() else {}
+
+
+def data_rows(path: Path) -> list[list[str]]:
+    return read_csv(path)[1:]
+
+
+def test_full_export_writes_mailup_header_dialect_and_rows(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    result = sync.export("full")
+    files = uploaded(tmp_path)
+    assert sorted(files) == ["1", "2"]  # events holds only a pending row: MailUp has no value for it
+    newsletter = files["1"][0]
+    raw = newsletter.read_bytes()
+    assert raw.startswith(HEADER)  # UTF-8 without BOM, ";" and CRLF
+    rows = {row[0]: row for row in data_rows(newsletter)}
+    assert rows["alice@example.com"] == ["alice@example.com", "Alice", "Ädler", "1", "", "1"]
+    assert rows["dave@example.com"][4] == "VIP"
+    assert rows["Eve@Example.com"][5] == "0"  # duplicates once; unsubscribed wins
+    assert rows["frank@example.com"][5] == "0"  # suppressed: never exported as subscribed
+    assert "not-an-email" not in rows
+    assert len(rows) == 10
+    assert "Иван" in raw.decode("utf-8")
+    item = next(f for f in result.files if f.list_code == "newsletter")
+    assert (item.duplicates, item.invalid) == (1, 1)
+    reports = {p.name.rsplit(".", 2)[-2]: read_csv(p) for p in item.reports}
+    assert reports["duplicates"][1][2] == "5,6"
+    assert reports["skipped"][1][1] == "not-an-email"
+    assert all(p.exists() for p in item.reports) and item.local_path and item.local_path.exists()
+
+
+def test_diff_holds_exactly_the_changes_and_a_tombstone_then_nothing(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    sync.export("full")
+    clock.advance(3600)
+    later = clock.now()
+    set_status(sync.engine, 1, "newsletter", "unsubscribed", later)
+    set_status(sync.engine, 2, "newsletter", "unsubscribed", later)
+    set_status(sync.engine, 3, "newsletter", "subscribed", later, consent_by="phone call")
+    delete_contact(sync.engine, 10)
+    result = sync.export("diff")
+    assert [f.list_code for f in result.files if f.rows] == ["newsletter"]
+    newest = max(uploaded(tmp_path)["1"])
+    rows = sorted(data_rows(newest))
+    assert rows == [
+        ["alice@example.com", "Alice", "Ädler", "1", "", "0"],
+        ["bob@example.com", "Bob", "Brown", "1", "", "0"],
+        ["carol@example.com", "Carol", "Çelik", "1", "", "1"],
+        ["heidi@example.com", "", "", "1", "", "0"],  # the tombstone
+    ]
+    clock.advance(3600)
+    again = sync.export("diff")
+    assert again.rows == 0
+    assert all(f.local_path is None for f in again.files)
+    assert len(uploaded(tmp_path)["1"]) == 2
+
+
+def test_a_change_reported_by_the_provider_is_not_echoed_back(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    sync.export("full")
+    stamp = (clock.now() - timedelta(hours=1)).strftime("%Y%m%dT%H%M%S")
+    write_csv(tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
+              [UNSUB_HEADER, unsub_row("bob@example.com", "1", stamp, "2")])
+    report = sync.import_files()
+    assert report.files[0].changed == 1
+    assert sync.export("diff").rows == 0
+
+
+def test_failure_between_upload_and_ledger_commit_sends_the_same_rows_again(
+    tmp_path: Path, db_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    sync.export("full")
+    set_status(sync.engine, 4, "newsletter", "unsubscribed", clock.now())
+    delete_contact(sync.engine, 10)
+
+    def crash(*args: object) -> None:
+        raise RuntimeError("power cut after the upload")
+
+    monkeypatch.setattr(batchsync.export, "commit_pending", crash)
+    clock.advance(60)
+    with pytest.raises(RuntimeError):
+        sync.export("diff")
+    first = max(uploaded(tmp_path)["1"])
+    monkeypatch.undo()
+    clock.advance(60)
+    sync.export("diff")
+    second = max(uploaded(tmp_path)["1"])
+    assert first != second
+    assert sorted(data_rows(first)) == sorted(data_rows(second))
+    assert len(data_rows(second)) == 2
+    clock.advance(60)
+    assert sync.export("diff").rows == 0  # the ledger advanced once, on the confirmed upload
+
+
+def test_dry_run_writes_the_files_and_changes_nothing(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    result = sync.export("full", dry_run=True)
+    assert result.rows == 10 + 3
+    assert uploaded(tmp_path) == {}
+    assert all(f.local_path and f.local_path.parent.name == "dry-run" for f in result.files if f.rows)
+    with sync.engine.connect() as connection:
+        assert ledger.exported_count(connection, "mailup") == 0
+        assert ledger.last_runs(connection, "mailup") == []
+    assert sync.export("diff").rows == 13
+
+
+def test_export_over_ftp_uploads_whole_files_into_list_folders(
+    tmp_path: Path, db_url: str, clock: ManualClock, ftp_server: object
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock, transport=ftp_transport(ftp_server))  # type: ignore[arg-type]
+    result = sync.export("full")
+    assert [f.uploaded for f in result.files if f.rows] == [True, True]
+    files = uploaded(tmp_path)
+    assert files["1"][0].read_bytes().startswith(HEADER)
+    assert not list((tmp_path / "provider").rglob("*.part"))
+    with sync.engine.connect() as connection:
+        assert ledger.exported_count(connection, "mailup", "newsletter") == 10
