@@ -250,11 +250,15 @@ def load_profile(path: Path, overrides: Mapping[str, Any] | None = None) -> Prof
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` style keys; a number indexes a list (an array of tables)."""
     *parents, last = dotted.split(".")
-    node = raw
+    node: Any = raw
     for key in parents:
-        node = node.setdefault(key, {})
-    node[last] = value
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
 def _refuse_inline_secrets(path: Path, node: Any, prefix: str) -> None:

@@ -1,0 +1,242 @@
+"""Import: MailUp's unsubscribers file under the sync rules, duplicates, and every kind of bad input."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from batchsync.clock import ManualClock
+from batchsync.db.schema import activities, bs_files, subscriptions
+from batchsync.sync import Sync
+
+from .conftest import ftp_transport, mailup_profile
+from .crmdata import (
+    UNSUB_HEADER,
+    build_tiny_crm,
+    change_count,
+    read_csv,
+    status_of,
+    suppressed,
+    unsub_row,
+    write_csv,
+)
+
+# MailUp writes local (Europe/Rome) time: 20260105T100000 is 09:00 UTC, before judy's re-subscription on the 10th.
+EARLY = "20260105T100000"
+
+
+def make_sync(tmp_path: Path, db_url: str, clock: ManualClock, **overrides: object) -> Sync:
+    sync = Sync(mailup_profile(tmp_path, db_url, **overrides), clock=clock)
+    sync.init()
+    build_tiny_crm(sync.engine)
+    return sync
+
+
+def drop(tmp_path: Path, name: str, rows: list[list[str]], **options: str) -> Path:
+    return write_csv(tmp_path / "work" / "inbox" / name, rows, **options)
+
+
+EVERY_TYPE = [
+    UNSUB_HEADER,
+    unsub_row("alice@example.com", "1", EARLY, "0"),  # admin
+    unsub_row("IVAN@example.com ", "2", EARLY, "1"),  # admin, other list, other case
+    unsub_row("bob@example.com", "1", EARLY, "2"),  # the recipient's own link
+    unsub_row("carol@example.com", "1", EARLY, "4"),  # imported as unsubscribed: carol already is
+    unsub_row("dave@example.com", "1", EARLY, "8"),  # hard bounce: every list, suppressed
+    unsub_row("grace@example.com", "1", EARLY, "16"),  # complaint: every list, suppressed
+    unsub_row("judy@example.com", "1", EARLY, "2"),  # older than judy's consented re-subscription
+    unsub_row("stranger@example.com", "1", EARLY, "2"),  # not in the CRM
+]
+
+
+def test_mailup_unsubscribers_apply_every_optout_type_by_the_rules(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    drop(tmp_path, "unsubscribers_20260105.csv", EVERY_TYPE)
+    report = sync.import_files()
+    [outcome] = report.files
+    assert (outcome.outcome, outcome.rows, outcome.rejected) == ("applied", 8, 0)
+    engine = sync.engine
+    assert status_of(engine, 1, "newsletter") == "unsubscribed"
+    assert status_of(engine, 1, "offers") == "subscribed"  # status is per list
+    assert status_of(engine, 11, "offers") == "unsubscribed"
+    assert status_of(engine, 11, "newsletter") == "subscribed"
+    assert status_of(engine, 2, "newsletter") == "unsubscribed"
+    assert status_of(engine, 3, "newsletter") == "unsubscribed"
+    assert [status_of(engine, 4, code) for code in ("newsletter", "offers", "events")] == ["cleaned"] * 3
+    assert [status_of(engine, 9, code) for code in ("newsletter", "events")] == ["unsubscribed"] * 2
+    assert status_of(engine, 12, "newsletter") == "subscribed"  # newer re-subscription with consent stands
+    assert suppressed(engine) == {
+        "frank@example.com": "hard_bounce", "dave@example.com": "hard_bounce", "grace@example.com": "complaint",
+    }
+    with engine.connect() as connection:
+        dave_rows = connection.scalar(select(func.count()).select_from(subscriptions).where(
+            subscriptions.c.contact_id == 4))
+        assert connection.scalar(select(func.count()).select_from(activities)) == 7
+    assert dave_rows == 3  # an opt-out for a list without a CRM row is recorded, not dropped
+    assert change_count(engine) == 1 + 1 + 1 + 3 + 3  # alice, ivan, bob, dave x3, grace x3
+    results = {row[1].strip().lower(): row[4] for row in read_csv(outcome.result_path)[1:]}  # type: ignore[arg-type]
+    assert results["carol@example.com"] == "unchanged"
+    assert results["judy@example.com"] == "unchanged"
+    assert results["stranger@example.com"] == "no_contact"
+    assert results["dave@example.com"] == "applied"
+    assert read_csv(outcome.errors_path) == [[*UNSUB_HEADER, "bs_line", "bs_reason"]]  # type: ignore[arg-type]
+    assert outcome.kept_at is not None and outcome.kept_at.parent.name == "archive" and outcome.kept_at.exists()
+    assert not any((tmp_path / "work" / "inbox").iterdir())
+
+
+def test_a_newer_crm_resubscription_without_consent_loses(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    from .crmdata import set_status
+
+    set_status(sync.engine, 12, "newsletter", "subscribed", datetime(2026, 1, 10, tzinfo=UTC), consent_by=None)
+    drop(tmp_path, "unsubscribers_1.csv", [UNSUB_HEADER, unsub_row("judy@example.com", "1", EARLY, "2")])
+    sync.import_files()
+    assert status_of(sync.engine, 12, "newsletter") == "unsubscribed"
+
+
+def test_the_same_file_again_is_a_recorded_duplicate(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    drop(tmp_path, "unsubscribers_a.csv", EVERY_TYPE)
+    sync.import_files()
+    changes = change_count(sync.engine)
+    drop(tmp_path, "unsubscribers_b.csv", EVERY_TYPE)
+    [outcome] = sync.import_files().files
+    assert outcome.outcome == "duplicate"
+    assert change_count(sync.engine) == changes
+    with sync.engine.connect() as connection:
+        outcomes = sorted(connection.scalars(select(bs_files.c.outcome)))
+    assert outcomes == ["applied", "duplicate"]
+
+
+def test_utf8_bom_is_read(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    drop(tmp_path, "unsubscribers_bom.csv", [UNSUB_HEADER, unsub_row("bob@example.com", "1", EARLY, "2")],
+         encoding="utf-8-sig")
+    [outcome] = sync.import_files().files
+    assert (outcome.outcome, outcome.changed, outcome.rejected) == ("applied", 1, 0)
+    assert status_of(sync.engine, 2, "newsletter") == "unsubscribed"
+
+
+def test_cp1252_text_where_the_profile_says_cp1252(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock, **{"inbound": [_inbound_cp1252()]})
+    header = [*UNSUB_HEADER, "Name"]
+    drop(tmp_path, "unsubscribers_win.csv", [header, [*unsub_row("bob@example.com", "1", EARLY, "2"), "Bjørn Müller"]],
+         encoding="cp1252")
+    [outcome] = sync.import_files().files
+    assert (outcome.outcome, outcome.changed) == ("applied", 1)
+    errors = outcome.errors_path.read_bytes()  # type: ignore[union-attr]
+    assert errors.startswith(b"email;")
+    result = read_csv(outcome.result_path, encoding="cp1252")  # type: ignore[arg-type]
+    assert result[1][4] == "applied"
+
+
+def _inbound_cp1252() -> dict[str, object]:
+    import tomllib
+
+    from .conftest import ROOT
+
+    entry = tomllib.loads((ROOT / "profiles" / "mailup.toml").read_text(encoding="utf-8"))["inbound"][0]
+    entry["encoding"] = "cp1252"
+    return dict(entry)
+
+
+def test_a_wrong_header_quarantines_the_file_and_applies_nothing(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    drop(tmp_path, "unsubscribers_bad.csv", [["mail", "idList", "OptOut_Date", "optout_type"],
+                                             ["bob@example.com", "1", EARLY, "2"]])
+    report = sync.import_files()
+    [outcome] = report.files
+    assert outcome.outcome == "quarantined"
+    assert "wrong header" in (outcome.reason or "") and "email" in (outcome.reason or "")
+    assert status_of(sync.engine, 2, "newsletter") == "subscribed"
+    quarantine = tmp_path / "work" / "quarantine"
+    assert (quarantine / "unsubscribers_bad.csv").exists()
+    assert "wrong header" in (quarantine / "unsubscribers_bad.csv.reason.txt").read_text()
+    assert change_count(sync.engine) == 0
+
+
+def test_bad_rows_go_to_the_errors_file_and_the_rest_applies(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    drop(tmp_path, "unsubscribers_rows.csv", [
+        UNSUB_HEADER,
+        unsub_row("bob@example.com", "1", EARLY, "2"),
+        unsub_row("not an email", "1", EARLY, "2"),
+        unsub_row("alice@example.com", "99", EARLY, "2"),
+        unsub_row("ivan@example.com", "1", "yesterday", "2"),
+        unsub_row("dave@example.com", "1", EARLY, "2"),
+    ])
+    [outcome] = sync.import_files().files
+    assert (outcome.outcome, outcome.changed, outcome.rejected) == ("applied", 2, 3)
+    errors = read_csv(outcome.errors_path)  # type: ignore[arg-type]
+    assert [row[-2] for row in errors[1:]] == ["3", "4", "5"]
+    reasons = [row[-1] for row in errors[1:]]
+    assert "invalid email" in reasons[0]
+    assert "unknown list id '99'" in reasons[1]
+    assert "unparsable date 'yesterday'" in reasons[2]
+    assert status_of(sync.engine, 2, "newsletter") == "unsubscribed"
+    assert status_of(sync.engine, 4, "newsletter") == "unsubscribed"
+    assert status_of(sync.engine, 1, "newsletter") == "subscribed"
+    # Fix the rejected rows and drop the errors file back in: it is read like the original.
+    fixed = [errors[0], *([*row[:2], "1", EARLY, *row[4:]] for row in errors[2:3])]
+    drop(tmp_path, "unsubscribers_fixed.csv", fixed)
+    [again] = sync.import_files().files
+    assert (again.changed, again.rejected) == (1, 0)
+    assert status_of(sync.engine, 1, "newsletter") == "unsubscribed"
+
+
+def test_an_empty_file_is_quarantined(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    (tmp_path / "work" / "inbox" / "unsubscribers_empty.csv").write_bytes(b"")
+    [outcome] = sync.import_files().files
+    assert (outcome.outcome, outcome.reason) == ("quarantined", "empty file")
+
+
+def test_a_truncated_last_line_quarantines_the_file(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    path = drop(tmp_path, "unsubscribers_cut.csv", [UNSUB_HEADER, unsub_row("bob@example.com", "1", EARLY, "2"),
+                                                    unsub_row("alice@example.com", "1", EARLY, "2")])
+    path.write_bytes(path.read_bytes()[:-12])  # the transfer stopped mid-row
+    [outcome] = sync.import_files().files
+    assert outcome.outcome == "quarantined"
+    assert "truncated last line 3" in (outcome.reason or "")
+    assert status_of(sync.engine, 2, "newsletter") == "subscribed"
+
+
+def test_unsubscribe_from_all_lists_policy(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock, **{"policy.unsubscribe_all_lists": True})
+    drop(tmp_path, "unsubscribers_1.csv", [UNSUB_HEADER, unsub_row("alice@example.com", "1", EARLY, "2")])
+    sync.import_files()
+    assert [status_of(sync.engine, 1, code) for code in ("newsletter", "offers")] == ["unsubscribed"] * 2
+
+
+def test_import_over_ftp_takes_the_remote_file_once_and_moves_it(
+    tmp_path: Path, db_url: str, clock: ManualClock, ftp_server: object
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock, transport=ftp_transport(ftp_server))  # type: ignore[arg-type]
+    remote = write_csv(tmp_path / "provider" / "export" / "unsubscribers_20260105.csv", EVERY_TYPE)
+    write_csv(tmp_path / "provider" / "export" / "other.csv", EVERY_TYPE)
+    [outcome] = sync.import_files().files
+    assert outcome.changed == 5
+    assert not remote.exists()
+    assert len(list((tmp_path / "provider" / "export" / "processed").iterdir())) == 1
+    assert (tmp_path / "provider" / "export" / "other.csv").exists()
+    assert sync.import_files().files == []
+
+
+def test_dry_run_import_changes_nothing(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    path = drop(tmp_path, "unsubscribers_1.csv", EVERY_TYPE)
+    [outcome] = sync.import_files(dry_run=True).files
+    assert outcome.changed == 5
+    assert path.exists()
+    assert status_of(sync.engine, 2, "newsletter") == "subscribed"
+    assert change_count(sync.engine) == 0
+    assert outcome.result_path is not None and outcome.result_path.parent.name == "dry-run"
