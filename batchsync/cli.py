@@ -22,28 +22,41 @@ from batchsync.sync import ImportReport, Sync
 
 EXIT_REJECTED = 3
 profile_option = click.option(
-    "--profile", "-p", "profile_path", required=True, type=click.Path(path_type=Path),
+    "--profile",
+    "-p",
+    "profile_path",
+    required=True,
+    type=click.Path(path_type=Path),
     help="The profile TOML file (see profiles/).",
 )
 dry_run_option = click.option(
-    "--dry-run", is_flag=True, help="Write the exact files and changes under the work folder's dry-run/; change nothing."
+    "--dry-run",
+    is_flag=True,
+    help="Write the files it would send and the changes it would make under dry-run/; change nothing.",
 )
 mode_option = click.option(
-    "--full/--diff", "full", default=None,
+    "--full/--diff",
+    "full",
+    default=None,
     help="Every row, or only what changed since the last confirmed export. Default: the profile's full_weekday.",
 )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]),
-              help="How much to log on stderr.")
+@click.option(
+    "--log-level",
+    default="info",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="How much to log on stderr.",
+)
 def cli(log_level: str) -> None:
     """Keep a CRM's newsletter subscriptions in step with an email provider over batch files on (S)FTP.
 
     Start with `batchsync demo`; then `batchsync init -p PROFILE` and `batchsync run -p PROFILE`.
     """
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 @cli.command()
@@ -52,8 +65,10 @@ def init(profile_path: Path) -> None:
     """Create the CRM and batchsync tables, the profile's lists and the work folders (safe to repeat)."""
     sync = Sync(load_profile(profile_path))
     added = sync.init()
-    click.echo(f"ready: tables in {sync.engine.url.render_as_string(hide_password=True)}, "
-               f"{added} lists or groups added, work folder {sync.work.root}")
+    click.echo(
+        f"ready: tables in {sync.engine.url.render_as_string(hide_password=True)}, "
+        f"{added} lists or groups added, work folder {sync.work.root}"
+    )
 
 
 @cli.command()
@@ -73,8 +88,10 @@ def samples(profile_path: Path, contacts: int, seed: int, files_to: Path | None)
     folder = files_to or profile.work_dir / "samples"
     path = folder / "unsubscribers_sample.csv"
     rows = write_unsubscribers_file(path, summary.picks, profile, seed=seed)
-    click.echo(f"{summary.contacts} contacts, {summary.subscriptions} subscriptions, {summary.duplicates} duplicate "
-               f"emails, {summary.invalid} invalid emails, {summary.suppressed} suppressed")
+    click.echo(
+        f"{summary.contacts} contacts, {summary.subscriptions} subscriptions, {summary.duplicates} duplicate "
+        f"emails, {summary.invalid} invalid emails, {summary.suppressed} suppressed"
+    )
     click.echo(f"{rows} unsubscriber rows in {path}")
 
 
@@ -90,8 +107,13 @@ def export(profile_path: Path, full: bool | None, dry_run: bool) -> None:
 
 @cli.command("import")
 @profile_option
-@click.option("--file", "files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Import this file (repeatable) instead of looking in the inboxes.")
+@click.option(
+    "--file",
+    "files",
+    multiple=True,
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="Import this file (repeatable) instead of looking in the inboxes.",
+)
 @click.option("--kind", help="The inbound kind of --file, when its name matches no pattern.")
 @dry_run_option
 def import_(profile_path: Path, files: tuple[Path, ...], kind: str | None, dry_run: bool) -> None:
@@ -115,8 +137,14 @@ def run(profile_path: Path, full: bool | None, dry_run: bool) -> None:
 
 
 @cli.command()
-@click.option("--dir", "folder", default=Path("batchsync-demo"), type=click.Path(path_type=Path),
-              show_default=True, help="The demo's working folder (replaced on each demo).")
+@click.option(
+    "--dir",
+    "folder",
+    default=Path("batchsync-demo"),
+    type=click.Path(path_type=Path),
+    show_default=True,
+    help="The demo's working folder (replaced on each demo).",
+)
 @click.option("--contacts", default=2_000, show_default=True, help="Size of the sample CRM.")
 def demo(folder: Path, contacts: int) -> None:
     """Run the whole loop on a sample SQLite CRM, with a local FTP server playing MailUp."""
@@ -131,8 +159,10 @@ def _echo_export(result: ExportResult) -> None:
     verb = "would send" if result.dry_run else "sent"
     for item in result.files:
         where = f"{item.local_path} -> {item.remote_path}" if item.local_path else "nothing to send"
-        click.echo(f"export {result.mode} {item.list_code}: {item.rows} rows ({item.tombstones} tombstones), "
-                   f"{item.duplicates} duplicate emails, {item.invalid} invalid emails; {where}")
+        click.echo(
+            f"export {result.mode} {item.list_code}: {item.rows} rows ({item.tombstones} tombstones), "
+            f"{item.duplicates} duplicate emails, {item.invalid} invalid emails; {where}"
+        )
         for report in item.reports:
             click.echo(f"  report: {report}")
     click.echo(f"export: {verb} {result.rows} rows in {sum(1 for f in result.files if f.local_path)} files")
@@ -140,8 +170,10 @@ def _echo_export(result: ExportResult) -> None:
 
 def _echo_import(report: ImportReport) -> None:
     for item in report.files:
-        click.echo(f"import {item.name}: {item.outcome}; {item.rows} rows, {item.changed} changed, "
-                   f"{item.rejected} rejected" + (f" ({item.reason})" if item.reason else ""))
+        click.echo(
+            f"import {item.name}: {item.outcome}; {item.rows} rows, {item.changed} changed, "
+            f"{item.rejected} rejected" + (f" ({item.reason})" if item.reason else "")
+        )
         for label, path in (("kept", item.kept_at), ("result", item.result_path), ("errors", item.errors_path)):
             if path is not None:
                 click.echo(f"  {label}: {path}")
@@ -158,8 +190,10 @@ def _echo_demo(summary: DemoSummary) -> None:
     click.echo("")
     click.echo("batchsync demo: done")
     click.echo(f"  CRM:            {summary.crm_url} ({summary.samples.contacts} contacts)")
-    click.echo(f"  exported:       {summary.exported.rows} rows in {len(summary.exported.files)} files "
-               f"to {summary.provider_root / 'import'}")
+    click.echo(
+        f"  exported:       {summary.exported.rows} rows in {len(summary.exported.files)} files "
+        f"to {summary.provider_root / 'import'}"
+    )
     click.echo(f"  provider file:  {summary.returned_file.name} (MailUp unsubscribers)")
     click.echo(f"  events applied: {counts['changed']} of {counts['rows']} rows changed the CRM")
     click.echo(f"  rows rejected:  {counts['rejected']}")
@@ -171,7 +205,7 @@ def _echo_demo(summary: DemoSummary) -> None:
 
 
 def _exit_for(report: ImportReport) -> None:
-    if report.rejected or report.refused or report.counts()["quarantined"]:
+    if report.has_rejections:
         raise SystemExit(EXIT_REJECTED)
 
 

@@ -1,7 +1,7 @@
 """A real FTP server on loopback (pyftpdlib) that stands in for the provider in the demo and in tests::
 
-    with LoopbackFtpServer(Path("provider"), "provider", password) as server:
-        print(server.port)
+with LoopbackFtpServer(Path("provider"), "provider", password) as server:
+    print(server.port)
 """
 
 from __future__ import annotations
@@ -53,7 +53,5 @@ class LoopbackFtpServer:
     def __enter__(self) -> LoopbackFtpServer:
         return self.start()
 
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()

@@ -222,7 +222,8 @@ class _FileBatch:
             )
             for code in lists:
                 rule, did_change = self._decide(event, contact_id, code)
-                rules_used.append(f"{code}: {rule}")
+                who = f"contact {contact_id} " if len(contact_ids) > 1 else ""
+                rules_used.append(f"{who}{code}: {rule}")
                 changed += did_change
         if not contact_ids:
             label, detail = "no_contact", "no CRM contact with this email"

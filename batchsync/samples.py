@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 
 from batchsync.config import Profile
 from batchsync.db import crm
-from batchsync.rules import email_key
+from batchsync.rules import email_key, email_problem
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 FIRST = [
@@ -163,7 +163,7 @@ def _chunk_rows(
                 "deleted": False,
             }
         )
-        if rng.random() < 0.005:
+        if rng.random() < 0.005 and email_problem(email) is None:
             rows["suppressions"].append(_suppression(rng, email))
             summary.suppressed += 1
         for code in codes:

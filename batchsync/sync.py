@@ -5,7 +5,7 @@ This is the library's front door; the CLI and the daemon call it and nothing bel
     sync = Sync(load_profile(Path("profiles/mailup.toml")))
     sync.init()
     report = sync.run()          # import, then export
-    report.exit_code             # 0 done, 3 done with rejected rows
+    report.imported.has_rejections
 
 Every run that changes data is recorded in ``bs_runs``; a dry run writes its files under ``dry-run/`` and
 records nothing.
@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import Engine
 
@@ -45,6 +44,11 @@ class ImportReport:
     def rejected(self) -> int:
         return sum(item.rejected for item in self.files)
 
+    @property
+    def has_rejections(self) -> bool:
+        """Rows rejected, files quarantined or names refused: the run is done, but someone should look."""
+        return bool(self.rejected or self.refused or any(item.outcome == "quarantined" for item in self.files))
+
     def counts(self) -> dict[str, int]:
         return {
             "files": len(self.files),
@@ -63,13 +67,6 @@ class RunReport:
     run_id: int | None = None
     imported: ImportReport | None = None
     exported: ExportResult | None = None
-
-    @property
-    def exit_code(self) -> int:
-        """0 done; 3 done, but rows or files were rejected."""
-        if self.imported and (self.imported.rejected or self.imported.counts()["quarantined"] or self.imported.refused):
-            return 3
-        return 0
 
 
 class Sync:
@@ -100,24 +97,24 @@ class Sync:
     ) -> ImportReport:
         with self._recorded("import", dry_run) as run:
             report = self._import(run, files, kind, dry_run)
-            run.update(report.counts())
+            run.record_import(report)
         return report
 
     def export(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
         with self._recorded("export", dry_run) as run:
             result = Exporter(self.profile, self.engine, self.clock, self.transport_factory).run(mode, dry_run=dry_run)
-            run.update(_export_counts(result))
+            run.record_export(result)
         return result
 
     def run(self, mode: Mode | None = None, *, dry_run: bool = False) -> RunReport:
         """Import first, so that the export already carries what the provider reported."""
         with self._recorded("run", dry_run) as run:
             imported = self._import(run, (), None, dry_run)
-            run.update(imported.counts())
+            run.record_import(imported)
             exported = Exporter(self.profile, self.engine, self.clock, self.transport_factory).run(
                 mode, dry_run=dry_run
             )
-            run.update(_export_counts(exported))
+            run.record_export(exported)
         return RunReport(run.id, imported, exported)
 
     def _import(self, run: _Run, files: Sequence[Path], kind: str | None, dry_run: bool) -> ImportReport:
@@ -184,15 +181,18 @@ class _Run:
     counts: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
 
-    def update(self, counts: dict[str, Any]) -> None:
-        self.counts.update(counts)
+    def record_import(self, report: ImportReport) -> None:
+        self.counts.update(report.counts())
+        self.files += [f"in:{item.name}:{item.outcome}" for item in report.files]
 
-
-def _export_counts(result: ExportResult) -> dict[str, int]:
-    return {
-        "exported_rows": result.rows,
-        "tombstones": sum(item.tombstones for item in result.files),
-        "exported_files": sum(item.uploaded for item in result.files),
-        "duplicate_emails": sum(item.duplicates for item in result.files),
-        "invalid_emails": sum(item.invalid for item in result.files),
-    }
+    def record_export(self, result: ExportResult) -> None:
+        self.counts.update(
+            {
+                "exported_rows": result.rows,
+                "tombstones": sum(item.tombstones for item in result.files),
+                "exported_files": sum(item.uploaded for item in result.files),
+                "duplicate_emails": sum(item.duplicates for item in result.files),
+                "invalid_emails": sum(item.invalid for item in result.files),
+            }
+        )
+        self.files += [f"out:{item.remote_path}" for item in result.files if item.uploaded]

@@ -75,9 +75,12 @@ def change_one_percent(sync: Sync) -> int:
     with sync.engine.begin() as connection:
         total = connection.scalar(text("SELECT count(*) FROM contacts")) or 0
         step_size = 100
-        return connection.execute(
-            text("UPDATE contacts SET first_name = first_name || 'x' WHERE id % :n = 0"), {"n": step_size}
-        ).rowcount or total // step_size
+        return (
+            connection.execute(
+                text("UPDATE contacts SET first_name = first_name || 'x' WHERE id % :n = 0"), {"n": step_size}
+            ).rowcount
+            or total // step_size
+        )
 
 
 def write_unsubscribers(sync: Sync, path: Path, rows: int) -> int:
@@ -141,14 +144,19 @@ def main() -> None:
         for name in ("make", "full", "change", "diff", "unsubs", "import"):
             result = run_child(name, folder, url, size)
             rate = result["rows"] / result["seconds"] if result["seconds"] else 0
-            print(f"{size:>10} {name:>8} {result['rows']:>10} {result['seconds']:>8} {rate:>10.0f} "
-                  f"{result['peak_rss_mb']:>12}", flush=True)
+            print(
+                f"{size:>10} {name:>8} {result['rows']:>10} {result['seconds']:>8} {rate:>10.0f} "
+                f"{result['peak_rss_mb']:>12}",
+                flush=True,
+            )
             if name not in ("make", "change", "unsubs"):  # the bench's own set-up steps
                 peaks[size] = max(peaks.get(size, 0.0), result["peak_rss_mb"])
     sizes = sorted(peaks)
     if len(sizes) > 1:
-        print(f"peak RSS of sync steps: {peaks[sizes[-1]]} MB at {sizes[-1]} vs {peaks[sizes[0]]} MB at {sizes[0]}: "
-              f"{peaks[sizes[-1]] / peaks[sizes[0]]:.2f}x")
+        print(
+            f"peak RSS of sync steps: {peaks[sizes[-1]]} MB at {sizes[-1]} vs {peaks[sizes[0]]} MB at {sizes[0]}: "
+            f"{peaks[sizes[-1]] / peaks[sizes[0]]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -52,16 +52,27 @@ def pg_server() -> Iterator[str]:
         shutil.chown(folder, "nobody")
         folder.chmod(0o700)
     port = _free_port()
-    subprocess.run(_as_postgres_user([_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                                      "-E", "UTF8", "--locale=C.UTF-8"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres_user(
+            [_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]
+        ),
+        check=True,
+        capture_output=True,
+    )
     options = f"-p {port} -c listen_addresses=127.0.0.1 -k {folder} -c fsync=off -c full_page_writes=off"
-    subprocess.run(_as_postgres_user([_pg_binary("pg_ctl"), "-D", str(data), "-o", options, "-l",
-                                      str(folder / "log"), "-w", "start"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres_user(
+            [_pg_binary("pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}"
     finally:
-        subprocess.run(_as_postgres_user([_pg_binary("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True)
+        subprocess.run(
+            _as_postgres_user([_pg_binary("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
+        )
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -100,12 +111,18 @@ def local_transport(tmp_path: Path) -> dict[str, Any]:
 
 
 def ftp_transport(server: LoopbackFtpServer) -> dict[str, Any]:
-    return {"kind": "ftp", "host": "127.0.0.1", "port": server.port, "user": "provider",
-            "password_env": FTP_PASSWORD_ENV, "retries": 1, "timeout_seconds": 10}
+    return {
+        "kind": "ftp",
+        "host": "127.0.0.1",
+        "port": server.port,
+        "user": "provider",
+        "password_env": FTP_PASSWORD_ENV,
+        "retries": 1,
+        "timeout_seconds": 10,
+    }
 
 
-def mailup_profile(tmp_path: Path, db_url: str, transport: dict[str, Any] | None = None,
-                   **overrides: Any) -> Profile:
+def mailup_profile(tmp_path: Path, db_url: str, transport: dict[str, Any] | None = None, **overrides: Any) -> Profile:
     """The shipped MailUp profile, pointed at a test database, work folder and provider."""
     values: dict[str, Any] = {
         "database": {"url": db_url},

@@ -39,29 +39,62 @@ def build_tiny_crm(engine: Engine) -> None:
         group_ids = {code: gid for gid, code in connection.execute(select(groups.c.id, groups.c.code))}
         rows: dict[str, list[dict[str, Any]]] = {"contacts": [], "subscriptions": [], "group_members": []}
         for cid, email, first, last, statuses, member_of in PEOPLE:
-            rows["contacts"].append({"id": cid, "email": email, "email_key": email_key(email), "first_name": first,
-                                     "last_name": last, "custom": {}, "created_at": T0, "updated_at": T0,
-                                     "deleted": False})
+            rows["contacts"].append(
+                {
+                    "id": cid,
+                    "email": email,
+                    "email_key": email_key(email),
+                    "first_name": first,
+                    "last_name": last,
+                    "custom": {},
+                    "created_at": T0,
+                    "updated_at": T0,
+                    "deleted": False,
+                }
+            )
             for code, status in statuses.items():
                 at = RESUBSCRIBED if cid == 12 else T0
-                rows["subscriptions"].append({"contact_id": cid, "list_id": ids[code], "status": status,
-                                              "status_at": at, "source": "crm", "reason": None,
-                                              "consent_by": "web-form", "consent_at": at})
+                rows["subscriptions"].append(
+                    {
+                        "contact_id": cid,
+                        "list_id": ids[code],
+                        "status": status,
+                        "status_at": at,
+                        "source": "crm",
+                        "reason": None,
+                        "consent_by": "web-form",
+                        "consent_at": at,
+                    }
+                )
             rows["group_members"] += [{"contact_id": cid, "group_id": group_ids[g]} for g in member_of]
         for table, values in rows.items():
             crm.insert_rows(connection, table, values)
-        crm.insert_rows(connection, "suppressions", [{"email_key": "frank@example.com", "email": "frank@example.com",
-                                                      "reason": "hard_bounce", "at": T0, "source": "crm"}])
+        crm.insert_rows(
+            connection,
+            "suppressions",
+            [
+                {
+                    "email_key": "frank@example.com",
+                    "email": "frank@example.com",
+                    "reason": "hard_bounce",
+                    "at": T0,
+                    "source": "crm",
+                }
+            ],
+        )
 
 
-def set_status(engine: Engine, contact_id: int, code: str, status: str, at: datetime,
-               consent_by: str | None = None) -> None:
+def set_status(
+    engine: Engine, contact_id: int, code: str, status: str, at: datetime, consent_by: str | None = None
+) -> None:
     with engine.begin() as connection:
         list_id = crm.list_ids(connection, [code])[code]
         connection.execute(
             update(subscriptions)
             .where(subscriptions.c.contact_id == contact_id, subscriptions.c.list_id == list_id)
-            .values(status=status, status_at=at, source="crm", consent_by=consent_by, consent_at=at if consent_by else None)
+            .values(
+                status=status, status_at=at, source="crm", consent_by=consent_by, consent_at=at if consent_by else None
+            )
         )
 
 
@@ -94,8 +127,9 @@ def read_csv(path: Path, delimiter: str = ";", encoding: str = "utf-8") -> list[
         return list(csv.reader(handle, delimiter=delimiter))
 
 
-def write_csv(path: Path, rows: list[list[str]], delimiter: str = ";", encoding: str = "utf-8",
-              newline: str = "\r\n") -> Path:
+def write_csv(
+    path: Path, rows: list[list[str]], delimiter: str = ";", encoding: str = "utf-8", newline: str = "\r\n"
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding=encoding, newline="") as handle:
         csv.writer(handle, delimiter=delimiter, lineterminator=newline).writerows(rows)

@@ -18,8 +18,14 @@ from .crmdata import UNSUB_HEADER, unsub_row, write_csv
 
 
 def batchsync(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "batchsync.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "batchsync.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
 
 
 def test_demo_runs_the_whole_loop_and_prints_a_summary(tmp_path: Path) -> None:
@@ -32,8 +38,12 @@ def test_demo_runs_the_whole_loop_and_prints_a_summary(tmp_path: Path) -> None:
     assert len(list((provider / "export" / "processed").iterdir())) == 1
     engine = create_engine(f"sqlite:///{tmp_path / 'demo' / 'crm.sqlite'}")
     with engine.connect() as connection:
-        assert connection.scalar(select(func.count()).select_from(subscriptions).where(
-            subscriptions.c.source == "provider")) > 0
+        assert (
+            connection.scalar(
+                select(func.count()).select_from(subscriptions).where(subscriptions.c.source == "provider")
+            )
+            > 0
+        )
     engine.dispose()
     again = batchsync("demo", "--dir", str(tmp_path / "demo"), "--contacts", "500", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -63,16 +73,20 @@ def test_init_samples_run_and_import_with_rejected_rows_exit_3(tmp_path: Path) -
     profile = str(_profile(tmp_path))
     assert batchsync("init", "-p", profile, cwd=tmp_path).returncode == 0
     assert batchsync("init", "-p", profile, cwd=tmp_path).returncode == 0  # safe twice
-    sampled = batchsync("samples", "-p", profile, "--contacts", "300", "--files-to", str(tmp_path / "s"),
-                        cwd=tmp_path)
+    sampled = batchsync("samples", "-p", profile, "--contacts", "300", "--files-to", str(tmp_path / "s"), cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
     assert "300 contacts" in sampled.stdout
     ran = batchsync("run", "-p", profile, "--full", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     assert "export full newsletter" in ran.stdout
-    write_csv(tmp_path / "work" / "inbox" / "unsubscribers_x.csv",
-              [UNSUB_HEADER, unsub_row("jose.1@example.org", "1", "20260105T100000", "2"),
-               unsub_row("broken", "1", "20260105T100000", "2")])
+    write_csv(
+        tmp_path / "work" / "inbox" / "unsubscribers_x.csv",
+        [
+            UNSUB_HEADER,
+            unsub_row("jose.1@example.org", "1", "20260105T100000", "2"),
+            unsub_row("broken", "1", "20260105T100000", "2"),
+        ],
+    )
     imported = batchsync("import", "-p", profile, cwd=tmp_path)
     assert imported.returncode == 3, imported.stderr
     assert "1 rejected" in imported.stdout

@@ -13,7 +13,7 @@ from batchsync.db import ledger
 from batchsync.sync import Sync
 
 from .conftest import ftp_transport, mailup_profile
-from .crmdata import build_tiny_crm, delete_contact, read_csv, set_status, write_csv, unsub_row, UNSUB_HEADER
+from .crmdata import UNSUB_HEADER, build_tiny_crm, delete_contact, read_csv, set_status, unsub_row, write_csv
 
 HEADER = b"111;1;2;idList;ExternalGroupName;optout\r\n"
 
@@ -87,14 +87,14 @@ def test_diff_holds_exactly_the_changes_and_a_tombstone_then_nothing(
     assert len(uploaded(tmp_path)["1"]) == 2
 
 
-def test_a_change_reported_by_the_provider_is_not_echoed_back(
-    tmp_path: Path, db_url: str, clock: ManualClock
-) -> None:
+def test_a_change_reported_by_the_provider_is_not_echoed_back(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
     sync = make_sync(tmp_path, db_url, clock)
     sync.export("full")
     stamp = (clock.now() - timedelta(hours=1)).strftime("%Y%m%dT%H%M%S")
-    write_csv(tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
-              [UNSUB_HEADER, unsub_row("bob@example.com", "1", stamp, "2")])
+    write_csv(
+        tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
+        [UNSUB_HEADER, unsub_row("bob@example.com", "1", stamp, "2")],
+    )
     report = sync.import_files()
     assert report.files[0].changed == 1
     assert sync.export("diff").rows == 0

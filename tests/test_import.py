@@ -70,11 +70,14 @@ def test_mailup_unsubscribers_apply_every_optout_type_by_the_rules(
     assert [status_of(engine, 9, code) for code in ("newsletter", "events")] == ["unsubscribed"] * 2
     assert status_of(engine, 12, "newsletter") == "subscribed"  # newer re-subscription with consent stands
     assert suppressed(engine) == {
-        "frank@example.com": "hard_bounce", "dave@example.com": "hard_bounce", "grace@example.com": "complaint",
+        "frank@example.com": "hard_bounce",
+        "dave@example.com": "hard_bounce",
+        "grace@example.com": "complaint",
     }
     with engine.connect() as connection:
-        dave_rows = connection.scalar(select(func.count()).select_from(subscriptions).where(
-            subscriptions.c.contact_id == 4))
+        dave_rows = connection.scalar(
+            select(func.count()).select_from(subscriptions).where(subscriptions.c.contact_id == 4)
+        )
         assert connection.scalar(select(func.count()).select_from(activities)) == 7
     assert dave_rows == 3  # an opt-out for a list without a CRM row is recorded, not dropped
     assert change_count(engine) == 1 + 1 + 1 + 3 + 3  # alice, ivan, bob, dave x3, grace x3
@@ -114,8 +117,12 @@ def test_the_same_file_again_is_a_recorded_duplicate(tmp_path: Path, db_url: str
 
 def test_utf8_bom_is_read(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
     sync = make_sync(tmp_path, db_url, clock)
-    drop(tmp_path, "unsubscribers_bom.csv", [UNSUB_HEADER, unsub_row("bob@example.com", "1", EARLY, "2")],
-         encoding="utf-8-sig")
+    drop(
+        tmp_path,
+        "unsubscribers_bom.csv",
+        [UNSUB_HEADER, unsub_row("bob@example.com", "1", EARLY, "2")],
+        encoding="utf-8-sig",
+    )
     [outcome] = sync.import_files().files
     assert (outcome.outcome, outcome.changed, outcome.rejected) == ("applied", 1, 0)
     assert status_of(sync.engine, 2, "newsletter") == "unsubscribed"
@@ -124,8 +131,12 @@ def test_utf8_bom_is_read(tmp_path: Path, db_url: str, clock: ManualClock) -> No
 def test_cp1252_text_where_the_profile_says_cp1252(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
     sync = make_sync(tmp_path, db_url, clock, **{"inbound": [_inbound_cp1252()]})
     header = [*UNSUB_HEADER, "Name"]
-    drop(tmp_path, "unsubscribers_win.csv", [header, [*unsub_row("bob@example.com", "1", EARLY, "2"), "Bjørn Müller"]],
-         encoding="cp1252")
+    drop(
+        tmp_path,
+        "unsubscribers_win.csv",
+        [header, [*unsub_row("bob@example.com", "1", EARLY, "2"), "Bjørn Müller"]],
+        encoding="cp1252",
+    )
     [outcome] = sync.import_files().files
     assert (outcome.outcome, outcome.changed) == ("applied", 1)
     errors = outcome.errors_path.read_bytes()  # type: ignore[union-attr]
@@ -148,8 +159,11 @@ def test_a_wrong_header_quarantines_the_file_and_applies_nothing(
     tmp_path: Path, db_url: str, clock: ManualClock
 ) -> None:
     sync = make_sync(tmp_path, db_url, clock)
-    drop(tmp_path, "unsubscribers_bad.csv", [["mail", "idList", "OptOut_Date", "optout_type"],
-                                             ["bob@example.com", "1", EARLY, "2"]])
+    drop(
+        tmp_path,
+        "unsubscribers_bad.csv",
+        [["mail", "idList", "OptOut_Date", "optout_type"], ["bob@example.com", "1", EARLY, "2"]],
+    )
     report = sync.import_files()
     [outcome] = report.files
     assert outcome.outcome == "quarantined"
@@ -161,18 +175,20 @@ def test_a_wrong_header_quarantines_the_file_and_applies_nothing(
     assert change_count(sync.engine) == 0
 
 
-def test_bad_rows_go_to_the_errors_file_and_the_rest_applies(
-    tmp_path: Path, db_url: str, clock: ManualClock
-) -> None:
+def test_bad_rows_go_to_the_errors_file_and_the_rest_applies(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
     sync = make_sync(tmp_path, db_url, clock)
-    drop(tmp_path, "unsubscribers_rows.csv", [
-        UNSUB_HEADER,
-        unsub_row("bob@example.com", "1", EARLY, "2"),
-        unsub_row("not an email", "1", EARLY, "2"),
-        unsub_row("alice@example.com", "99", EARLY, "2"),
-        unsub_row("ivan@example.com", "1", "yesterday", "2"),
-        unsub_row("dave@example.com", "1", EARLY, "2"),
-    ])
+    drop(
+        tmp_path,
+        "unsubscribers_rows.csv",
+        [
+            UNSUB_HEADER,
+            unsub_row("bob@example.com", "1", EARLY, "2"),
+            unsub_row("not an email", "1", EARLY, "2"),
+            unsub_row("alice@example.com", "99", EARLY, "2"),
+            unsub_row("ivan@example.com", "1", "yesterday", "2"),
+            unsub_row("dave@example.com", "1", EARLY, "2"),
+        ],
+    )
     [outcome] = sync.import_files().files
     assert (outcome.outcome, outcome.changed, outcome.rejected) == ("applied", 2, 3)
     errors = read_csv(outcome.errors_path)  # type: ignore[arg-type]
@@ -201,8 +217,11 @@ def test_an_empty_file_is_quarantined(tmp_path: Path, db_url: str, clock: Manual
 
 def test_a_truncated_last_line_quarantines_the_file(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
     sync = make_sync(tmp_path, db_url, clock)
-    path = drop(tmp_path, "unsubscribers_cut.csv", [UNSUB_HEADER, unsub_row("bob@example.com", "1", EARLY, "2"),
-                                                    unsub_row("alice@example.com", "1", EARLY, "2")])
+    path = drop(
+        tmp_path,
+        "unsubscribers_cut.csv",
+        [UNSUB_HEADER, unsub_row("bob@example.com", "1", EARLY, "2"), unsub_row("alice@example.com", "1", EARLY, "2")],
+    )
     path.write_bytes(path.read_bytes()[:-12])  # the transfer stopped mid-row
     [outcome] = sync.import_files().files
     assert outcome.outcome == "quarantined"

@@ -32,7 +32,7 @@ def _broken(tmp_path: Path, old: str, new: str) -> Path:
 
 
 def test_a_misspelt_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
-    path = _broken(tmp_path, "delimiter = \";\"", "delimter = \";\"")
+    path = _broken(tmp_path, 'delimiter = ";"', 'delimter = ";"')
     with pytest.raises(ConfigError) as caught:
         load_profile(path)
     message = str(caught.value)
@@ -41,7 +41,7 @@ def test_a_misspelt_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
 
 
 def test_a_wrong_type_and_a_missing_key_are_named(tmp_path: Path) -> None:
-    path = _broken(tmp_path, "port = 21", "port = \"twenty-one\"")
+    path = _broken(tmp_path, "port = 21", 'port = "twenty-one"')
     path.write_text(path.read_text().replace('id = "1"\n', "", 1))
     with pytest.raises(ConfigError) as caught:
         load_profile(path)

@@ -88,7 +88,7 @@ def test_remote_names_are_data_not_paths() -> None:
 
 
 def test_hostile_listed_names_are_refused_and_reported(tmp_path: Path, clock: object) -> None:
-    from batchsync.collect import CollectReport, Collector
+    from batchsync.collect import Collector, CollectReport
 
     from .conftest import mailup_profile
 
