@@ -259,3 +259,25 @@ def test_dry_run_import_changes_nothing(tmp_path: Path, db_url: str, clock: Manu
     assert status_of(sync.engine, 2, "newsletter") == "subscribed"
     assert change_count(sync.engine) == 0
     assert outcome.result_path is not None and outcome.result_path.parent.name == "dry-run"
+
+
+def test_a_file_younger_than_the_minimum_age_waits_for_the_next_run(tmp_path: Path, db_url: str) -> None:
+    path = drop(tmp_path / "x", "unused.csv", [["x"]])  # makes the folder; the clock starts at this file's time
+    clock = ManualClock(datetime.fromtimestamp(path.stat().st_mtime, UTC))
+    sync = make_sync(tmp_path, db_url, clock)
+    drop(tmp_path, "unsubscribers_new.csv", [UNSUB_HEADER, unsub_row("bob@example.com", "1", EARLY, "2")])
+    report = sync.import_files()
+    assert report.files == [] and report.waiting == ["inbox/unsubscribers_new.csv"]
+    clock.advance(121)
+    [outcome] = sync.import_files().files
+    assert outcome.changed == 1
+
+
+def test_a_dropped_file_matching_no_pattern_is_quarantined_with_its_reason(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    drop(tmp_path, "notes.txt", [["hello"]])
+    report = sync.import_files()
+    assert report.has_rejections and report.refused == ["inbox/notes.txt: matches no inbound pattern"]
+    assert (tmp_path / "work" / "quarantine" / "notes.txt.reason.txt").exists()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -211,10 +212,12 @@ def make_engine(url: str) -> Engine:
     try:
         if url.startswith("sqlite"):
             engine = create_engine(url, connect_args={"timeout": 60})
+            if engine.url.database and engine.url.database != ":memory:":
+                Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
             engine = create_engine(url, pool_pre_ping=True)
-    except (SQLAlchemyError, ImportError, ValueError) as exc:
+    except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         raise DatabaseError(f"cannot use database URL {_redact(url)}: {exc}") from None
     return engine
 
