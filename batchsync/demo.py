@@ -37,12 +37,13 @@ class DemoSummary:
 
 def run_demo(folder: Path, *, contacts: int = 2_000, seed: int = 7, clock: Clock | None = None) -> DemoSummary:
     clock = clock or Clock()
+    folder = folder.resolve()
     _fresh_folder(folder)
     provider_root = folder / "provider"
     os.environ[PASSWORD_ENV] = secrets.token_urlsafe(18)
     with LoopbackFtpServer(provider_root, "provider", os.environ[PASSWORD_ENV]) as server:
         profile = load_profile(
-            builtin_profile_path("demo"), overrides={"base_dir": str(folder.resolve()), "transport.port": server.port}
+            builtin_profile_path("demo"), overrides={"base_dir": str(folder), "transport.port": server.port}
         )
         sync = Sync(profile, clock=clock)
         sync.init()

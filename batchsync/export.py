@@ -31,10 +31,11 @@ from batchsync.merge import merge_sorted
 from batchsync.rows import ProviderRow, RowBuilder
 from batchsync.transport import Transport, open_transport, upload_confirmed
 from batchsync.transport.base import with_retries
-from batchsync.workdir import WorkDir
+from batchsync.workdir import WorkDir, move_unique
 
 log = logging.getLogger(__name__)
 Mode = Literal["full", "diff"]
+PROGRESS_EVERY = 250_000
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 
 
@@ -88,6 +89,8 @@ class Exporter:
         missing = [code for code in self.profile.lists if code not in ids]
         if missing:
             raise ConfigError(f"profile {self.profile.name}: no CRM list with code {', '.join(missing)}")
+        if not dry_run:
+            self.work.clear(self.work.outbox)  # files of a failed upload: they are written again below
         files = []
         transport: Transport | None = None
         try:
@@ -124,6 +127,7 @@ class Exporter:
                 return staged
             if not writer.rows:
                 ledger.commit_pending(connection, self.profile.name, code)  # tombstones of rows never sent
+                staged.reports = [move_unique(report, self.work.sent) for report in staged.reports]
         log.info("list %s: %d rows (%d tombstones) for a %s export", code, staged.rows, staged.tombstones, mode)
         return staged
 
@@ -135,7 +139,8 @@ class Exporter:
         current = builder.rows(crm.stream_export_sources(connection, list_id, chunk), writer.report_invalid)
         exported = ledger.stream_exported(connection, self.profile.name, code, chunk)
         pending: list[dict[str, object]] = []
-        for _key, row, known in merge_sorted(current, exported, lambda r: r.email_key, lambda e: e.email_key):
+        merged = merge_sorted(current, exported, lambda r: r.email_key, lambda e: e.email_key)
+        for seen, (_key, row, known) in enumerate(merged, start=1):
             if row is not None:
                 changed = known is None or known.fingerprint != row.fingerprint or known.status != row.status
                 if row.contact_ids[1:]:
@@ -148,6 +153,8 @@ class Exporter:
                 if known.status in ("subscribed", "pending"):
                     writer.write_tombstone(builder.tombstone(known.email))
                 pending.append(self._pending(code, known.email_key, known.email, None, None, now))
+            if seen % PROGRESS_EVERY == 0:
+                log.info("list %s: %d addresses compared, %d rows written", code, seen, writer.rows)
             if len(pending) >= chunk:
                 ledger.stage_pending(connection, pending)
                 pending.clear()

@@ -47,6 +47,13 @@ class WorkDir:
         kept.with_name(kept.name + ".reason.txt").write_text(reason + "\n", encoding="utf-8")
         return kept
 
+    def clear(self, folder: Path) -> None:
+        """Remove every file in ``folder`` (the outbox holds nothing worth keeping between runs)."""
+        if folder.is_dir():
+            for item in folder.iterdir():
+                if item.is_file():
+                    item.unlink()
+
     def prune(self, folder: Path, older_than: datetime) -> int:
         """Remove files in ``folder`` last changed before ``older_than`` (the retention period)."""
         if not folder.is_dir():

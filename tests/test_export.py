@@ -84,6 +84,8 @@ def test_diff_holds_exactly_the_changes_and_a_tombstone_then_nothing(
     again = sync.export("diff")
     assert again.rows == 0
     assert all(f.local_path is None for f in again.files)
+    newsletter = next(f for f in again.files if f.list_code == "newsletter")
+    assert [p.parent.name for p in newsletter.reports] == ["sent", "sent"]  # reported in every export
     assert len(uploaded(tmp_path)["1"]) == 2
 
 
