@@ -17,6 +17,7 @@ import posixpath
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 from batchsync.clock import Clock
@@ -115,7 +116,7 @@ class Collector:
             if entry.remote_dir is None:
                 continue
             listing = with_retries(
-                lambda folder=entry.remote_dir: transport.list(folder),  # type: ignore[misc]
+                partial(transport.list, entry.remote_dir),
                 attempts=self.profile.transport.retries,
                 clock=self.clock,
                 what=f"listing {entry.remote_dir}",

@@ -31,7 +31,7 @@ from batchsync.merge import merge_sorted
 from batchsync.rows import ProviderRow, RowBuilder
 from batchsync.transport import Transport, open_transport, upload_confirmed
 from batchsync.transport.base import with_retries
-from batchsync.workdir import WorkDir, move_unique
+from batchsync.workdir import WorkDir, move_unique, unique_path
 
 log = logging.getLogger(__name__)
 Mode = Literal["full", "diff"]
@@ -108,12 +108,13 @@ class Exporter:
         return ExportResult(chosen, dry_run, files)
 
     def _write_list(self, code: str, list_id: int, mode: Mode, now: datetime, dry_run: bool) -> ExportedFile:
-        name = self._file_name(code, mode, now)
         folder = self.work.dry_run if dry_run else self.work.outbox
-        staged = ExportedFile(code, remote_path=self._remote_dir(code) + "/" + name)
+        # Never reuse the name of a file sent before: the provider may not have taken it yet.
+        path = unique_path(folder, self._file_name(code, mode, now), also_in=(self.work.sent,))
+        staged = ExportedFile(code, remote_path=self._remote_dir(code) + "/" + path.name)
         with self.engine.connect() as connection, connection.begin() as transaction:
             ledger.clear_pending(connection, self.profile.name, code)
-            writer = _ListWriter(self.profile, code, folder / name)
+            writer = _ListWriter(self.profile, code, path)
             try:
                 self._merge(connection, code, list_id, mode, now, writer)
             finally:

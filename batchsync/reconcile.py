@@ -69,11 +69,18 @@ class Reconciler:
         folder = self.work.dry_run if dry_run else self.work.archive
         kept = unique_path(folder, staged.name)
         outcome = FileOutcome(staged.name, "applied", kept_at=kept)
-        with self.engine.connect() as connection, connection.begin() as transaction:
-            self._apply_rows(connection, staged, reader, shape.header, kept, outcome)
-            self._record(connection, staged, sha, size, "applied", _summary(outcome))
-            if dry_run:
-                transaction.rollback()
+        try:
+            with self.engine.connect() as connection, connection.begin() as transaction:
+                self._apply_rows(connection, staged, reader, shape.header, kept, outcome)
+                self._record(connection, staged, sha, size, "applied", _summary(outcome))
+                if dry_run:
+                    transaction.rollback()
+        except BaseException:
+            # Nothing was applied: remove the half-written reports; the staged file is retried next run.
+            for report in (outcome.result_path, outcome.errors_path):
+                if report is not None:
+                    report.unlink(missing_ok=True)
+            raise
         if not dry_run:
             move_unique(staged.path, kept.parent, kept.name)
         log.info(

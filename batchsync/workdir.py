@@ -75,13 +75,14 @@ def move_unique(path: Path, folder: Path, name: str | None = None) -> Path:
     return target
 
 
-def unique_path(folder: Path, name: str) -> Path:
-    target = folder / name
-    counter = 1
-    while target.exists():
-        target = folder / f"{name}.{counter}"
+def unique_path(folder: Path, name: str, *, also_in: tuple[Path, ...] = ()) -> Path:
+    """``folder/name``, or ``folder/stem-N.ext`` when that name is taken here or in ``also_in``."""
+    stem, dot, suffix = name.partition(".")
+    candidate, counter = name, 1
+    while any((place / candidate).exists() for place in (folder, *also_in)):
+        candidate = f"{stem}-{counter}{dot}{suffix}"
         counter += 1
-    return target
+    return folder / candidate
 
 
 def sha256_of(path: Path) -> str:

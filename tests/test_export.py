@@ -152,3 +152,11 @@ def test_export_over_ftp_uploads_whole_files_into_list_folders(
     assert not list((tmp_path / "provider").rglob("*.part"))
     with sync.engine.connect() as connection:
         assert ledger.exported_count(connection, "mailup", "newsletter") == 10
+
+
+def test_two_exports_in_one_second_never_reuse_a_remote_name(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    sync.export("full")
+    sync.export("full")
+    names = [p.name for p in uploaded(tmp_path)["1"]]
+    assert len(names) == 2 and names[0].endswith("_full-1.csv")  # sorted: "-" before "."
