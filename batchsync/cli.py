@@ -61,13 +61,19 @@ def cli(log_level: str) -> None:
 
 @cli.command()
 @profile_option
-def init(profile_path: Path) -> None:
+@dry_run_option
+def init(profile_path: Path, dry_run: bool) -> None:
     """Create the CRM and batchsync tables, the profile's lists and the work folders (safe to repeat)."""
     sync = Sync(load_profile(profile_path))
-    added = sync.init()
+    report = sync.init(dry_run=dry_run)
+    where = sync.engine.url.render_as_string(hide_password=True)
+    missing = ", ".join(report.tables_missing) or "none"
+    if dry_run:
+        click.echo(f"would create in {where}: tables {missing}; the profile's lists and groups where missing")
+        return
     click.echo(
-        f"ready: tables in {sync.engine.url.render_as_string(hide_password=True)}, "
-        f"{added} lists or groups added, work folder {sync.work.root}"
+        f"ready: {where} (tables created: {missing}), {report.lists_added} lists or groups added, "
+        f"work folder {sync.work.root}"
     )
 
 

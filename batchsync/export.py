@@ -29,6 +29,7 @@ from batchsync.errors import ConfigError
 from batchsync.formats.csvfile import CsvWriter
 from batchsync.merge import merge_sorted
 from batchsync.rows import ProviderRow, RowBuilder
+from batchsync.rules import OPTED_OUT
 from batchsync.transport import Transport, open_transport, upload_confirmed
 from batchsync.transport.base import with_retries
 from batchsync.workdir import WorkDir, move_unique, unique_path
@@ -146,7 +147,7 @@ class Exporter:
                 changed = known is None or known.fingerprint != row.fingerprint or known.status != row.status
                 if row.contact_ids[1:]:
                     writer.report_duplicate(row)
-                if changed or mode == "full":
+                if mode == "full" or (changed and not _known_to_provider(row, known)):
                     writer.write(row.values)
                 if changed:
                     pending.append(self._pending(code, row.email_key, row.email, row.contact_ids[0], row, now))
@@ -205,6 +206,11 @@ class Exporter:
             "stamp": utc_stamp(now),
             "mode": mode,
         }
+
+
+def _known_to_provider(row: ProviderRow, known: ledger.ExportedRow | None) -> bool:
+    """An opt-out the provider itself reported for an address it never had from us: no need to send it back."""
+    return known is None and row.from_provider and row.status in OPTED_OUT
 
 
 def commit_pending(connection: Connection, profile: str, list_code: str) -> None:

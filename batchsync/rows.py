@@ -29,6 +29,7 @@ class ProviderRow:
     source_statuses: tuple[str, ...]
     values: list[str]
     fingerprint: int
+    from_provider: bool  # every contact's status was last set by the provider: it knows this row already
 
 
 def fingerprint(values: Iterable[str]) -> int:
@@ -66,6 +67,7 @@ class RowBuilder:
                 tuple(s.status for s in group),
                 values,
                 fingerprint(content),
+                all(s.source == "provider" for s in group),
             )
 
     def tombstone(self, email: str) -> list[str]:

@@ -25,7 +25,7 @@ from batchsync.clock import Clock
 from batchsync.collect import Collector, CollectReport, StagedFile
 from batchsync.config import Profile
 from batchsync.db import crm, ledger
-from batchsync.db.schema import create_all, make_engine
+from batchsync.db.schema import create_all, make_engine, missing_tables
 from batchsync.export import Exporter, ExportResult, Mode
 from batchsync.reconcile import FileOutcome, Reconciler
 from batchsync.transport import Transport, open_transport
@@ -69,6 +69,12 @@ class RunReport:
     exported: ExportResult | None = None
 
 
+@dataclass
+class InitReport:
+    tables_missing: list[str]
+    lists_added: int = 0
+
+
 class Sync:
     def __init__(
         self,
@@ -84,13 +90,17 @@ class Sync:
         self.transport_factory = transport_factory
         self.work = WorkDir(profile.work_dir)
 
-    def init(self) -> int:
+    def init(self, *, dry_run: bool = False) -> InitReport:
         """Create the tables, the profile's lists and groups, and the work folders; safe to repeat."""
+        report = InitReport(missing_tables(self.engine))
+        if dry_run:
+            return report
         create_all(self.engine)
         self.work.create()
         wanted = {code: (entry.name, list(entry.groups)) for code, entry in self.profile.lists.items()}
         with self.engine.begin() as connection:
-            return crm.ensure_lists(connection, wanted)
+            report.lists_added = crm.ensure_lists(connection, wanted)
+        return report
 
     def import_files(
         self, files: Sequence[Path] = (), *, kind: str | None = None, dry_run: bool = False

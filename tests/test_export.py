@@ -95,11 +95,19 @@ def test_a_change_reported_by_the_provider_is_not_echoed_back(tmp_path: Path, db
     stamp = (clock.now() - timedelta(hours=1)).strftime("%Y%m%dT%H%M%S")
     write_csv(
         tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
-        [UNSUB_HEADER, unsub_row("bob@example.com", "1", stamp, "2")],
+        [
+            UNSUB_HEADER,
+            unsub_row("bob@example.com", "1", stamp, "2"),
+            unsub_row("dave@example.com", "1", stamp, "8"),  # hard bounce: events too, which MailUp never had
+            unsub_row("grace@example.com", "1", stamp, "16"),  # complaint: events was pending, never sent
+        ],
     )
     report = sync.import_files()
-    assert report.files[0].changed == 1
+    assert report.files[0].changed == 3
     assert sync.export("diff").rows == 0
+    clock.advance(60)
+    set_status(sync.engine, 2, "newsletter", "subscribed", clock.now(), consent_by="phone")
+    assert sync.export("diff").rows == 1  # a later CRM change is sent as usual
 
 
 def test_failure_between_upload_and_ledger_commit_sends_the_same_rows_again(

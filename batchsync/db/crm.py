@@ -40,6 +40,7 @@ class ExportSource:
     last_name: str | None
     custom: Mapping[str, Any] | None
     status: Status
+    source: str
     suppressed: bool
     group_codes: tuple[str, ...]
 
@@ -81,6 +82,7 @@ def stream_export_sources(connection: Connection, list_id: int, chunk: int) -> I
             contacts.c.last_name,
             contacts.c.custom,
             subscriptions.c.status,
+            subscriptions.c.source,
             suppressions.c.email_key.is_not(None),
             codes.c.codes,
         )
@@ -103,8 +105,9 @@ def stream_export_sources(connection: Connection, list_id: int, chunk: int) -> I
             row[4],
             row[5],
             cast(Status, row[6]),
-            bool(row[7]),
-            tuple(sorted(row[8].split(GROUP_SEP))) if row[8] else (),
+            row[7],
+            bool(row[8]),
+            tuple(sorted(row[9].split(GROUP_SEP))) if row[9] else (),
         )
 
 

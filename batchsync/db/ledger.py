@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, text, update
 
 from batchsync.db.crm import ordered_key
 from batchsync.db.schema import bs_changes, bs_exported, bs_files, bs_pending, bs_runs
 
 TOMBSTONE = "tombstone"
+ANALYZE_AFTER = 1000  # staged rows
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ def commit_pending(connection: Connection, profile: str, list_code: str) -> None
     """Make the staged rows of a confirmed upload the new export state (call inside one transaction)."""
     p, e = bs_pending.c, bs_exported.c
     mine = and_(p.profile == profile, p.list_code == list_code)
+    staged = connection.scalar(select(func.count()).select_from(bs_pending).where(mine)) or 0
+    _refresh_statistics(connection, "bs_pending")
     staged_keys = select(p.email_key).where(mine)
     connection.execute(
         delete(bs_exported).where(e.profile == profile, e.list_code == list_code, e.email_key.in_(staged_keys))
@@ -115,6 +118,15 @@ def commit_pending(connection: Connection, profile: str, list_code: str) -> None
         )
     )
     connection.execute(delete(bs_pending).where(mine))
+    if staged > ANALYZE_AFTER:
+        _refresh_statistics(connection, "bs_exported")
+
+
+def _refresh_statistics(connection: Connection, table: str) -> None:
+    """On PostgreSQL, ANALYZE a ledger table after a bulk change. Without statistics, right after the first full
+    export, the planner joined bs_pending to bs_exported by scanning the whole ledger for every staged row."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text(f"ANALYZE {table}"))
 
 
 def note_provider_status(connection: Connection, profile: str, changes: Sequence[Mapping[str, str]]) -> None:

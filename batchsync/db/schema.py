@@ -28,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
 )
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -235,6 +236,15 @@ def _redact(url: str) -> str:
         return url
     scheme, rest = url.split("://", 1)
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def missing_tables(engine: Engine) -> list[str]:
+    """The tables batchsync needs that the database does not have yet."""
+    try:
+        present = set(inspect(engine).get_table_names())
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot read the database: {exc}") from None
+    return [name for name in metadata.tables if name not in present]
 
 
 def create_all(engine: Engine) -> None:
