@@ -281,3 +281,31 @@ def test_a_dropped_file_matching_no_pattern_is_quarantined_with_its_reason(
     report = sync.import_files()
     assert report.has_rejections and report.refused == ["inbox/notes.txt: matches no inbound pattern"]
     assert (tmp_path / "work" / "quarantine" / "notes.txt.reason.txt").exists()
+
+
+def test_the_shipped_sample_file_imports_without_rejections(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    from .conftest import ROOT
+
+    sync = make_sync(tmp_path, db_url, clock)
+    [outcome] = sync.import_files([ROOT / "samples" / "mailup" / "unsubscribers_sample.csv"]).files
+    assert (outcome.outcome, outcome.rows, outcome.rejected) == ("applied", 30, 0)
+    assert (ROOT / "samples" / "mailup" / "unsubscribers_sample.csv").exists()  # --file leaves the original
+
+
+def test_undecodable_text_quarantines_the_file_naming_the_line(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    path = drop(
+        tmp_path,
+        "unsubscribers_latin.csv",
+        [
+            UNSUB_HEADER,
+            unsub_row("bob@example.com", "1", EARLY, "2"),
+            [*unsub_row("alice@example.com", "1", EARLY, "2")[:6], "Müller"],
+        ],
+        encoding="latin-1",
+    )
+    assert b"\xfc" in path.read_bytes()
+    [outcome] = sync.import_files().files
+    assert outcome.outcome == "quarantined"
+    assert "not valid utf-8 text at line 3" in (outcome.reason or "")
+    assert status_of(sync.engine, 2, "newsletter") == "subscribed"

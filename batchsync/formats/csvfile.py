@@ -53,6 +53,7 @@ def inspect_csv(path: Path, dialect: Dialect, required: Sequence[str], max_bytes
         raise BadFile(path.name, "empty file")
     if size > max_bytes:
         raise BadFile(path.name, f"file of {size} bytes is over the limit of {max_bytes} bytes")
+    _check_text(path, dialect)
     records, line, header = 0, 1, None
     last: list[str] = []
     try:
@@ -66,8 +67,6 @@ def inspect_csv(path: Path, dialect: Dialect, required: Sequence[str], max_bytes
                     last = row
                 line = reader.line_num + 1
             ends_with_newline = _ends_with_newline(path)
-    except UnicodeDecodeError as exc:
-        raise BadFile(path.name, f"not valid {dialect.encoding} text near line {line}: {exc.reason}") from None
     except csv.Error as exc:
         raise BadFile(path.name, f"truncated or malformed CSV at line {line}: {exc}") from None
     if header is None:
@@ -75,6 +74,20 @@ def inspect_csv(path: Path, dialect: Dialect, required: Sequence[str], max_bytes
     if last and len(last) < len(header) and not ends_with_newline:
         raise BadFile(path.name, f"truncated last line {line - 1}: {len(last)} of {len(header)} fields")
     return FileShape(header, records)
+
+
+def _check_text(path: Path, dialect: Dialect) -> None:
+    """Decode line by line, so an undecodable byte is reported with its line. Splitting on b"\n" is safe: no
+    multi-byte UTF-8 sequence holds that byte, and the other encodings allowed are single-byte."""
+    encoding = _python_encoding(dialect)
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8" if encoding == "utf-8-sig" and number > 1 else encoding)
+            except UnicodeDecodeError as exc:
+                raise BadFile(
+                    path.name, f"not valid {dialect.encoding} text at line {number}, byte {exc.start + 1}: {exc.reason}"
+                ) from None
 
 
 def _check_header(path: Path, row: list[str], required: Sequence[str]) -> list[str]:
