@@ -185,11 +185,12 @@ class Exporter:
             clock=self.clock,
             what=f"upload of {remote}",
         )
+        staged.uploaded = True
+        # The provider has the file now: keep its copy before the ledger moves, whatever happens next.
+        staged.local_path, staged.reports = self.work.keep_sent(local, staged.reports)
         with self.engine.begin() as connection:
             commit_pending(connection, self.profile.name, staged.list_code)
-        staged.uploaded = True
-        staged.local_path, staged.reports = self.work.keep_sent(local, staged.reports)
-        log.info("sent %s (%d rows) to %s", local.name, staged.rows, remote)
+        log.info("sent %s (%d rows) to %s", staged.local_path.name, staged.rows, remote)
 
     def _file_name(self, code: str, mode: Mode, now: datetime) -> str:
         return _fill(self.profile.export.file_name, "export.file_name", self._placeholders(code, mode, now))

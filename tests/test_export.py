@@ -126,6 +126,7 @@ def test_failure_between_upload_and_ledger_commit_sends_the_same_rows_again(
     with pytest.raises(RuntimeError):
         sync.export("diff")
     first = max(uploaded(tmp_path)["1"])
+    assert (tmp_path / "work" / "sent" / first.name).read_bytes() == first.read_bytes()  # the copy of what was sent
     monkeypatch.undo()
     clock.advance(60)
     sync.export("diff")
