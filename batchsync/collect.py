@@ -23,7 +23,7 @@ from pathlib import Path
 from batchsync.clock import Clock
 from batchsync.config import InboundConfig, Profile
 from batchsync.errors import ConfigError, TransportError, UnsafeRemoteName
-from batchsync.transport import Transport, check_remote_name
+from batchsync.transport import RemoteEntry, Transport, check_remote_name
 from batchsync.transport.base import with_retries
 from batchsync.workdir import WorkDir, unique_path
 
@@ -112,28 +112,57 @@ class Collector:
             report.staged.append(StagedFile(target, path.name, entry, f"inbox:{path.name}"))
 
     def from_remote(self, transport: Transport, report: CollectReport) -> None:
+        """Download the remote files that are complete: matched, old enough, and either settled (the same size
+        and time on a second look ``settle_seconds`` later) or announced by their marker file."""
         for entry in self.profile.inbound:
             if entry.remote_dir is None:
                 continue
-            listing = with_retries(
-                partial(transport.list, entry.remote_dir),
-                attempts=self.profile.transport.retries,
-                clock=self.clock,
-                what=f"listing {entry.remote_dir}",
-            )
-            for remote in listing:
+            listing = self._list(transport, entry.remote_dir)
+            candidates = self._candidates(entry, listing, report)
+            if entry.marker:
+                names = {remote.name for remote in listing}
+                ready = [remote for remote in candidates if remote.name + entry.marker in names]
+            else:
+                ready = self._settled(transport, entry, candidates)
+            for remote in candidates:
+                if remote not in ready:
+                    report.waiting.append(f"{entry.remote_dir}/{remote.name}")
+            report.staged += [self._download(transport, entry, remote.name) for remote in ready]
+
+    def _list(self, transport: Transport, folder: str) -> list[RemoteEntry]:
+        return with_retries(
+            partial(transport.list, folder),
+            attempts=self.profile.transport.retries,
+            clock=self.clock,
+            what=f"listing {folder}",
+        )
+
+    def _candidates(self, entry: InboundConfig, listing: list[RemoteEntry], report: CollectReport) -> list[RemoteEntry]:
+        found = []
+        for remote in listing:
+            problem = remote.problem
+            if problem is None:
                 try:
                     check_remote_name(remote.name)
                 except UnsafeRemoteName as exc:
-                    log.warning("%s (in %s)", exc, entry.remote_dir)
-                    report.refused.append(f"{entry.remote_dir}: {exc}")
-                    continue
-                if not fnmatch.fnmatch(remote.name, entry.pattern):
-                    continue
-                if remote.mtime is not None and not self._old_enough(remote.mtime, entry.min_age_seconds):
-                    report.waiting.append(f"{entry.remote_dir}/{remote.name}")
-                    continue
-                report.staged.append(self._download(transport, entry, remote.name))
+                    problem = str(exc)
+            if problem is not None:
+                log.warning("%s: %s", entry.remote_dir, problem)
+                report.refused.append(f"{entry.remote_dir}: {problem}")
+            elif not fnmatch.fnmatch(remote.name, entry.pattern):
+                continue
+            elif remote.mtime is not None and not self._old_enough(remote.mtime, entry.min_age_seconds):
+                report.waiting.append(f"{entry.remote_dir}/{remote.name}")
+            else:
+                found.append(remote)
+        return found
+
+    def _settled(self, transport: Transport, entry: InboundConfig, candidates: list[RemoteEntry]) -> list[RemoteEntry]:
+        if not candidates:
+            return []
+        self.clock.sleep(entry.settle_seconds)
+        again = {remote.name: remote for remote in self._list(transport, entry.remote_dir or "")}
+        return [remote for remote in candidates if again.get(remote.name) == remote]
 
     def finish_remote(self, transport: Transport, staged: StagedFile) -> None:
         """After the reconcile committed: move the remote file to ``processed/`` or delete it."""
@@ -141,10 +170,12 @@ class Collector:
             return
         if staged.kind.after_import == "delete":
             transport.delete(staged.remote_path)
-            return
-        folder = posixpath.join(posixpath.dirname(staged.remote_path), staged.kind.processed_dir)
-        stamp = self.clock.now().strftime("%Y%m%dT%H%M%S")
-        transport.rename(staged.remote_path, posixpath.join(folder, f"{stamp}_{staged.name}"))
+        else:
+            folder = posixpath.join(posixpath.dirname(staged.remote_path), staged.kind.processed_dir)
+            stamp = self.clock.now().strftime("%Y%m%dT%H%M%S")
+            transport.rename(staged.remote_path, posixpath.join(folder, f"{stamp}_{staged.name}"))
+        if staged.kind.marker:
+            transport.delete(staged.remote_path + staged.kind.marker)
 
     def _download(self, transport: Transport, entry: InboundConfig, name: str) -> StagedFile:
         remote_path = posixpath.join(entry.remote_dir or "", name)

@@ -55,25 +55,39 @@ class WorkConfig(_Model):
 
 
 class TransportConfig(_Model):
-    kind: Literal["local", "ftp"]
+    kind: Literal["local", "ftp", "ftps", "sftp"]
     path: str | None = None
     host: str | None = None
-    port: int = Field(21, ge=1, le=65535)
+    port: int | None = Field(None, ge=1, le=65535)
     user: str | None = None
     password_env: str | None = None
     password_file: str | None = None
+    known_hosts: str | None = None
+    key_file: str | None = None
+    key_passphrase_env: str | None = None
+    key_passphrase_file: str | None = None
+    ca_file: str | None = None
     timeout_seconds: float = Field(30.0, gt=0)
+    keepalive_seconds: int = Field(30, ge=0)
     retries: int = Field(3, ge=0)
 
     @model_validator(mode="after")
     def _kind_needs(self) -> TransportConfig:
         if self.kind == "local" and not self.path:
             raise ValueError("a 'local' transport needs 'path', the folder that stands in for the server")
-        if self.kind == "ftp" and not self.host:
-            raise ValueError("an 'ftp' transport needs 'host'")
+        if self.kind != "local" and not self.host:
+            raise ValueError(f"an '{self.kind}' transport needs 'host'")
+        if self.kind == "sftp" and not self.known_hosts:
+            raise ValueError("an 'sftp' transport needs 'known_hosts': host keys are always checked")
         if self.password_env and self.password_file:
             raise ValueError("give at most one of 'password_env' or 'password_file'")
+        if self.key_passphrase_env and self.key_passphrase_file:
+            raise ValueError("give at most one of 'key_passphrase_env' or 'key_passphrase_file'")
         return self
+
+    @property
+    def port_or_default(self) -> int:
+        return self.port or (22 if self.kind == "sftp" else 21)
 
 
 class ExportColumn(_Model):
@@ -146,6 +160,8 @@ class InboundConfig(Dialect):
     after_import: Literal["move", "delete"] = "move"
     processed_dir: str = "processed"
     min_age_seconds: float = Field(60.0, ge=0)
+    settle_seconds: float = Field(5.0, ge=0)
+    marker: str | None = None
     timestamp_format: str = "%Y-%m-%dT%H:%M:%S"
     timezone: str = "UTC"
     columns: InboundColumns
@@ -264,7 +280,7 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def _refuse_inline_secrets(path: Path, node: Any, prefix: str) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
-            if key in SECRET_KEYS:
+            if key in SECRET_KEYS or key.endswith(tuple(f"_{word}" for word in SECRET_KEYS)):
                 raise ConfigError(
                     f"{path}: {prefix}{key}: secrets are never written in a profile; "
                     f"name an environment variable with {key}_env or a file with {key}_file"

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,8 @@ from batchsync.clock import ManualClock
 from batchsync.config import Profile, load_profile
 from batchsync.db.schema import make_engine
 from batchsync.ftpserver import LoopbackFtpServer
+
+from .peers import PASSPHRASE, Certificates, SshServer, Vsftpd, give_to, make_certificates, start_sshd, start_vsftpd
 
 ROOT = Path(__file__).resolve().parents[1]
 FTP_PASSWORD_ENV = "BATCHSYNC_TEST_FTP_PASSWORD"
@@ -131,3 +134,72 @@ def mailup_profile(tmp_path: Path, db_url: str, transport: dict[str, Any] | None
     }
     values.update(overrides)
     return load_profile(ROOT / "profiles" / "mailup.toml", overrides=values)
+
+
+@pytest.fixture(scope="session")
+def peers_dir() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="batchsync-peers-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sshd(peers_dir: Path) -> Iterator[SshServer]:
+    """OpenSSH's sshd on loopback, with its own host key and the test's authorized keys."""
+    server = start_sshd(peers_dir / "ssh")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def vsftpd(peers_dir: Path) -> Iterator[Vsftpd]:
+    """vsftpd requiring explicit TLS on both channels and TLS session reuse."""
+    server = start_vsftpd(peers_dir / "vsftpd")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def certificates(peers_dir: Path) -> Certificates:
+    return make_certificates(peers_dir / "tls")
+
+
+def own_folder(root: Path, user: str | None = None) -> Path:
+    """A fresh folder under a shared server's root, owned by its login user."""
+    folder = root / uuid.uuid4().hex
+    folder.mkdir()
+    if user is not None:
+        give_to(folder, user)
+    return folder
+
+
+def sftp_transport(server: SshServer, folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv("BATCHSYNC_TEST_KEY_PASSPHRASE", PASSPHRASE)
+    return {
+        "kind": "sftp",
+        "host": "127.0.0.1",
+        "port": server.port,
+        "user": server.user,
+        "known_hosts": str(server.known_hosts),
+        "key_file": str(server.keys["encrypted"]),
+        "key_passphrase_env": "BATCHSYNC_TEST_KEY_PASSPHRASE",
+        "path": str(folder),
+        "retries": 1,
+        "timeout_seconds": 10,
+    }
+
+
+def vsftpd_transport(server: Vsftpd, folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setenv("BATCHSYNC_TEST_VSFTPD_PASSWORD", server.password)
+    return {
+        "kind": "ftps",
+        "host": "127.0.0.1",
+        "port": server.port,
+        "user": server.user,
+        "password_env": "BATCHSYNC_TEST_VSFTPD_PASSWORD",
+        "ca_file": str(server.certificates.ca),
+        "path": str(folder),
+        "retries": 1,
+        "timeout_seconds": 10,
+    }

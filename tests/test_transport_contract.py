@@ -12,20 +12,48 @@ import pytest
 from batchsync.errors import TransportError, UnsafeRemoteName
 from batchsync.ftpserver import LoopbackFtpServer
 from batchsync.transport import Transport, check_remote_name, upload_confirmed
-from batchsync.transport.ftp import FtpTransport
+from batchsync.transport.ftp import FtpsTransport, FtpTransport
 from batchsync.transport.local import LocalTransport
+from batchsync.transport.sftp import SftpCredentials, SftpTransport
+
+from .conftest import own_folder
+
+KINDS = ["local", "ftp", "ftps-pyftpdlib", "ftps-vsftpd", "sftp-openssh"]
 
 
-@pytest.fixture(params=["local", "ftp"])
+@pytest.fixture(params=KINDS)
 def transport(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Transport, Path]]:
-    """A transport and the folder that is its server-side root."""
-    root = tmp_path / "server"
-    if request.param == "local":
-        with LocalTransport(root) as local:
-            yield local, root
-        return
-    with LoopbackFtpServer(root, "user", "pw") as server, FtpTransport("127.0.0.1", server.port, "user", "pw") as ftp:
-        yield ftp, root
+    """A transport and the folder that is its server-side root, for each real server kind."""
+    kind = request.param
+    if kind == "local":
+        with LocalTransport(tmp_path / "server") as local:
+            yield local, tmp_path / "server"
+    elif kind == "ftp":
+        with (
+            LoopbackFtpServer(tmp_path / "server", "user", "pw") as server,
+            FtpTransport("127.0.0.1", server.port, "user", "pw") as ftp,
+        ):
+            yield ftp, tmp_path / "server"
+    elif kind == "ftps-pyftpdlib":
+        certs = request.getfixturevalue("certificates")
+        with (
+            LoopbackFtpServer(tmp_path / "server", "user", "pw", tls=(certs.cert, certs.key)) as server,
+            FtpsTransport("127.0.0.1", server.port, "user", "pw", ca_file=certs.ca) as ftps,
+        ):
+            yield ftps, tmp_path / "server"
+    elif kind == "ftps-vsftpd":
+        vs = request.getfixturevalue("vsftpd")
+        folder = own_folder(vs.root, vs.user)
+        with FtpsTransport(
+            "127.0.0.1", vs.port, vs.user, vs.password, ca_file=vs.certificates.ca, root=str(folder)
+        ) as ftps:
+            yield ftps, folder
+    else:
+        ssh = request.getfixturevalue("sshd")
+        folder = own_folder(ssh.root, ssh.user)
+        credentials = SftpCredentials(ssh.user, key_file=ssh.keys["ed25519"])
+        with SftpTransport("127.0.0.1", ssh.port, credentials, ssh.known_hosts, root=str(folder)) as sftp:
+            yield sftp, folder
 
 
 def _file(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -85,20 +113,3 @@ def test_remote_names_are_data_not_paths() -> None:
     for hostile in ("../x.csv", "a/b.csv", "a\\b.csv", "x\n.csv", "x\x00.csv", "..", ".", ""):
         with pytest.raises(UnsafeRemoteName):
             check_remote_name(hostile)
-
-
-def test_hostile_listed_names_are_refused_and_reported(tmp_path: Path, clock: object) -> None:
-    from batchsync.collect import Collector, CollectReport
-
-    from .conftest import mailup_profile
-
-    root = tmp_path / "provider"
-    (root / "export").mkdir(parents=True)
-    (root / "export" / "unsubscribers_ok.csv").write_text("email\r\n")
-    (root / "export" / "unsubscribers_\nevil.csv").write_text("email\r\n")
-    profile = mailup_profile(tmp_path, "sqlite://")
-    report = CollectReport()
-    with LocalTransport(root) as local:
-        Collector(profile, clock).from_remote(local, report)  # type: ignore[arg-type]
-    assert [s.name for s in report.staged] == ["unsubscribers_ok.csv"]
-    assert len(report.refused) == 1 and "control characters" in report.refused[0]

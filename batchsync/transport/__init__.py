@@ -7,8 +7,9 @@ import os
 from batchsync.config import Profile, TransportConfig
 from batchsync.errors import ConfigError
 from batchsync.transport.base import RemoteEntry, Transport, check_remote_name, upload_confirmed
-from batchsync.transport.ftp import FtpTransport
+from batchsync.transport.ftp import FtpsTransport, FtpTransport
 from batchsync.transport.local import LocalTransport
+from batchsync.transport.sftp import SftpCredentials, SftpTransport
 
 __all__ = [
     "RemoteEntry",
@@ -42,11 +43,23 @@ def open_transport(profile: Profile) -> Transport:
     if config.kind == "local":
         return LocalTransport(profile.path(config.path or "."))
     password = read_secret(profile, config.password_env, config.password_file, "transport password")
-    return FtpTransport(
-        config.host or "",
-        config.port,
-        config.user or "anonymous",
-        password,
-        root=config.path or "",
-        timeout=config.timeout_seconds,
+    host, port, user = config.host or "", config.port_or_default, config.user or "anonymous"
+    common = {"root": config.path or "", "timeout": config.timeout_seconds}
+    if config.kind == "ftp":
+        return FtpTransport(host, port, user, password, **common)  # type: ignore[arg-type]
+    if config.kind == "ftps":
+        ca_file = profile.path(config.ca_file) if config.ca_file else None
+        return FtpsTransport(host, port, user, password, ca_file=ca_file, **common)  # type: ignore[arg-type]
+    passphrase = read_secret(profile, config.key_passphrase_env, config.key_passphrase_file, "key passphrase")
+    credentials = SftpCredentials(
+        user, password or None, profile.path(config.key_file) if config.key_file else None, passphrase or None
+    )
+    known_hosts = profile.path(config.known_hosts or "known_hosts")
+    return SftpTransport(
+        host,
+        port,
+        credentials,
+        known_hosts,
+        keepalive=config.keepalive_seconds,
+        **common,  # type: ignore[arg-type]
     )

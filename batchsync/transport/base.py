@@ -29,6 +29,7 @@ class RemoteEntry:
     name: str
     size: int
     mtime: datetime | None  # aware UTC, or None where the server does not say
+    problem: str | None = None  # a listing line that could not be read as a file: reported, never taken
 
 
 class Transport(ABC):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import ftplib
 import posixpath
+import socket
+import ssl
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,6 +31,7 @@ class FtpTransport(Transport):
         self.root = root.rstrip("/")
         self.timeout = timeout
         self._ftp: ftplib.FTP | None = None
+        self._has_mlsd = True
 
     def __repr__(self) -> str:
         return f"FtpTransport({self.user}@{self.host}:{self.port})"
@@ -44,6 +47,7 @@ class FtpTransport(Transport):
                 self._login(client)
                 client.set_pasv(True)
                 client.voidcmd("TYPE I")
+                self._has_mlsd = "MLST" in client.sendcmd("FEAT").upper()
             self._ftp = client
         return self._ftp
 
@@ -58,16 +62,11 @@ class FtpTransport(Transport):
         path = self._full(folder) or "."
         try:
             with self._errors(f"list {folder}"):
-                facts = list(ftp.mlsd(path, facts=["type", "size", "modify"]))
+                entries = _mlsd(ftp, path) if self._has_mlsd else _nlst(ftp, path)
         except TransportError:
             if not self._is_folder(path):
                 return []  # servers answer a missing folder with 550 or 501; a missing inbox is an empty one
             raise
-        entries = [
-            RemoteEntry(name, int(info.get("size", "0")), _mlsd_time(info.get("modify")))
-            for name, info in facts
-            if info.get("type") == "file"
-        ]
         return sorted(entries, key=lambda entry: entry.name)
 
     def _is_folder(self, path: str) -> bool:
@@ -153,6 +152,39 @@ class FtpTransport(Transport):
             raise TransportError(f"{what}: connection failed: {exc or type(exc).__name__}", retryable=True) from exc
 
 
+def _mlsd(ftp: ftplib.FTP, path: str) -> list[RemoteEntry]:
+    """Parse MLSD ourselves, so that a line that is not "facts; name" (a name with a line break in it) is
+    reported instead of silently dropped."""
+    lines: list[str] = []
+    with suppress(ftplib.error_perm):  # servers that do not know OPTS MLST send their default facts
+        ftp.sendcmd("OPTS MLST type;size;modify;")
+    ftp.retrlines(f"MLSD {path}", lines.append)
+    entries = []
+    for line in lines:
+        facts_text, space, name = line.partition(" ")
+        facts = dict(fact.partition("=")[::2] for fact in facts_text.rstrip(";").lower().split(";") if fact)
+        if not space or "type" not in facts:
+            entries.append(RemoteEntry(line, 0, None, f"unreadable listing line {line!r} (a name with a line break?)"))
+        elif facts["type"] == "file":
+            entries.append(RemoteEntry(name, int(facts.get("size") or 0), _mlsd_time(facts.get("modify"))))
+    return entries
+
+
+def _nlst(ftp: ftplib.FTP, path: str) -> list[RemoteEntry]:
+    """For servers without MLSD (vsftpd): names, then SIZE (which folders fail) and MDTM for each."""
+    prefix = path.rstrip("/") + "/"
+    entries = []
+    for raw in ftp.nlst(path):
+        name = raw[len(prefix) :] if raw.startswith(prefix) else raw
+        try:
+            size = ftp.size(posixpath.join(path, name))
+        except ftplib.error_perm:
+            continue  # a folder
+        modified = ftp.sendcmd(f"MDTM {posixpath.join(path, name)}").split()[-1]
+        entries.append(RemoteEntry(name, size or 0, _mlsd_time(modified)))
+    return entries
+
+
 def _mlsd_time(value: str | None) -> datetime | None:
     if not value:
         return None
@@ -160,3 +192,57 @@ def _mlsd_time(value: str | None) -> datetime | None:
         return datetime.strptime(value[:14], "%Y%m%d%H%M%S").replace(tzinfo=UTC)
     except ValueError:
         return None
+
+
+class _SessionReusingFtpTls(ftplib.FTP_TLS):
+    """FTP_TLS whose data connections resume the control connection's TLS session.
+
+    Servers such as vsftpd with ``require_ssl_reuse=YES`` refuse a data connection that starts a new session
+    (it proves the data connection belongs to the logged-in control connection); ftplib does not reuse it.
+    """
+
+    def ntransfercmd(self, cmd: str, rest: int | str | None = None) -> tuple[socket.socket, int | None]:
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:  # type: ignore[attr-defined]
+            session = self.sock.session  # type: ignore[union-attr]
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=session)
+        return conn, size
+
+
+class FtpsTransport(FtpTransport):
+    """FTP with explicit TLS (AUTH TLS), a verified certificate and a protected data channel."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        user: str,
+        password: str,
+        *,
+        ca_file: Path | None = None,
+        root: str = "",
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__(host, port, user, password, root=root, timeout=timeout)
+        self.context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        # TLS 1.3 sessions arrive after the handshake, and vsftpd then refuses data connections that should
+        # reuse them ("522 session reuse required"): stay on TLS 1.2, which every FTPS server speaks.
+        self.context.maximum_version = ssl.TLSVersion.TLSv1_2
+
+    def __repr__(self) -> str:
+        return f"FtpsTransport({self.user}@{self.host}:{self.port})"
+
+    def _new_client(self) -> ftplib.FTP:
+        return _SessionReusingFtpTls(context=self.context, timeout=self.timeout)
+
+    def _login(self, client: ftplib.FTP) -> None:
+        assert isinstance(client, ftplib.FTP_TLS)
+        try:
+            client.login(self.user, self._password)  # sends AUTH TLS first
+        except ssl.SSLCertVerificationError as exc:
+            raise TransportError(
+                f"the certificate of {self.host}:{self.port} is not trusted ({exc.verify_message}); "
+                "name the CA that signed it in the profile's ca_file"
+            ) from None
+        client.prot_p()
