@@ -24,8 +24,14 @@ _ftp_log.setLevel(logging.WARNING)
 
 class LoopbackFtpServer:
     def __init__(
-        self, root: Path, user: str, password: str, *, tls: tuple[Path, Path] | None = None,
-        handler: type[Any] | None = None, attributes: dict[str, Any] | None = None,
+        self,
+        root: Path,
+        user: str,
+        password: str,
+        *,
+        tls: tuple[Path, Path] | None = None,
+        handler: type[Any] | None = None,
+        attributes: dict[str, Any] | None = None,
     ) -> None:
         """``tls`` is (certificate, key): explicit TLS then required on the control and data channels."""
         root.mkdir(parents=True, exist_ok=True)
@@ -37,8 +43,9 @@ class LoopbackFtpServer:
             from pyftpdlib.handlers import TLS_FTPHandler
 
             base = handler or TLS_FTPHandler
-            settings.update(certfile=str(tls[0]), keyfile=str(tls[1]), tls_control_required=True,
-                            tls_data_required=True)
+            settings.update(
+                certfile=str(tls[0]), keyfile=str(tls[1]), tls_control_required=True, tls_data_required=True
+            )
         self.handler = type("ProviderHandler", (base,), settings)
         self.root = root
         self._server: Any = None

@@ -126,20 +126,27 @@ class SftpTransport(Transport):
         creds = self.credentials
         try:
             if creds.key_file is not None:
-                key = paramiko.PKey.from_path(creds.key_file, creds.key_passphrase)
-                ssh.auth_publickey(creds.user, key)
+                ssh.auth_publickey(creds.user, self._load_key(creds.key_file, creds.key_passphrase))
             elif creds.password is not None:
                 ssh.auth_password(creds.user, creds.password)
             else:
                 raise TransportError("no SFTP credentials: set key_file or a password reference in the profile")
         except paramiko.AuthenticationException:
             raise TransportError(f"authentication as {creds.user} refused by {self.host}:{self.port}") from None
-        except (paramiko.PasswordRequiredException, paramiko.SSHException, OSError, ValueError) as exc:
-            if isinstance(exc, paramiko.PasswordRequiredException) or "passphrase" in str(exc).lower():
-                raise TransportError(f"cannot open the key {creds.key_file}: wrong or missing passphrase") from None
-            if isinstance(exc, OSError | ValueError):
-                raise TransportError(f"cannot read the key {creds.key_file}: {type(exc).__name__}") from None
-            raise
+
+    @staticmethod
+    def _load_key(path: Path, passphrase: str | None) -> paramiko.PKey:
+        """Any OpenSSH or PEM private key (ed25519, ECDSA, RSA); errors never repeat the passphrase."""
+        try:
+            return paramiko.PKey.from_path(path, passphrase.encode() if passphrase else None)  # type: ignore[arg-type]
+        except OSError as exc:
+            raise TransportError(f"cannot read the key {path}: {exc.strerror or type(exc).__name__}") from None
+        except paramiko.PasswordRequiredException:
+            raise TransportError(f"the key {path} needs a passphrase: set key_passphrase_env or _file") from None
+        except (ValueError, TypeError, paramiko.SSHException):
+            if passphrase:
+                raise TransportError(f"cannot open the key {path}: wrong passphrase, or not a private key") from None
+            raise TransportError(f"cannot open the key {path}: not an OpenSSH or PEM private key") from None
 
     def close(self) -> None:
         sftp, ssh, self._sftp, self._ssh = self._sftp, self._ssh, None, None
