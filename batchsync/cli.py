@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from batchsync.check import run_checks
 from batchsync.config import load_profile
 from batchsync.demo import DemoSummary, run_demo
 from batchsync.errors import BatchsyncError, ConfigError
@@ -140,6 +141,17 @@ def run(profile_path: Path, full: bool | None, dry_run: bool) -> None:
     _echo_import(report.imported)
     _echo_export(report.exported)
     _exit_for(report.imported)
+
+
+@cli.command()
+@profile_option
+def check(profile_path: Path) -> None:
+    """Check a profile: database, server, host key or certificate, and every folder (exit 0 only if all pass)."""
+    results = run_checks(load_profile(profile_path))
+    for result in results:
+        click.echo(f"{'ok  ' if result.ok else 'FAIL'} {result.name}: {result.detail}")
+    if not all(result.ok for result in results):
+        raise SystemExit(1)
 
 
 @cli.command()

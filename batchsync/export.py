@@ -193,20 +193,25 @@ class Exporter:
         log.info("sent %s (%d rows) to %s", staged.local_path.name, staged.rows, remote)
 
     def _file_name(self, code: str, mode: Mode, now: datetime) -> str:
-        return _fill(self.profile.export.file_name, "export.file_name", self._placeholders(code, mode, now))
+        return _fill(self.profile.export.file_name, "export.file_name", placeholders(self.profile, code, mode, now))
 
     def _remote_dir(self, code: str) -> str:
-        values = self._placeholders(code, "full", self.clock.now())
-        return _fill(self.profile.export.remote_dir, "export.remote_dir", values).rstrip("/")
+        return remote_folder(self.profile, code, self.clock.now())
 
-    def _placeholders(self, code: str, mode: Mode, now: datetime) -> dict[str, str]:
-        return {
-            "profile": self.profile.name,
-            "list": code,
-            "list_id": self.profile.lists[code].id,
-            "stamp": utc_stamp(now),
-            "mode": mode,
-        }
+
+def placeholders(profile: Profile, code: str, mode: Mode, now: datetime) -> dict[str, str]:
+    return {
+        "profile": profile.name,
+        "list": code,
+        "list_id": profile.lists[code].id,
+        "stamp": utc_stamp(now),
+        "mode": mode,
+    }
+
+
+def remote_folder(profile: Profile, code: str, now: datetime) -> str:
+    """The remote folder a list's files go to (``export.remote_dir`` filled in)."""
+    return _fill(profile.export.remote_dir, "export.remote_dir", placeholders(profile, code, "full", now)).rstrip("/")
 
 
 def _known_to_provider(row: ProviderRow, known: ledger.ExportedRow | None) -> bool:

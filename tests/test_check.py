@@ -1,0 +1,68 @@
+"""`batchsync check`: one line per check, with the fault and how to fix it; exit 0 only when all pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchsync.cli import main
+
+from .conftest import ROOT, own_folder
+from .peers import PASSPHRASE, SshServer
+
+
+def sftp_profile(tmp_path: Path, server: SshServer, folder: Path, known_hosts: Path) -> Path:
+    text = (ROOT / "profiles" / "mailup.toml").read_text(encoding="utf-8")
+    text = text.replace('url_env = "BATCHSYNC_CRM_URL"', f'url = "sqlite:///{tmp_path}/crm.sqlite"')
+    text = text.replace('dir = "../var/mailup"', f'dir = "{tmp_path}/work"')
+    start, end = text.index("[transport]"), text.index("[export]")
+    text = (
+        text[:start]
+        + (
+            f'[transport]\nkind = "sftp"\nhost = "127.0.0.1"\nport = {server.port}\nuser = "{server.user}"\n'
+            f'known_hosts = "{known_hosts}"\nkey_file = "{server.keys["encrypted"]}"\n'
+            f'key_passphrase_env = "CHECK_PASSPHRASE"\npath = "{folder}"\nretries = 0\n\n'
+        )
+        + text[end:]
+    )
+    path = tmp_path / "sftp.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def profile(tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("CHECK_PASSPHRASE", PASSPHRASE)
+    return sftp_profile(tmp_path, sshd, own_folder(sshd.root, sshd.user), sshd.known_hosts)
+
+
+def test_check_passes_on_a_ready_profile(profile: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["init", "-p", str(profile)]) == 0
+    capsys.readouterr()
+    assert main(["check", "-p", str(profile)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("ok ") for line in lines), lines
+    names = " ".join(lines)
+    for folder in ("import/1/", "import/2/", "import/3/", "export/", "export/processed/", "inbox", "sent"):
+        assert folder in names
+    assert "login accepted" in names
+
+
+def test_check_names_each_fault_and_how_to_fix_it(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CHECK_PASSPHRASE", PASSPHRASE)
+    folder = own_folder(sshd.root, sshd.user)
+    (folder / "export").mkdir(mode=0o555)  # the inbox folder exists but cannot be written
+    profile = sftp_profile(tmp_path, sshd, folder, sshd.known_hosts)
+    assert main(["check", "-p", str(profile)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL database: tables missing" in out and "run batchsync init" in out
+    assert "FAIL remote export/: " in out and "permission denied" in out
+    assert "ok   remote import/1/" in out
+
+    unknown = sftp_profile(tmp_path, sshd, folder, tmp_path / "empty_known_hosts")
+    assert main(["check", "-p", str(unknown)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL server sftp://127.0.0.1" in out and "unknown host key" in out and "ssh-keyscan" in out
