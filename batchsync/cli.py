@@ -6,7 +6,6 @@ Nothing else in batchsync prints or exits. Exit codes: 0 done, 1 failed, 2 usage
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,17 @@ from typing import Any
 import click
 
 from batchsync.check import run_checks
+from batchsync.clock import Clock
 from batchsync.config import load_profile
+from batchsync.daemon import Daemon
+from batchsync.daemon import profile_paths as daemon_profile_paths
 from batchsync.demo import DemoSummary, run_demo
 from batchsync.errors import BatchsyncError, ConfigError
 from batchsync.export import ExportResult
+from batchsync.logs import setup_logging
+from batchsync.progress import TerminalProgress, set_listener
 from batchsync.samples import write_sample_crm, write_unsubscribers_file
+from batchsync.status import as_json, as_table, profile_status
 from batchsync.sync import ImportReport, Sync
 
 EXIT_REJECTED = 3
@@ -45,19 +50,20 @@ mode_option = click.option(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--log-level",
-    default="info",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    help="How much to log on stderr.",
+    "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log."
 )
-def cli(log_level: str) -> None:
+@click.option(
+    "--log-format", default="text", type=click.Choice(["text", "json"]), help="Log lines as text, or JSON lines."
+)
+def cli(log_level: str, log_format: str) -> None:
     """Keep a CRM's newsletter subscriptions in step with an email provider over batch files on (S)FTP.
 
-    Start with `batchsync demo`; then `batchsync init -p PROFILE` and `batchsync run -p PROFILE`.
+    Start with `batchsync demo`; then `batchsync init -p PROFILE`, `batchsync check -p PROFILE` and
+    `batchsync run -p PROFILE`, or `batchsync daemon PROFILE...` to run unattended.
     """
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    setup_logging(log_level, log_format)
+    if log_format == "text" and sys.stderr.isatty():
+        set_listener(TerminalProgress(sys.stderr))
 
 
 @cli.command()
@@ -137,10 +143,40 @@ def import_(profile_path: Path, files: tuple[Path, ...], kind: str | None, dry_r
 def run(profile_path: Path, full: bool | None, dry_run: bool) -> None:
     """Import, then export: one whole run, recorded in bs_runs."""
     report = Sync(load_profile(profile_path)).run(_mode(full), dry_run=dry_run)
-    assert report.imported is not None and report.exported is not None
+    assert report is not None and report.imported is not None  # no slot given: always runs
     _echo_import(report.imported)
-    _echo_export(report.exported)
+    if report.exported is not None:
+        _echo_export(report.exported)
     _exit_for(report.imported)
+
+
+@cli.command()
+@click.argument("profiles", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.option("--tick", default=1.0, show_default=True, help="Seconds between looks at schedules and inboxes.")
+def daemon(profiles: tuple[Path, ...], tick: float) -> None:
+    """Run unattended: each profile's nightly run, inbox polls and watched local inbox.
+
+    PROFILES are profile files or folders of them. SIGTERM or SIGINT: finish the file in hand, then exit 0;
+    a second one: stop at once. SIGHUP: reload the profiles (a broken one is reported and the old one kept).
+    """
+    raise SystemExit(Daemon(list(profiles), tick_seconds=tick).run_forever())
+
+
+@cli.command()
+@click.option(
+    "--profile",
+    "-p",
+    "profile_paths",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A profile file or folder (repeatable); default: profiles/.",
+)
+@click.option("--json", "as_json_output", is_flag=True, help="Print JSON instead of a table.")
+def status(profile_paths: tuple[Path, ...], as_json_output: bool) -> None:
+    """Per profile: last runs, next scheduled run, files waiting, files in quarantine, rows rejected."""
+    paths = daemon_profile_paths(list(profile_paths) or [Path("profiles")])
+    statuses = [profile_status(load_profile(path), Clock()) for path in paths]
+    click.echo(as_json(statuses) if as_json_output else as_table(statuses).rstrip())
 
 
 @cli.command()

@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -87,7 +88,8 @@ class Collector:
         shutil.copyfile(path, target)
         return StagedFile(target, path.name, entry, f"file:{path.resolve()}")
 
-    def from_local_inbox(self, report: CollectReport) -> None:
+    def from_local_inbox(self, report: CollectReport, ready: Collection[str] = ()) -> None:
+        """Stage inbox files; a name in ``ready`` (its writer closed it) skips the minimum age."""
         inbox = self.work.inbox
         if not inbox.is_dir():
             return
@@ -96,7 +98,8 @@ class Collector:
                 continue
             entry = self.kind_for(path.name)
             mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)
-            if not self._old_enough(mtime, entry.min_age_seconds if entry else self._min_age()):
+            min_age = entry.min_age_seconds if entry else self._min_age()
+            if path.name not in ready and not self._old_enough(mtime, min_age):
                 report.waiting.append(f"inbox/{path.name}")
                 continue
             if entry is None:

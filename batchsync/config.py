@@ -31,6 +31,14 @@ PLAIN_FIELDS = ("email", "first_name", "last_name", "list_id", "groups", "status
 SECRET_KEYS = ("password", "passphrase", "secret", "token")
 
 
+def known_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'Europe/Rome')") from None
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -171,11 +179,7 @@ class InboundConfig(Dialect):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'Europe/Rome')") from None
-        return value
+        return known_zone(value)
 
     @model_validator(mode="after")
     def _event_source(self) -> InboundConfig:
@@ -186,6 +190,39 @@ class InboundConfig(Dialect):
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+
+class ScheduleConfig(_Model):
+    nightly: str | None = None  # "HH:MM" in ``timezone``; the export's full_weekday decides full or diff
+    timezone: str = "UTC"
+    poll_minutes: int = Field(0, ge=0)  # look at the remote inbox this often during the day; 0: never
+
+    @field_validator("nightly")
+    @classmethod
+    def _time(cls, value: str | None) -> str | None:
+        if value is not None:
+            hours, _, minutes = value.partition(":")
+            if not (hours.isdigit() and minutes.isdigit() and int(hours) < 24 and int(minutes) < 60):
+                raise ValueError(f"nightly must be HH:MM, got {value!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return known_zone(value)
+
+
+class NotifyConfig(_Model):
+    email_to: tuple[str, ...] = Field(strict=False)
+    email_from: str
+    smtp_host: str
+    smtp_port: int = Field(25, ge=1, le=65535)
+    smtp_user: str | None = None
+    smtp_password_env: str | None = None
+    smtp_password_file: str | None = None
+    starttls: Literal["auto", "required", "off"] = "auto"  # auto: when the server offers it
+    ca_file: str | None = None
+    timeout_seconds: float = Field(30.0, gt=0)
 
 
 class PolicyConfig(_Model):
@@ -203,6 +240,8 @@ class Profile(_Model):
     lists: dict[str, ListConfig]
     inbound: tuple[InboundConfig, ...] = Field((), strict=False)
     policy: PolicyConfig = PolicyConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    notify: NotifyConfig | None = None
     base_dir: str = "."
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine
 
+from batchsync import progress
 from batchsync.clock import Clock, utc_stamp
 from batchsync.config import Profile
 from batchsync.db import crm, ledger
@@ -155,6 +156,8 @@ class Exporter:
                 if known.status in ("subscribed", "pending"):
                     writer.write_tombstone(builder.tombstone(known.email))
                 pending.append(self._pending(code, known.email_key, known.email, None, None, now))
+            if seen % 10_000 == 0:
+                progress.report(f"export {code}", seen)
             if seen % PROGRESS_EVERY == 0:
                 log.info("list %s: %d addresses compared, %d rows written", code, seen, writer.rows)
             if len(pending) >= chunk:

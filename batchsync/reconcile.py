@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine
 
+from batchsync import progress
 from batchsync.clock import Clock
 from batchsync.collect import StagedFile
 from batchsync.config import Profile
@@ -47,6 +48,7 @@ class FileOutcome:
     kept_at: Path | None = None
     result_path: Path | None = None
     errors_path: Path | None = None
+    bounced: list[str] = field(default_factory=list)  # addresses that hard-bounced (the first thousand)
 
 
 class Reconciler:
@@ -133,6 +135,7 @@ class Reconciler:
                             ]
                         )
                 batch.apply(events, outcome)
+                progress.report(f"import {staged.name}", outcome.rows)
 
     def _duplicate(
         self, staged: StagedFile, sha: str, size: int, earlier: dict[str, object], dry_run: bool
@@ -215,6 +218,8 @@ class _FileBatch:
                     "source": f"provider:{self.profile.name}",
                 },
             )
+        if opt.kind == "hard_bounce" and len(outcome.bounced) < 1000:
+            outcome.bounced.append(event.email)
         lists = target_lists(opt.kind, event.list_code, list(self.profile.lists), policy.unsubscribe_all_lists)
         rules_used: list[str] = []
         changed = 0

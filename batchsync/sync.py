@@ -14,7 +14,8 @@ records nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from batchsync.config import Profile
 from batchsync.db import crm, ledger
 from batchsync.db.schema import create_all, make_engine, missing_tables
 from batchsync.export import Exporter, ExportResult, Mode
+from batchsync.locks import profile_lock
 from batchsync.reconcile import FileOutcome, Reconciler
 from batchsync.transport import Transport, open_transport
 from batchsync.workdir import WorkDir
@@ -83,12 +85,14 @@ class Sync:
         clock: Clock | None = None,
         engine: Engine | None = None,
         transport_factory: Callable[[Profile], Transport] = open_transport,
+        stop: threading.Event | None = None,
     ) -> None:
         self.profile = profile
         self.clock = clock or Clock()
         self.engine = engine or make_engine(profile.database_url())
         self.transport_factory = transport_factory
         self.work = WorkDir(profile.work_dir)
+        self.stop = stop or threading.Event()  # set: finish the file in hand, then stop
 
     def init(self, *, dry_run: bool = False) -> InitReport:
         """Create the tables, the profile's lists and groups, and the work folders; safe to repeat."""
@@ -103,31 +107,51 @@ class Sync:
         return report
 
     def import_files(
-        self, files: Sequence[Path] = (), *, kind: str | None = None, dry_run: bool = False
+        self,
+        files: Sequence[Path] = (),
+        *,
+        kind: str | None = None,
+        dry_run: bool = False,
+        ready: Collection[str] = (),
     ) -> ImportReport:
-        with self._recorded("import", dry_run) as run:
-            report = self._import(run, files, kind, dry_run)
+        """Collect and reconcile; ``ready`` names inbox files known to be complete (their writer closed them)."""
+        with self._locked(dry_run), self._recorded("import", dry_run) as run:
+            report = self._import(run, files, kind, dry_run, ready)
             run.record_import(report)
         return report
 
     def export(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
-        with self._recorded("export", dry_run) as run:
-            result = Exporter(self.profile, self.engine, self.clock, self.transport_factory).run(mode, dry_run=dry_run)
+        with self._locked(dry_run), self._recorded("export", dry_run) as run:
+            result = self._exporter().run(mode, dry_run=dry_run)
             run.record_export(result)
         return result
 
-    def run(self, mode: Mode | None = None, *, dry_run: bool = False) -> RunReport:
-        """Import first, so that the export already carries what the provider reported."""
-        with self._recorded("run", dry_run) as run:
-            imported = self._import(run, (), None, dry_run)
-            run.record_import(imported)
-            exported = Exporter(self.profile, self.engine, self.clock, self.transport_factory).run(
-                mode, dry_run=dry_run
-            )
-            run.record_export(exported)
+    def run(self, mode: Mode | None = None, *, dry_run: bool = False, slot: str | None = None) -> RunReport | None:
+        """Import first, so that the export already carries what the provider reported.
+
+        ``slot`` names a scheduled run (``nightly 2026-01-05T02:30``): a slot that any daemon has already run
+        is not run again, and None is returned.
+        """
+        with self._locked(dry_run):
+            if slot is not None:
+                with self.engine.connect() as connection:
+                    if ledger.slot_taken(connection, self.profile.name, slot):
+                        return None
+            with self._recorded("run", dry_run, slot) as run:
+                imported = self._import(run, (), None, dry_run, ())
+                run.record_import(imported)
+                if self.stop.is_set():
+                    return RunReport(run.id, imported, None)
+                exported = self._exporter().run(mode, dry_run=dry_run)
+                run.record_export(exported)
         return RunReport(run.id, imported, exported)
 
-    def _import(self, run: _Run, files: Sequence[Path], kind: str | None, dry_run: bool) -> ImportReport:
+    def _exporter(self) -> Exporter:
+        return Exporter(self.profile, self.engine, self.clock, self.transport_factory)
+
+    def _import(
+        self, run: _Run, files: Sequence[Path], kind: str | None, dry_run: bool, ready: Collection[str]
+    ) -> ImportReport:
         collector = Collector(self.profile, self.clock, dry_run=dry_run)
         reconciler = Reconciler(self.profile, self.engine, self.clock, run.id)
         report = ImportReport()
@@ -136,13 +160,18 @@ class Sync:
                 report.files.append(reconciler.apply(collector.from_path(path, kind), dry_run=dry_run))
             return report
         collected = CollectReport(staged=collector.left_in_staging())
-        collector.from_local_inbox(collected)
+        collector.from_local_inbox(collected, ready)
         transport = None
         try:
             if any(entry.remote_dir for entry in self.profile.inbound):
                 transport = self.transport_factory(self.profile)
                 collector.from_remote(transport, collected)
             for staged in collected.staged:
+                if self.stop.is_set():
+                    log.info(
+                        "stopping: %d staged files left for the next run", len(collected.staged) - len(report.files)
+                    )
+                    break
                 report.files.append(self._apply_one(reconciler, collector, transport, staged, dry_run))
         finally:
             if transport is not None:
@@ -164,13 +193,28 @@ class Sync:
         return outcome
 
     @contextmanager
-    def _recorded(self, kind: str, dry_run: bool) -> Iterator[_Run]:
+    def _locked(self, dry_run: bool) -> Iterator[None]:
+        """Hold the profile's run lock; a run that a dead process left open is closed as failed first."""
+        if dry_run:
+            yield
+            return
+        with profile_lock(self.profile, self.engine):
+            with self.engine.begin() as connection:
+                closed = ledger.fail_open_runs(connection, self.profile.name, self.clock.now())
+            if closed:
+                log.warning(
+                    "profile %s: %d run(s) left open by a stopped process marked failed", self.profile.name, closed
+                )
+            yield
+
+    @contextmanager
+    def _recorded(self, kind: str, dry_run: bool, slot: str | None = None) -> Iterator[_Run]:
         run = _Run()
         if dry_run:
             yield run
             return
         with self.engine.begin() as connection:
-            run.id = ledger.start_run(connection, self.profile.name, kind, self.clock.now())
+            run.id = ledger.start_run(connection, self.profile.name, kind, self.clock.now(), slot)
         try:
             yield run
         except BaseException as exc:

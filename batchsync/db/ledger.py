@@ -32,9 +32,11 @@ class ExportedRow:
 # --- runs -------------------------------------------------------------------------------------------------
 
 
-def start_run(connection: Connection, profile: str, kind: str, now: datetime) -> int:
+def start_run(connection: Connection, profile: str, kind: str, now: datetime, slot: str | None = None) -> int:
     result = connection.execute(
-        insert(bs_runs).values(profile=profile, kind=kind, started_at=now, outcome="running", counts={}, files=[])
+        insert(bs_runs).values(
+            profile=profile, kind=kind, slot=slot, started_at=now, outcome="running", counts={}, files=[]
+        )
     )
     return int(result.inserted_primary_key[0])  # type: ignore[index]
 
@@ -53,6 +55,21 @@ def finish_run(
         .where(bs_runs.c.id == run_id)
         .values(outcome=outcome, counts=dict(counts), files=list(files), message=message, finished_at=now)
     )
+
+
+def fail_open_runs(connection: Connection, profile: str, now: datetime) -> int:
+    """Close as failed the runs still marked running; call only while holding the profile's run lock."""
+    result = connection.execute(
+        update(bs_runs)
+        .where(bs_runs.c.profile == profile, bs_runs.c.outcome == "running")
+        .values(outcome="failed", finished_at=now, message="interrupted: the process stopped before the run ended")
+    )
+    return int(result.rowcount or 0)
+
+
+def slot_taken(connection: Connection, profile: str, slot: str) -> bool:
+    query = select(func.count()).select_from(bs_runs).where(bs_runs.c.profile == profile, bs_runs.c.slot == slot)
+    return bool(connection.scalar(query))
 
 
 def last_runs(connection: Connection, profile: str, limit: int = 10) -> list[dict[str, Any]]:

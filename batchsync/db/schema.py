@@ -140,6 +140,7 @@ bs_runs = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("profile", String(100), nullable=False),
     Column("kind", String(20), nullable=False),
+    Column("slot", String(60)),  # a scheduled run's name, e.g. "nightly 2026-01-05T02:30+01:00"
     Column("started_at", UtcDateTime, nullable=False),
     Column("finished_at", UtcDateTime),
     Column("outcome", String(20), nullable=False),
