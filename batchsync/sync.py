@@ -242,6 +242,7 @@ class _Run:
     def record_export(self, result: ExportResult) -> None:
         self.counts.update(
             {
+                "full_export": int(result.mode == "full"),
                 "exported_rows": result.rows,
                 "tombstones": sum(item.tombstones for item in result.files),
                 "exported_files": sum(item.uploaded for item in result.files),
