@@ -67,7 +67,7 @@ def _database(profile: Profile) -> Iterator[CheckResult]:
 
 
 def _local_folders(profile: Profile) -> Iterator[CheckResult]:
-    work = WorkDir(profile.work_dir)
+    work = WorkDir.of(profile)
     for folder in (work.inbox, work.staging, work.archive, work.quarantine, work.outbox, work.sent):
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ file younger than the profile's minimum age is left for the next look (it may st
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import logging
 import os
@@ -51,7 +52,7 @@ class CollectReport:
 class Collector:
     def __init__(self, profile: Profile, clock: Clock, *, dry_run: bool = False) -> None:
         self.profile, self.clock, self.dry_run = profile, clock, dry_run
-        self.work = WorkDir(profile.work_dir)
+        self.work = WorkDir.of(profile)
         self.staging = self.work.dry_run / "staging" if dry_run else self.work.staging
 
     def kind_for(self, name: str, kind: str | None = None) -> InboundConfig | None:
@@ -111,7 +112,7 @@ class Collector:
             if self.dry_run:
                 shutil.copyfile(path, target)
             else:
-                os.replace(path, target)
+                _take(path, target)
             report.staged.append(StagedFile(target, path.name, entry, f"inbox:{path.name}"))
 
     def from_remote(self, transport: Transport, report: CollectReport) -> None:
@@ -207,3 +208,17 @@ class Collector:
 
     def _min_age(self) -> float:
         return min((entry.min_age_seconds for entry in self.profile.inbound), default=0.0)
+
+
+def _take(path: Path, target: Path) -> None:
+    """Move a file into staging; across file systems (an inbox on its own volume), copy it whole under a
+    temporary name first, so that staging never holds half a file."""
+    try:
+        os.replace(path, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        partial = target.with_name(target.name + ".part")
+        shutil.copyfile(path, partial)
+        os.replace(partial, target)
+        path.unlink()

@@ -58,6 +58,7 @@ class DatabaseConfig(_Model):
 
 class WorkConfig(_Model):
     dir: str = "var"
+    inbox_dir: str | None = None  # where admins drop files; default: inbox/ in the work folder
     retention_days: int = Field(30, ge=1)
     max_file_bytes: int = Field(2_000_000_000, ge=1)
 

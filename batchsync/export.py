@@ -81,7 +81,7 @@ class Exporter:
     ) -> None:
         self.profile, self.engine, self.clock = profile, engine, clock
         self.transport_factory = transport_factory
-        self.work = WorkDir(profile.work_dir)
+        self.work = WorkDir.of(profile)
 
     def run(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
         now = self.clock.now()

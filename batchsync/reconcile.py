@@ -54,7 +54,7 @@ class FileOutcome:
 class Reconciler:
     def __init__(self, profile: Profile, engine: Engine, clock: Clock, run_id: int | None) -> None:
         self.profile, self.engine, self.clock, self.run_id = profile, engine, clock, run_id
-        self.work = WorkDir(profile.work_dir)
+        self.work = WorkDir.of(profile)
 
     def apply(self, staged: StagedFile, *, dry_run: bool = False) -> FileOutcome:
         sha = sha256_of(staged.path)

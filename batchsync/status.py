@@ -39,7 +39,7 @@ def profile_status(profile: Profile, clock: Clock, runs: int = 5) -> ProfileStat
                 last = ledger.last_runs(connection, profile.name, runs)
     finally:
         engine.dispose()
-    work = WorkDir(profile.work_dir)
+    work = WorkDir.of(profile)
     waiting = _files(work.inbox, "inbox") + [
         f"staging/{path.parent.name}/{path.name}" for path in sorted(work.staging.glob("*/*")) if path.is_file()
     ]

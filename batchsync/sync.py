@@ -91,7 +91,7 @@ class Sync:
         self.clock = clock or Clock()
         self.engine = engine or make_engine(profile.database_url())
         self.transport_factory = transport_factory
-        self.work = WorkDir(profile.work_dir)
+        self.work = WorkDir.of(profile)
         self.stop = stop or threading.Event()  # set: finish the file in hand, then stop
 
     def init(self, *, dry_run: bool = False) -> InitReport:

@@ -13,19 +13,26 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from batchsync.config import Profile
+
 log = logging.getLogger(__name__)
 
 
 class WorkDir:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, inbox: Path | None = None) -> None:
         self.root = root
-        self.inbox = root / "inbox"
+        self.inbox = inbox or root / "inbox"
         self.staging = root / "staging"
         self.archive = root / "archive"
         self.quarantine = root / "quarantine"
         self.outbox = root / "outbox"
         self.sent = root / "sent"
         self.dry_run = root / "dry-run"
+
+    @classmethod
+    def of(cls, profile: Profile) -> WorkDir:
+        inbox = profile.path(profile.work.inbox_dir) if profile.work.inbox_dir else None
+        return cls(profile.work_dir, inbox)
 
     def create(self) -> None:
         for folder in (self.inbox, self.staging, self.archive, self.quarantine, self.outbox, self.sent):

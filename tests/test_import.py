@@ -309,3 +309,23 @@ def test_undecodable_text_quarantines_the_file_naming_the_line(tmp_path: Path, d
     assert outcome.outcome == "quarantined"
     assert "not valid utf-8 text at line 3" in (outcome.reason or "")
     assert status_of(sync.engine, 2, "newsletter") == "subscribed"
+
+
+def test_the_inbox_can_live_outside_the_work_folder(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock, **{"work.inbox_dir": str(tmp_path / "drop")})
+    write_csv(tmp_path / "drop" / "unsubscribers_1.csv", [UNSUB_HEADER, unsub_row("bob@example.com", "1", EARLY, "2")])
+    [outcome] = sync.import_files().files
+    assert outcome.changed == 1 and not (tmp_path / "drop" / "unsubscribers_1.csv").exists()
+
+
+def test_an_inbox_on_another_file_system_is_taken_whole(tmp_path: Path, clock: ManualClock) -> None:
+    import os
+    import tempfile
+
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    assert os.stat(other).st_dev != os.stat(tmp_path).st_dev
+    sync = make_sync(tmp_path, f"sqlite:///{tmp_path / 'crm.sqlite'}", clock, **{"work.inbox_dir": str(other)})
+    write_csv(other / "unsubscribers_1.csv", [UNSUB_HEADER, unsub_row("bob@example.com", "1", EARLY, "2")])
+    [outcome] = sync.import_files().files
+    assert outcome.changed == 1 and list(other.iterdir()) == []
+    other.rmdir()
