@@ -13,6 +13,7 @@ moves after the provider's server confirms the whole file (see ``db.ledger``).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -78,9 +79,11 @@ class Exporter:
         engine: Engine,
         clock: Clock,
         transport_factory: Callable[[Profile], Transport] = open_transport,
+        stop: threading.Event | None = None,
     ) -> None:
         self.profile, self.engine, self.clock = profile, engine, clock
         self.transport_factory = transport_factory
+        self.stop = stop or threading.Event()  # set: finish the list in hand, leave the others for next time
         self.work = WorkDir.of(profile)
 
     def run(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
@@ -97,6 +100,9 @@ class Exporter:
         transport: Transport | None = None
         try:
             for code in self.profile.lists:
+                if self.stop.is_set():
+                    log.info("stopping: the export of %s and later lists is left for the next run", code)
+                    break
                 staged = self._write_list(code, ids[code], chosen, now, dry_run)
                 if staged.local_path is not None and not dry_run:
                     transport = transport or self.transport_factory(self.profile)

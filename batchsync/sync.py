@@ -147,7 +147,7 @@ class Sync:
         return RunReport(run.id, imported, exported)
 
     def _exporter(self) -> Exporter:
-        return Exporter(self.profile, self.engine, self.clock, self.transport_factory)
+        return Exporter(self.profile, self.engine, self.clock, self.transport_factory, self.stop)
 
     def _import(
         self, run: _Run, files: Sequence[Path], kind: str | None, dry_run: bool, ready: Collection[str]

@@ -112,3 +112,31 @@ def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_an_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", "--nope"]) == 2
+
+
+def test_json_log_lines(tmp_path: Path) -> None:
+    import json
+
+    profile = str(_profile(tmp_path))
+    done = batchsync("--log-format", "json", "samples", "-p", profile, "--contacts", "50", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    done = batchsync("--log-format", "json", "export", "-p", profile, "--full", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    assert entries and {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any(entry["logger"] == "batchsync.export" and "full export" in entry["message"] for entry in entries)
+
+
+def test_progress_is_shown_only_to_a_listener() -> None:
+    import io
+
+    from batchsync import progress
+
+    stream = io.StringIO()
+    progress.report("export newsletter", 10_000)  # nobody listening: nothing happens
+    progress.set_listener(progress.TerminalProgress(stream))
+    try:
+        progress.report("export newsletter", 20_000)
+    finally:
+        progress.set_listener(None)
+    assert stream.getvalue() == "\rexport newsletter: 20,000 rows "

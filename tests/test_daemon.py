@@ -263,3 +263,25 @@ def test_sighup_reloads_profiles_and_keeps_the_old_one_when_broken(tmp_path: Pat
         assert runtime.profile.schedule.nightly == ("02:30" if broken else "03:45")
     finally:
         daemon.close()
+
+
+def test_the_remote_inbox_is_polled_during_the_day(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'crm.sqlite'}"
+    profile = prepared(tmp_path, db_url, extra="poll_minutes = 30\n")
+    clock = ManualClock(datetime(2030, 1, 3, 9, 0, tzinfo=UTC))  # long after the file below was written
+    daemon = Daemon([profile], clock=clock)
+    daemon.start()
+    try:
+        write_csv(
+            tmp_path / "provider" / "export" / "unsubscribers_noon.csv",
+            [UNSUB_HEADER, unsub_row("bob@example.com", "1", "20260105T100000", "2")],
+        )
+        clock.advance(29 * 60)
+        daemon.run_once()
+        assert (tmp_path / "provider" / "export" / "unsubscribers_noon.csv").exists()
+        clock.advance(60)
+        daemon.run_once()
+    finally:
+        daemon.close()
+    assert not (tmp_path / "provider" / "export" / "unsubscribers_noon.csv").exists()
+    assert [row[0] for row in runs(db_url)] == ["import", "import"]  # the start-up catch-up, then the poll

@@ -118,3 +118,57 @@ def test_a_summary_email_arrives_with_counts_bounces_and_the_errors_file(tmp_pat
     assert attachment.get_filename() == "unsubscribers_1.csv.errors.csv"
     errors = attachment.get_payload(decode=True).decode()
     assert "not an email" in errors and "invalid email" in errors
+
+
+def test_the_summary_goes_over_starttls_with_a_verified_certificate_and_a_login(tmp_path: Path) -> None:
+    import ssl
+
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    from .peers import make_certificates
+
+    certs = make_certificates(tmp_path / "tls")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.cert, certs.key)
+    logins: list[tuple[str, str]] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+        assert isinstance(data, LoginPassword)
+        logins.append((data.login.decode(), data.password.decode()))
+        return AuthResult(success=data.password == b"smtp-secret")
+
+    mailbox = Inbox()
+    port = free_port()
+    controller = Controller(
+        mailbox,
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=context,
+        require_starttls=True,
+        authenticator=authenticator,
+        auth_require_tls=True,
+    )
+    controller.start()
+    try:
+        import os
+
+        os.environ["BATCHSYNC_TEST_SMTP_PASSWORD"] = "smtp-secret"
+        notify = (
+            f'\n[notify]\nemail_to = ["crm-admin@example.com"]\nemail_from = "batchsync@example.com"\n'
+            f'smtp_host = "127.0.0.1"\nsmtp_port = {port}\nsmtp_user = "batchsync"\n'
+            f'smtp_password_env = "BATCHSYNC_TEST_SMTP_PASSWORD"\nstarttls = "required"\n'
+            f'ca_file = "{certs.ca}"\n'
+        )
+        profile = prepared(tmp_path, f"sqlite:///{tmp_path / 'crm.sqlite'}", extra=notify)
+        write_csv(
+            tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
+            [UNSUB_HEADER, unsub_row("bob@example.com", "1", "20260105T100000", "2")],
+        )
+        daemon = Daemon([profile], clock=ManualClock(datetime(2030, 1, 3, 1, 25, tzinfo=UTC)))
+        daemon.start()
+        daemon.close()
+    finally:
+        controller.stop()
+    assert logins == [("batchsync", "smtp-secret")]
+    [message] = mailbox.messages
+    assert message["Subject"] == "batchsync mailup: 1 changes, 0 rows rejected"
