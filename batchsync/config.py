@@ -24,7 +24,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from batchsync.errors import ConfigError
 
-EventKind = Literal["unsubscribe", "hard_bounce", "complaint", "clean"]
+EventKind = Literal[
+    "unsubscribe",
+    "hard_bounce",
+    "soft_bounce",
+    "complaint",
+    "clean",
+    "email_change",
+    "open",
+    "click",
+    "update",
+    "ignore",
+]
 Status = Literal["subscribed", "unsubscribed", "pending", "cleaned"]
 ExportField = str  # email | first_name | last_name | list_id | groups | status | custom.<name>
 PLAIN_FIELDS = ("email", "first_name", "last_name", "list_id", "groups", "status")
@@ -100,8 +111,15 @@ class TransportConfig(_Model):
 
 
 class ExportColumn(_Model):
+    """One column of the field mapping: a CRM field and the provider's column, with its direction."""
+
     header: str
     field: ExportField
+    direction: Literal["out", "in", "both"] = "out"  # out: written on export; in: read from "update" events
+    default: str = ""  # written when the CRM has no value
+    transform: Literal["upper", "lower", "title"] | None = None
+    date_format: str | None = None  # the CRM holds ISO dates (2026-01-05); the provider wants this format
+    values: dict[str, str] = Field(default_factory=dict)  # CRM value -> provider value
 
     @field_validator("field")
     @classmethod
@@ -123,6 +141,9 @@ class ExportConfig(Dialect):
     full_weekday: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"] = "sunday"
     timezone: str = "UTC"
     chunk_rows: int = Field(5000, ge=1)
+    zip: bool = False  # upload NAME.zip holding NAME
+    opt_out_file: bool = False  # opt-outs in a file of their own, NAME with "_optout" before the extension
+    map_file: Literal["acoustic"] | None = None  # write the provider's XML map file beside each data file
     columns: tuple[ExportColumn, ...] = Field(strict=False)  # TOML arrays arrive as lists
     status_values: dict[Status, str]
 
@@ -144,10 +165,18 @@ class ExportConfig(Dialect):
         return self
 
 
+class SegmentConfig(_Model):
+    """A list defined by a filter on the contacts rather than by stored membership."""
+
+    field: str  # a contact field: first_name, last_name, or custom.<name>
+    equals: str | None = None  # None: the field has any non-empty value
+
+
 class ListConfig(_Model):
     id: str
     name: str | None = None
     groups: dict[str, str] = Field(default_factory=dict)
+    segment: SegmentConfig | None = None
 
 
 class EventCode(_Model):
@@ -160,6 +189,7 @@ class InboundColumns(_Model):
     list_id: str | None = None
     at: str | None = None
     reason: str | None = None
+    new_email: str | None = None  # email changes: the new address (``email`` holds the old one)
 
 
 class InboundConfig(Dialect):
@@ -176,6 +206,8 @@ class InboundConfig(Dialect):
     columns: InboundColumns
     event: EventKind | None = None
     codes: dict[str, EventCode] = Field(default_factory=dict)
+    list_code: str | None = None  # every row concerns this CRM list (a Mailchimp audience export)
+    unzip: bool = False  # the file is a zip: its members are taken as files of the kinds they match
 
     @field_validator("timezone")
     @classmethod
@@ -184,6 +216,8 @@ class InboundConfig(Dialect):
 
     @model_validator(mode="after")
     def _event_source(self) -> InboundConfig:
+        if self.unzip:
+            return self
         if self.event is None and not (self.codes and self.columns.reason):
             raise ValueError("say which event the rows are: 'event', or a 'reason' column with 'codes'")
         return self
@@ -229,6 +263,9 @@ class NotifyConfig(_Model):
 class PolicyConfig(_Model):
     unsubscribe_all_lists: bool = False
     hard_bounce_suppresses: bool = True
+    soft_bounce_threshold: int = Field(3, ge=1)  # this many soft bounces clean the address
+    max_unsubscribe_share: float = Field(0.2, gt=0, le=1)  # safety stop: a file above it is quarantined
+    safety_min_unsubscribes: int = Field(100, ge=1)  # ... when it also opts out at least this many addresses
 
 
 class Profile(_Model):

@@ -6,12 +6,12 @@ invalid email, an unknown list id, an unknown reason code or an unparsable date.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from batchsync.config import InboundConfig, Profile
+from batchsync.config import EventKind, InboundConfig, Profile
 from batchsync.formats.csvfile import Record
-from batchsync.rules import EventKind, OptOut, email_key, email_problem
+from batchsync.rules import OPT_OUT_KINDS, OptOut, email_key, email_problem
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,18 @@ class InboundEvent:
     email: str
     email_key: str
     list_code: str | None  # None: the row names no list, so it concerns every list of the profile
-    opt_out: OptOut
+    kind: EventKind
+    at: datetime
+    reason: str
     code: str
+    new_email: str | None = None
+    values: dict[str, str] = field(default_factory=dict)  # the row, for "update" events
+    raw: list[str] = field(default_factory=list)  # the row as read, for the errors file
+
+    @property
+    def opt_out(self) -> OptOut:
+        assert self.kind in OPT_OUT_KINDS
+        return OptOut(self.kind, self.at, self.reason)  # type: ignore[arg-type]
 
 
 class RowError(ValueError):
@@ -34,7 +44,7 @@ class EventReader:
         self.columns = kind.columns
 
     def required_columns(self) -> list[str]:
-        names = [self.columns.email, self.columns.list_id, self.columns.at, self.columns.reason]
+        names = [self.columns.email, self.columns.list_id, self.columns.at, self.columns.reason, self.columns.new_email]
         return [name for name in names if name]
 
     def read(self, record: Record) -> InboundEvent:
@@ -50,11 +60,29 @@ class EventReader:
             email,
             email_key(email),
             self._list_code(record),
-            OptOut(kind, self._moment(record), self._reason(kind, code)),
+            kind,
+            self._moment(record),
+            self._reason(kind, code),
             code,
+            self._new_email(record, kind),
+            record.values if kind == "update" else {},
+            record.raw,
         )
 
+    def _new_email(self, record: Record, kind: EventKind) -> str | None:
+        if kind != "email_change":
+            return None
+        if not self.columns.new_email:
+            raise RowError("an email change needs the profile's columns.new_email")
+        new = record.values.get(self.columns.new_email, "").strip()
+        problem = email_problem(new)
+        if problem is not None:
+            raise RowError(f"new address: {problem}")
+        return new
+
     def _list_code(self, record: Record) -> str | None:
+        if self.kind.list_code:
+            return self.kind.list_code
         if not self.columns.list_id:
             return None
         value = record.values.get(self.columns.list_id, "").strip()
@@ -69,6 +97,8 @@ class EventReader:
         if not self.columns.at:
             return self.received_at
         value = record.values.get(self.columns.at, "").strip()
+        if not value and self.kind.event in ("update", "ignore"):
+            return self.received_at
         try:
             local = datetime.strptime(value, self.kind.timestamp_format)
         except ValueError:

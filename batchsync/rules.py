@@ -21,6 +21,7 @@ from typing import Literal
 Status = Literal["subscribed", "unsubscribed", "pending", "cleaned"]
 EventKind = Literal["unsubscribe", "hard_bounce", "complaint", "clean"]
 OPTED_OUT: frozenset[str] = frozenset({"unsubscribed", "cleaned"})
+OPT_OUT_KINDS: frozenset[str] = frozenset({"unsubscribe", "hard_bounce", "complaint", "clean"})
 # Which status wins when several CRM contacts share one email: any opt-out beats any opt-in.
 PRECEDENCE: tuple[Status, ...] = ("cleaned", "unsubscribed", "pending", "subscribed")
 
@@ -122,3 +123,25 @@ def merge_statuses(statuses: Iterable[Status]) -> Status:
         if status in present:
             return status
     raise ValueError("merge_statuses needs at least one status")
+
+
+def soft_bounce_cleans(soft_bounces_so_far: int, threshold: int) -> bool:
+    """A soft bounce is counted; the one that reaches the profile's threshold cleans the address."""
+    return soft_bounces_so_far + 1 >= threshold
+
+
+def email_change_conflict(contact_ids: Sequence[int], owners_of_new: Sequence[int]) -> int | None:
+    """The other contact that already owns the new address, if any: then the change is refused."""
+    others = [owner for owner in owners_of_new if owner not in contact_ids]
+    return others[0] if others else None
+
+
+def consented_export(status: Status, known_to_provider: str | None, pending_supported: bool) -> Status | None:
+    """What to send for a CRM status, given what the provider last had from us or told us.
+
+    A re-subscription after an opt-out the provider knows goes out as pending (double opt-in) where the
+    provider has that status, and is not sent at all where it has not: never as subscribed.
+    """
+    if status == "subscribed" and known_to_provider in OPTED_OUT:
+        return "pending" if pending_supported else None
+    return status

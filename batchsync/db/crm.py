@@ -227,3 +227,32 @@ def group_ids(connection: Connection, list_ids_: Iterable[int]) -> dict[int, lis
     for list_id, group_id in connection.execute(query):
         found[list_id].append(group_id)
     return found
+
+
+def activity_counts(connection: Connection, contact_ids: Iterable[int], kind: str) -> dict[int, int]:
+    ids = list(set(contact_ids))
+    if not ids:
+        return {}
+    query = (
+        select(activities.c.contact_id, func.count())
+        .where(activities.c.contact_id.in_(ids), activities.c.kind == kind)
+        .group_by(activities.c.contact_id)
+    )
+    return {contact_id: int(count) for contact_id, count in connection.execute(query)}
+
+
+def change_email(connection: Connection, contact_id: int, email: str, key: str, now: datetime) -> None:
+    connection.execute(
+        update(contacts).where(contacts.c.id == contact_id).values(email=email, email_key=key, updated_at=now)
+    )
+
+
+def update_fields(connection: Connection, contact_id: int, fields: Mapping[str, str], now: datetime) -> None:
+    """Set first_name, last_name and custom.<name> fields of a contact."""
+    plain = {name: value for name, value in fields.items() if name in ("first_name", "last_name")}
+    custom = {name.removeprefix("custom."): value for name, value in fields.items() if name.startswith("custom.")}
+    if custom:
+        stored = connection.scalar(select(contacts.c.custom).where(contacts.c.id == contact_id)) or {}
+        plain["custom"] = {**stored, **custom}  # type: ignore[assignment]
+    if plain:
+        connection.execute(update(contacts).where(contacts.c.id == contact_id).values(**plain, updated_at=now))

@@ -162,6 +162,17 @@ def note_provider_status(connection: Connection, profile: str, changes: Sequence
     )
 
 
+def rename_exported(connection: Connection, profile: str, old_key: str, new_key: str, new_email: str) -> None:
+    """The provider changed an address: its ledger rows follow, so the old one is not sent as a tombstone."""
+    e = bs_exported.c
+    connection.execute(delete(bs_exported).where(e.profile == profile, e.email_key == new_key))
+    connection.execute(
+        update(bs_exported)
+        .where(e.profile == profile, e.email_key == old_key)
+        .values(email_key=new_key, email=new_email)
+    )
+
+
 def exported_count(connection: Connection, profile: str, list_code: str | None = None) -> int:
     query = select(func.count()).select_from(bs_exported).where(bs_exported.c.profile == profile)
     if list_code is not None:

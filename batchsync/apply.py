@@ -1,0 +1,249 @@
+"""Applying a chunk of inbound events to the CRM, on the reconcile's open transaction, under the sync rules.
+
+One handler per kind of event: opt-outs (unsubscribe, hard bounce, complaint, clean), soft bounces (counted;
+the one that reaches the threshold cleans the address), email changes (refused when another contact owns the
+new address), engagement (open, click: an activity, no status change), field updates, and rows to ignore.
+Every row ends in the result file; a row refused here also goes to the errors file.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from batchsync.config import Profile
+from batchsync.db import crm, ledger
+from batchsync.events import InboundEvent
+from batchsync.formats.csvfile import CsvWriter
+from batchsync.rules import (
+    OPT_OUT_KINDS,
+    OptOut,
+    Subscription,
+    decide_opt_out,
+    email_change_conflict,
+    soft_bounce_cleans,
+    suppresses,
+    target_lists,
+)
+
+ACTIVITY = {
+    "unsubscribe": "unsubscribe",
+    "hard_bounce": "bounce",
+    "complaint": "complaint",
+    "clean": "clean",
+    "soft_bounce": "soft_bounce",
+    "open": "open",
+    "click": "click",
+    "email_change": "email_change",
+}
+
+
+@dataclass
+class Tally:
+    """What happened to the rows of one file."""
+
+    rows: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    no_contact: int = 0
+    rejected: int = 0
+    bounced: list[str] = field(default_factory=list)
+
+
+class EventApplier:
+    def __init__(
+        self,
+        profile: Profile,
+        connection: Connection,
+        source: str,
+        run_id: int | None,
+        now: datetime,
+        results: CsvWriter,
+        errors: CsvWriter,
+        list_ids: dict[str, int],
+    ) -> None:
+        self.profile, self.connection, self.source, self.run_id, self.now = profile, connection, source, run_id, now
+        self.results, self.errors, self.list_ids = results, errors, list_ids
+
+    def apply(self, events: list[InboundEvent], tally: Tally) -> None:
+        keys = {event.email_key for event in events} | {e.new_email.lower() for e in events if e.new_email}
+        self.contacts = crm.contacts_by_email(self.connection, keys)
+        ids = [cid for found in self.contacts.values() for cid in found]
+        self.current = crm.subscriptions_of(self.connection, ids, self.list_ids.values())
+        self.soft_bounces: Counter[int] = Counter(crm.activity_counts(self.connection, ids, "soft_bounce"))
+        stored = set(self.current)
+        self.changes: dict[tuple[int, int], dict[str, Any]] = {}
+        self.audit: list[dict[str, Any]] = []
+        self.activities: list[dict[str, Any]] = []
+        self.echoes: list[dict[str, str]] = []
+        self.suppress: dict[str, dict[str, Any]] = {}
+        for event in events:
+            self._apply_event(event, tally)
+        crm.set_statuses(self.connection, [c for k, c in self.changes.items() if k in stored], existing=True)
+        crm.set_statuses(self.connection, [c for k, c in self.changes.items() if k not in stored], existing=False)
+        crm.suppress(self.connection, self.suppress)
+        crm.add_activities(self.connection, self.activities)
+        ledger.record_changes(self.connection, self.audit)
+        ledger.note_provider_status(self.connection, self.profile.name, self.echoes)
+
+    def _apply_event(self, event: InboundEvent, tally: Tally) -> None:
+        contact_ids = self.contacts.get(event.email_key, [])
+        lists = target_lists(
+            event.kind if event.kind in OPT_OUT_KINDS else "unsubscribe",  # type: ignore[arg-type]
+            event.list_code,
+            list(self.profile.lists),
+            self.profile.policy.unsubscribe_all_lists,
+        )
+        if event.kind == "hard_bounce" and len(tally.bounced) < 1000:
+            tally.bounced.append(event.email)
+        if event.kind in OPT_OUT_KINDS:
+            self._note_suppression(event, event.kind)
+        if not contact_ids:
+            self._result(event, lists, "no_contact", "no CRM contact with this email", tally)
+            return
+        handler = getattr(self, f"_on_{event.kind}", None) or self._on_opt_out
+        handler(event, contact_ids, lists, tally)
+
+    # --- handlers: each writes the row's result -----------------------------------------------------------
+
+    def _on_opt_out(self, event: InboundEvent, contact_ids: list[int], lists: list[str], tally: Tally) -> None:
+        self._opt_out(event, event.opt_out, contact_ids, lists, tally)
+
+    def _on_soft_bounce(self, event: InboundEvent, contact_ids: list[int], lists: list[str], tally: Tally) -> None:
+        threshold = self.profile.policy.soft_bounce_threshold
+        cleans = False
+        for contact_id in contact_ids:
+            cleans |= soft_bounce_cleans(self.soft_bounces[contact_id], threshold)
+            self.soft_bounces[contact_id] += 1
+            self._activity(contact_id, event, f"soft bounce {self.soft_bounces[contact_id]} of {threshold}")
+        if not cleans:
+            self._result(event, lists, "applied", f"soft bounce counted (cleaned at {threshold})", tally)
+            return
+        self._note_suppression(event, "clean")
+        rule = OptOut("clean", event.at, f"{threshold} soft bounces")
+        self._opt_out(event, rule, contact_ids, list(self.profile.lists), tally, activity=False)
+
+    def _on_email_change(self, event: InboundEvent, contact_ids: list[int], lists: list[str], tally: Tally) -> None:
+        assert event.new_email is not None
+        new_key = event.new_email.lower()
+        owner = email_change_conflict(contact_ids, self.contacts.get(new_key, []))
+        if owner is not None:
+            self._reject(event, f"the new address {event.new_email} belongs to another contact ({owner})", tally)
+            return
+        for contact_id in contact_ids:
+            crm.change_email(self.connection, contact_id, event.new_email, new_key, self.now)
+            self._activity(contact_id, event, f"{event.email} -> {event.new_email}")
+        ledger.rename_exported(self.connection, self.profile.name, event.email_key, new_key, event.new_email)
+        self._result(event, lists, "applied", f"email changed to {event.new_email}", tally)
+
+    def _on_open(self, event: InboundEvent, contact_ids: list[int], lists: list[str], tally: Tally) -> None:
+        for contact_id in contact_ids:
+            self._activity(contact_id, event, event.reason)
+        self._result(event, lists, "applied", f"{event.kind} recorded as an activity", tally)
+
+    _on_click = _on_open
+
+    def _on_update(self, event: InboundEvent, contact_ids: list[int], lists: list[str], tally: Tally) -> None:
+        fields = {}
+        for column in self.profile.export.columns:
+            if column.direction in ("in", "both") and column.header in event.values:
+                reverse = {provider: crm_value for crm_value, provider in column.values.items()}
+                value = event.values[column.header].strip()
+                fields[column.field] = reverse.get(value, value)
+        for contact_id in contact_ids:
+            crm.update_fields(self.connection, contact_id, fields, self.now)
+        detail = f"fields updated: {', '.join(sorted(fields))}" if fields else "no field mapped as in or both"
+        self._result(event, lists, "applied" if fields else "unchanged", detail, tally)
+
+    def _on_ignore(self, event: InboundEvent, contact_ids: list[int], lists: list[str], tally: Tally) -> None:
+        self._result(event, lists, "unchanged", f"no action for {event.reason}", tally)
+
+    # --- the rules at work ----------------------------------------------------------------------------------
+
+    def _opt_out(
+        self,
+        event: InboundEvent,
+        opt: OptOut,
+        contact_ids: list[int],
+        lists: list[str],
+        tally: Tally,
+        activity: bool = True,
+    ) -> None:
+        rules_used: list[str] = []
+        changed = 0
+        for contact_id in contact_ids:
+            if activity:
+                self._activity(contact_id, event, f"{opt.reason}; lists {','.join(lists)}")
+            for code in lists:
+                rule, did_change = self._decide(event, opt, contact_id, code)
+                who = f"contact {contact_id} " if len(contact_ids) > 1 else ""
+                rules_used.append(f"{who}{code}: {rule}")
+                changed += did_change
+        self._result(event, lists, "applied" if changed else "unchanged", "; ".join(rules_used), tally)
+
+    def _decide(self, event: InboundEvent, opt: OptOut, contact_id: int, code: str) -> tuple[str, bool]:
+        key = (contact_id, self.list_ids[code])
+        before = self.current.get(key)
+        decision = decide_opt_out(before, opt)
+        if decision.new_status is None:
+            return decision.rule, False
+        self.current[key] = Subscription(decision.new_status, opt.at, "provider")
+        self.changes[key] = {
+            "contact_id": contact_id,
+            "list_id": key[1],
+            "status": decision.new_status,
+            "status_at": opt.at,
+            "source": "provider",
+            "reason": opt.reason,
+        }
+        self.audit.append(
+            {
+                "run_id": self.run_id,
+                "contact_id": contact_id,
+                "list_code": code,
+                "old_status": before.status if before else None,
+                "new_status": decision.new_status,
+                "rule": decision.rule,
+                "source_file": self.source,
+                "source_line": event.line,
+                "at": self.now,
+            }
+        )
+        self.echoes.append({"list_code": code, "email_key": event.email_key, "status": decision.new_status})
+        return decision.rule, True
+
+    def _note_suppression(self, event: InboundEvent, kind: str) -> None:
+        if suppresses(kind, self.profile.policy.hard_bounce_suppresses):  # type: ignore[arg-type]
+            reason = "soft_bounce" if event.kind == "soft_bounce" else kind
+            self.suppress.setdefault(
+                event.email_key,
+                {"email": event.email, "reason": reason, "at": event.at, "source": f"provider:{self.profile.name}"},
+            )
+
+    def _activity(self, contact_id: int, event: InboundEvent, detail: str) -> None:
+        self.activities.append(
+            {
+                "contact_id": contact_id,
+                "kind": ACTIVITY.get(event.kind, event.kind),
+                "at": event.at,
+                "detail": f"{detail}; {self.source}:{event.line}",
+            }
+        )
+
+    def _result(self, event: InboundEvent, lists: list[str], label: str, detail: str, tally: Tally) -> None:
+        if label == "applied":
+            tally.changed += 1
+        elif label == "no_contact":
+            tally.no_contact += 1
+        else:
+            tally.unchanged += 1
+        self.results.write([event.line, event.email, ",".join(lists), event.kind, label, detail])
+
+    def _reject(self, event: InboundEvent, reason: str, tally: Tally) -> None:
+        tally.rejected += 1
+        self.errors.write([*event.raw, str(event.line), reason])
+        self.results.write([event.line, event.email, "", event.kind, "rejected", reason])
