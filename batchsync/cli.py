@@ -128,10 +128,11 @@ def export(profile_path: Path, full: bool | None, dry_run: bool) -> None:
     help="Import this file (repeatable) instead of looking in the inboxes.",
 )
 @click.option("--kind", help="The inbound kind of --file, when its name matches no pattern.")
+@click.option("--force", is_flag=True, help="Apply files even past the safety stop (policy.max_unsubscribe_share).")
 @dry_run_option
-def import_(profile_path: Path, files: tuple[Path, ...], kind: str | None, dry_run: bool) -> None:
+def import_(profile_path: Path, files: tuple[Path, ...], kind: str | None, force: bool, dry_run: bool) -> None:
     """Collect the provider's files and the local inbox, and reconcile them into the CRM."""
-    report = Sync(load_profile(profile_path)).import_files(files, kind=kind, dry_run=dry_run)
+    report = Sync(load_profile(profile_path)).import_files(files, kind=kind, dry_run=dry_run, force=force)
     _echo_import(report)
     _exit_for(report)
 

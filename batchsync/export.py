@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -29,9 +30,10 @@ from batchsync.config import Profile
 from batchsync.db import crm, ledger
 from batchsync.errors import ConfigError
 from batchsync.formats.csvfile import CsvWriter
+from batchsync.formats.package import package
 from batchsync.merge import merge_sorted
-from batchsync.rows import ProviderRow, RowBuilder
-from batchsync.rules import OPTED_OUT
+from batchsync.rows import ProviderRow, RowBuilder, written_columns
+from batchsync.rules import OPTED_OUT, consented_export
 from batchsync.transport import Transport, open_transport, upload_confirmed
 from batchsync.transport.base import with_retries
 from batchsync.workdir import WorkDir, move_unique, unique_path
@@ -53,6 +55,7 @@ class ExportedFile:
     invalid: int = 0
     uploaded: bool = False
     reports: list[Path] = field(default_factory=list)
+    uploads: list[Path] = field(default_factory=list)  # every file that goes up, in order (data, then maps)
 
 
 @dataclass
@@ -84,6 +87,7 @@ class Exporter:
         self.profile, self.engine, self.clock = profile, engine, clock
         self.transport_factory = transport_factory
         self.stop = stop or threading.Event()  # set: finish the list in hand, leave the others for next time
+        self.pending_values = profile.export.status_values
         self.work = WorkDir.of(profile)
 
     def run(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
@@ -104,7 +108,7 @@ class Exporter:
                     log.info("stopping: the export of %s and later lists is left for the next run", code)
                     break
                 staged = self._write_list(code, ids[code], chosen, now, dry_run)
-                if staged.local_path is not None and not dry_run:
+                if staged.uploads and not dry_run:
                     transport = transport or self.transport_factory(self.profile)
                     self._deliver(transport, staged)
                 files.append(staged)
@@ -131,6 +135,7 @@ class Exporter:
             staged.duplicates, staged.invalid = writer.duplicates, writer.invalid
             staged.reports = writer.reports
             staged.local_path = writer.path if writer.rows else None
+            staged.uploads = self._package(code, writer)
             if dry_run:
                 transaction.rollback()
                 return staged
@@ -145,19 +150,29 @@ class Exporter:
     ) -> None:
         builder = RowBuilder(self.profile, code)
         chunk = self.profile.export.chunk_rows
-        current = builder.rows(crm.stream_export_sources(connection, list_id, chunk), writer.report_invalid)
+        segment = self.profile.lists[code].segment
+        sources = (
+            crm.stream_segment_sources(connection, list_id, segment.field, segment.equals, chunk)
+            if segment is not None
+            else crm.stream_export_sources(connection, list_id, chunk)
+        )
+        current = builder.rows(sources, writer.report_invalid)
         exported = ledger.stream_exported(connection, self.profile.name, code, chunk)
         pending: list[dict[str, object]] = []
         merged = merge_sorted(current, exported, lambda r: r.email_key, lambda e: e.email_key)
         for seen, (_key, row, known) in enumerate(merged, start=1):
             if row is not None:
-                changed = known is None or known.fingerprint != row.fingerprint or known.status != row.status
                 if row.contact_ids[1:]:
                     writer.report_duplicate(row)
-                if mode == "full" or (changed and not _known_to_provider(row, known)):
-                    writer.write(row.values)
-                if changed:
-                    pending.append(self._pending(code, row.email_key, row.email, row.contact_ids[0], row, now))
+                outgoing, changed = self._outgoing(builder, row, known, mode)
+                if outgoing is not None:
+                    writer.write(outgoing.values, outgoing.status in OPTED_OUT)
+                if changed:  # written, or known to the provider already: the ledger takes it either way
+                    sent = outgoing or row
+                    origin = (
+                        "provider" if known and known.origin == "provider" and sent.status in OPTED_OUT else "export"
+                    )
+                    pending.append(self._pending(code, row.email_key, row.email, row.contact_ids[0], sent, now, origin))
             elif known is not None and known.status != ledger.TOMBSTONE:
                 if known.status in ("subscribed", "pending"):
                     writer.write_tombstone(builder.tombstone(known.email))
@@ -171,8 +186,40 @@ class Exporter:
                 pending.clear()
         ledger.stage_pending(connection, pending)
 
+    def _outgoing(
+        self, builder: RowBuilder, row: ProviderRow, known: ledger.ExportedRow | None, mode: Mode
+    ) -> tuple[ProviderRow | None, bool]:
+        """The row to write, if any, and whether it differs from what the provider last had from us."""
+        reported = known.status if known is not None and known.origin == "provider" else None
+        status = consented_export(row.status, reported, "pending" in self.pending_values)
+        if status is None:
+            return None, False  # a re-subscription the provider cannot take as pending: nothing goes out
+        if status != row.status:
+            row = builder.with_status(row, status)
+        changed = known is None or known.fingerprint != row.fingerprint or known.status != row.status
+        if mode == "full" or (changed and not _known_to_provider(row, known)):
+            return row, changed
+        return None, changed
+
+    def _package(self, code: str, writer: _ListWriter) -> list[Path]:
+        uploads: list[Path] = []
+        for path, count, action in (
+            (writer.path, writer.main_rows, "ADD_AND_UPDATE"),
+            (writer.opt_out_path, writer.opt_out_rows, "OPT_OUT"),
+        ):
+            if count:
+                uploads += package(self.profile, code, path, action)
+        return uploads
+
     def _pending(
-        self, code: str, key: str, email: str, contact_id: int | None, row: ProviderRow | None, now: datetime
+        self,
+        code: str,
+        key: str,
+        email: str,
+        contact_id: int | None,
+        row: ProviderRow | None,
+        now: datetime,
+        origin: str = "export",
     ) -> dict[str, object]:
         return {
             "profile": self.profile.name,
@@ -182,24 +229,30 @@ class Exporter:
             "contact_id": contact_id,
             "fingerprint": row.fingerprint if row else 0,
             "status": row.status if row else ledger.TOMBSTONE,
+            "origin": origin,
             "at": now,
         }
 
     def _deliver(self, transport: Transport, staged: ExportedFile) -> None:
-        assert staged.local_path is not None and staged.remote_path is not None
-        local, remote = staged.local_path, staged.remote_path
-        with_retries(
-            lambda: upload_confirmed(transport, local, remote),
-            attempts=self.profile.transport.retries,
-            clock=self.clock,
-            what=f"upload of {remote}",
-        )
+        assert staged.remote_path is not None
+        folder = staged.remote_path.rsplit("/", 1)[0]
+        for local in staged.uploads:
+            remote = f"{folder}/{local.name}"
+            with_retries(
+                partial(upload_confirmed, transport, local, remote),
+                attempts=self.profile.transport.retries,
+                clock=self.clock,
+                what=f"upload of {remote}",
+            )
+            log.info("sent %s to %s", local.name, remote)
         staged.uploaded = True
-        # The provider has the file now: keep its copy before the ledger moves, whatever happens next.
-        staged.local_path, staged.reports = self.work.keep_sent(local, staged.reports)
+        staged.remote_path = f"{folder}/{staged.uploads[0].name}"
+        # The provider has the files now: keep their copies before the ledger moves, whatever happens next.
+        kept = self.work.keep_sent([*staged.uploads, *staged.reports])
+        staged.uploads, staged.reports = kept[: len(staged.uploads)], kept[len(staged.uploads) :]
+        staged.local_path = staged.uploads[0]
         with self.engine.begin() as connection:
             commit_pending(connection, self.profile.name, staged.list_code)
-        log.info("sent %s (%d rows) to %s", staged.local_path.name, staged.rows, remote)
 
     def _file_name(self, code: str, mode: Mode, now: datetime) -> str:
         return _fill(self.profile.export.file_name, "export.file_name", placeholders(self.profile, code, mode, now))
@@ -242,26 +295,34 @@ def _fill(template: str, key: str, values: dict[str, str]) -> str:
 
 
 class _ListWriter:
-    """The export file of one list and the reports beside it (duplicates, skipped rows)."""
+    """The export files of one list (data, and opt-outs where the profile splits them) and the reports beside
+    them (duplicates, skipped rows)."""
 
     def __init__(self, profile: Profile, code: str, path: Path) -> None:
         self.profile, self.code, self.path = profile, code, path
-        self.headers = [column.header for column in profile.export.columns]
-        self._file: CsvWriter | None = None
+        self.opt_out_path = path.with_name(path.stem + "_optout" + path.suffix)
+        self.headers = [column.header for column in written_columns(profile)]
+        self._files: dict[Path, CsvWriter] = {}
         self._duplicates: CsvWriter | None = None
         self._invalid: CsvWriter | None = None
-        self.rows = self.tombstones = self.duplicates = self.invalid = 0
+        self.rows = self.main_rows = self.opt_out_rows = self.tombstones = self.duplicates = self.invalid = 0
         self.reports: list[Path] = []
 
-    def write(self, values: list[str]) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = CsvWriter(self.path, self.profile.export, self.headers)
-        self._file.write(values)
+    def write(self, values: list[str], opted_out: bool = False) -> None:
+        split = opted_out and self.profile.export.opt_out_file
+        target = self.opt_out_path if split else self.path
+        if target not in self._files:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._files[target] = CsvWriter(target, self.profile.export, self.headers)
+        self._files[target].write(values)
         self.rows += 1
+        if split:
+            self.opt_out_rows += 1
+        else:
+            self.main_rows += 1
 
     def write_tombstone(self, values: list[str]) -> None:
-        self.write(values)
+        self.write(values, opted_out=True)
         self.tombstones += 1
 
     def report_duplicate(self, row: ProviderRow) -> None:
@@ -284,6 +345,6 @@ class _ListWriter:
         return CsvWriter(path, self.profile.export, header)
 
     def close(self) -> None:
-        for handle in (self._file, self._duplicates, self._invalid):
+        for handle in (*self._files.values(), self._duplicates, self._invalid):
             if handle is not None:
                 handle.close()

@@ -28,6 +28,7 @@ from batchsync.db import crm, ledger
 from batchsync.errors import BadFile, ConfigError
 from batchsync.events import EventReader, InboundEvent, RowError
 from batchsync.formats.csvfile import CsvWriter, Record, inspect_csv, read_records
+from batchsync.rules import OPT_OUT_KINDS, target_lists
 from batchsync.workdir import WorkDir, move_unique, sha256_of, unique_path
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,11 @@ class FileOutcome(Tally):
 
 
 class Reconciler:
-    def __init__(self, profile: Profile, engine: Engine, clock: Clock, run_id: int | None) -> None:
+    def __init__(
+        self, profile: Profile, engine: Engine, clock: Clock, run_id: int | None, *, force: bool = False
+    ) -> None:
         self.profile, self.engine, self.clock, self.run_id = profile, engine, clock, run_id
+        self.force = force  # apply even past the safety stop
         self.work = WorkDir.of(profile)
 
     def apply(self, staged: StagedFile, *, dry_run: bool = False) -> FileOutcome:
@@ -61,6 +65,9 @@ class Reconciler:
             shape = inspect_csv(staged.path, staged.kind, reader.required_columns(), self.profile.work.max_file_bytes)
         except BadFile as exc:
             return self._quarantine(staged, sha, size, exc.reason, dry_run)
+        stop = None if self.force else self._safety_stop(staged, reader)
+        if stop is not None:
+            return self._quarantine(staged, sha, size, stop, dry_run)
         folder = self.work.dry_run if dry_run else self.work.archive
         kept = unique_path(folder, staged.name)
         outcome = FileOutcome(name=staged.name, outcome="applied", kept_at=kept)
@@ -138,6 +145,32 @@ class Reconciler:
                         )
                 batch.apply(events, outcome)
                 progress.report(f"import {staged.name}", outcome.rows)
+
+    def _safety_stop(self, staged: StagedFile, reader: EventReader) -> str | None:
+        """Why the file would opt out too large a share of a list to be applied unasked, or None."""
+        policy = self.profile.policy
+        leaving: dict[str, set[str]] = {code: set() for code in self.profile.lists}
+        for record in read_records(staged.path, staged.kind):
+            try:
+                event = reader.read(record)
+            except RowError:
+                continue
+            if event.kind in OPT_OUT_KINDS:
+                for code in target_lists(event.kind, event.list_code, list(leaving), policy.unsubscribe_all_lists):  # type: ignore[arg-type]
+                    leaving[code].add(event.email_key)
+        with self.engine.connect() as connection:
+            ids = self._list_ids(connection)
+            subscribed = crm.subscribed_counts(connection, ids)
+            affected = {code: crm.count_subscribed_among(connection, ids[code], keys) for code, keys in leaving.items()}
+        for code, count in affected.items():
+            share = count / max(subscribed.get(code, 0), 1)
+            if count >= policy.safety_min_unsubscribes and share > policy.max_unsubscribe_share:
+                return (
+                    f"safety stop: the file would opt out {count} of the {subscribed.get(code, 0)} subscribed "
+                    f"addresses of list {code} ({share:.0%}, over the profile's {policy.max_unsubscribe_share:.0%}); "
+                    "nothing applied. Check the file, then import it with --force"
+                )
+        return None
 
     def _list_ids(self, connection: Connection) -> dict[str, int]:
         ids = crm.list_ids(connection, self.profile.lists)

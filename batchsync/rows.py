@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from contextlib import suppress
+from dataclasses import dataclass, replace
+from datetime import date
 from itertools import groupby
 from operator import attrgetter
 
-from batchsync.config import Profile
+from batchsync.config import ExportColumn, Profile
 from batchsync.db.crm import ExportSource
 from batchsync.rules import Status, email_problem, export_status, merge_statuses
 
@@ -42,7 +44,8 @@ class RowBuilder:
     def __init__(self, profile: Profile, list_code: str) -> None:
         self.export = profile.export
         self.list = profile.lists[list_code]
-        self.fields = [column.field for column in profile.export.columns]
+        self.columns = written_columns(profile)
+        self.fields = [column.field for column in self.columns]
         self.status_index = self.fields.index("status")
 
     def rows(self, sources: Iterable[ExportSource], on_invalid: InvalidSink) -> Iterator[ProviderRow]:
@@ -57,7 +60,7 @@ class RowBuilder:
             status = merge_statuses(export_status(s.status, s.suppressed) for s in group)
             if status not in self.export.status_values:
                 continue  # a status the provider has no value for (say, pending at MailUp) is not sent
-            values = [self._value(name, group, status) for name in self.fields]
+            values = [self._render(column, self._value(column.field, group, status)) for column in self.columns]
             content = values[: self.status_index] + values[self.status_index + 1 :]
             yield ProviderRow(
                 key,
@@ -70,13 +73,15 @@ class RowBuilder:
                 all(s.source == "provider" for s in group),
             )
 
+    def with_status(self, row: ProviderRow, status: Status) -> ProviderRow:
+        """The same row sent with another status (a re-subscription going out as pending)."""
+        values = list(row.values)
+        values[self.status_index] = self.export.status_values[status]
+        return replace(row, status=status, values=values)
+
     def tombstone(self, email: str) -> list[str]:
         """The row that tells the provider an address left the list: only email, list and status are filled."""
-        values = {
-            "email": email,
-            "list_id": self.list.id,
-            "status": self.export.status_values["unsubscribed"],
-        }
+        values = {"email": email, "list_id": self.list.id, "status": self.export.status_values["unsubscribed"]}
         return [values.get(name, "") for name in self.fields]
 
     def _value(self, name: str, group: list[ExportSource], status: Status) -> str:
@@ -84,7 +89,7 @@ class RowBuilder:
         if name == "email":
             return first.email.strip()
         if name == "status":
-            return self.export.status_values[status]
+            return status
         if name == "list_id":
             return self.list.id
         if name == "groups":
@@ -95,6 +100,23 @@ class RowBuilder:
         value = custom.get(name.removeprefix("custom."))
         return "" if value is None else str(value)
 
+    def _render(self, column: ExportColumn, value: str) -> str:
+        if column.field == "status":
+            return self.export.status_values[value]  # type: ignore[index]
+        if not value:
+            return column.default
+        if column.date_format:
+            with suppress(ValueError):  # a value that is not an ISO date is sent as it is
+                value = date.fromisoformat(value[:10]).strftime(column.date_format)
+        if column.transform is not None:
+            value = getattr(value, column.transform)()
+        return column.values.get(value, value)
+
     def _groups(self, group: list[ExportSource]) -> str:
         codes = sorted({code for source in group for code in source.group_codes})
         return self.export.group_separator.join(self.list.groups.get(code, code) for code in codes)
+
+
+def written_columns(profile: Profile) -> list[ExportColumn]:
+    """The export columns, in file order, less those the provider only sends to us (direction "in")."""
+    return [column for column in profile.export.columns if column.direction != "in"]

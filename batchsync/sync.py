@@ -113,10 +113,11 @@ class Sync:
         kind: str | None = None,
         dry_run: bool = False,
         ready: Collection[str] = (),
+        force: bool = False,
     ) -> ImportReport:
         """Collect and reconcile; ``ready`` names inbox files known to be complete (their writer closed them)."""
         with self._locked(dry_run), self._recorded("import", dry_run) as run:
-            report = self._import(run, files, kind, dry_run, ready)
+            report = self._import(run, files, kind, dry_run, ready, force)
             run.record_import(report)
         return report
 
@@ -150,10 +151,16 @@ class Sync:
         return Exporter(self.profile, self.engine, self.clock, self.transport_factory, self.stop)
 
     def _import(
-        self, run: _Run, files: Sequence[Path], kind: str | None, dry_run: bool, ready: Collection[str]
+        self,
+        run: _Run,
+        files: Sequence[Path],
+        kind: str | None,
+        dry_run: bool,
+        ready: Collection[str],
+        force: bool = False,
     ) -> ImportReport:
         collector = Collector(self.profile, self.clock, dry_run=dry_run)
-        reconciler = Reconciler(self.profile, self.engine, self.clock, run.id)
+        reconciler = Reconciler(self.profile, self.engine, self.clock, run.id, force=force)
         report = ImportReport()
         if files:
             for path in files:

@@ -38,15 +38,9 @@ class WorkDir:
         for folder in (self.inbox, self.staging, self.archive, self.quarantine, self.outbox, self.sent):
             folder.mkdir(parents=True, exist_ok=True)
 
-    def keep_sent(self, local: Path, reports: Iterable[Path]) -> tuple[Path, list[Path]]:
-        """Move a sent file and its reports from the outbox into ``sent/``; returns their new paths."""
-        kept = move_unique(local, self.sent)
-        moved = [
-            move_unique(report, self.sent, report.name.replace(local.name, kept.name, 1))
-            for report in reports
-            if report.exists()
-        ]
-        return kept, moved
+    def keep_sent(self, files: Iterable[Path]) -> list[Path]:
+        """Move sent files and their reports from the outbox into ``sent/``; returns their new paths."""
+        return [move_unique(path, self.sent) for path in files if path.exists()]
 
     def quarantine_file(self, path: Path, name: str, reason: str) -> Path:
         """Move a file into quarantine with a ``.reason.txt`` beside it."""

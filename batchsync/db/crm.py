@@ -111,6 +111,60 @@ def stream_export_sources(connection: Connection, list_id: int, chunk: int) -> I
         )
 
 
+def stream_segment_sources(
+    connection: Connection, list_id: int, field: str, equals: str | None, chunk: int
+) -> Iterator[ExportSource]:
+    """Live contacts whose ``field`` equals ``equals`` (or is set, when None): a list defined by a filter.
+
+    A contact with a subscription row on the list (an opt-out the provider reported, say) has that status;
+    the others count as subscribed.
+    """
+    c, s = contacts.c, subscriptions.c
+    query = (
+        select(
+            c.id,
+            c.email,
+            c.email_key,
+            c.first_name,
+            c.last_name,
+            c.custom,
+            s.status,
+            s.source,
+            suppressions.c.email_key.is_not(None),
+        )
+        .outerjoin(subscriptions, and_(s.contact_id == c.id, s.list_id == list_id))
+        .outerjoin(suppressions, suppressions.c.email_key == c.email_key)
+        .where(c.deleted.is_(False))
+        .order_by(ordered_key(c.email_key, connection), c.id)
+    )
+    for row in connection.execute(query.execution_options(stream_results=True, yield_per=chunk)):
+        source = ExportSource(
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            cast(Status, row[6] or "subscribed"),
+            row[7] or "segment",
+            bool(row[8]),
+            (),
+        )
+        if _matches(source, field, equals):
+            yield source
+
+
+def _matches(source: ExportSource, field: str, equals: str | None) -> bool:
+    if field.startswith("custom."):
+        value = (source.custom or {}).get(field.removeprefix("custom."))
+    else:
+        value = getattr(source, field, None)
+    if isinstance(value, bool):
+        value = "1" if value else ""
+    text = "" if value is None else str(value).strip()
+    return bool(text) if equals is None else text == equals
+
+
 def contacts_by_email(connection: Connection, keys: Iterable[str]) -> dict[str, list[int]]:
     """Live contact ids for each email key (several when the CRM holds duplicates)."""
     found: dict[str, list[int]] = defaultdict(list)
@@ -256,3 +310,33 @@ def update_fields(connection: Connection, contact_id: int, fields: Mapping[str, 
         plain["custom"] = {**stored, **custom}  # type: ignore[assignment]
     if plain:
         connection.execute(update(contacts).where(contacts.c.id == contact_id).values(**plain, updated_at=now))
+
+
+def subscribed_counts(connection: Connection, list_ids_: Mapping[str, int]) -> dict[str, int]:
+    """Subscribed contacts per list code (the base of the safety stop's share)."""
+    query = (
+        select(subscriptions.c.list_id, func.count())
+        .where(subscriptions.c.list_id.in_(list(list_ids_.values())), subscriptions.c.status == "subscribed")
+        .group_by(subscriptions.c.list_id)
+    )
+    by_id = {list_id: int(count) for list_id, count in connection.execute(query)}
+    return {code: by_id.get(list_id, 0) for code, list_id in list_ids_.items()}
+
+
+def count_subscribed_among(connection: Connection, list_id: int, keys: Iterable[str], chunk: int = 5000) -> int:
+    """How many of these addresses are subscribed (or pending) on the list now."""
+    pending = list(keys)
+    found: set[str] = set()
+    for start in range(0, len(pending), chunk):
+        query = (
+            select(contacts.c.email_key)
+            .join(subscriptions, subscriptions.c.contact_id == contacts.c.id)
+            .where(
+                contacts.c.email_key.in_(pending[start : start + chunk]),
+                contacts.c.deleted.is_(False),
+                subscriptions.c.list_id == list_id,
+                subscriptions.c.status.in_(("subscribed", "pending")),
+            )
+        )
+        found.update(connection.scalars(query))
+    return len(found)

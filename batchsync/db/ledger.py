@@ -27,6 +27,7 @@ class ExportedRow:
     email: str
     fingerprint: int
     status: str
+    origin: str  # "export": the status is what we sent; "provider": what the provider reported to us
 
 
 # --- runs -------------------------------------------------------------------------------------------------
@@ -101,12 +102,12 @@ def record_file(connection: Connection, **values: Any) -> None:
 def stream_exported(connection: Connection, profile: str, list_code: str, chunk: int) -> Iterator[ExportedRow]:
     e = bs_exported.c
     query = (
-        select(e.email_key, e.email, e.fingerprint, e.status)
+        select(e.email_key, e.email, e.fingerprint, e.status, e.origin)
         .where(e.profile == profile, e.list_code == list_code)
         .order_by(ordered_key(e.email_key, connection))
     )
     for row in connection.execute(query.execution_options(stream_results=True, yield_per=chunk)):
-        yield ExportedRow(row[0], row[1], row[2], row[3])
+        yield ExportedRow(row[0], row[1], row[2], row[3], row[4])
 
 
 def clear_pending(connection: Connection, profile: str, list_code: str) -> None:
@@ -128,7 +129,7 @@ def commit_pending(connection: Connection, profile: str, list_code: str) -> None
     connection.execute(
         delete(bs_exported).where(e.profile == profile, e.list_code == list_code, e.email_key.in_(staged_keys))
     )
-    columns = [p.profile, p.list_code, p.email_key, p.email, p.contact_id, p.fingerprint, p.status, p.at]
+    columns = [p.profile, p.list_code, p.email_key, p.email, p.contact_id, p.fingerprint, p.status, p.origin, p.at]
     connection.execute(
         insert(bs_exported).from_select(
             [column.name for column in columns], select(*columns).where(mine, p.status != TOMBSTONE)
@@ -154,7 +155,7 @@ def note_provider_status(connection: Connection, profile: str, changes: Sequence
     statement = (
         update(bs_exported)
         .where(e.profile == profile, e.list_code == bindparam("b_list"), e.email_key == bindparam("b_key"))
-        .values(status=bindparam("b_status"))
+        .values(status=bindparam("b_status"), origin="provider")
     )
     connection.execute(
         statement,

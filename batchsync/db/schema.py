@@ -183,6 +183,7 @@ def _exported_table(name: str) -> Table:
         Column("contact_id", Integer),
         Column("fingerprint", BigInteger, nullable=False),
         Column("status", String(16), nullable=False),
+        Column("origin", String(10), nullable=False, default="export"),  # "provider": it reported the status
         Column("at", UtcDateTime, nullable=False),
     )
 
