@@ -16,18 +16,19 @@ import logging
 import os
 import posixpath
 import shutil
+import zipfile
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from batchsync.clock import Clock
 from batchsync.config import InboundConfig, Profile
 from batchsync.errors import ConfigError, TransportError, UnsafeRemoteName
 from batchsync.transport import RemoteEntry, Transport, check_remote_name
 from batchsync.transport.base import with_retries
-from batchsync.workdir import WorkDir, unique_path
+from batchsync.workdir import WorkDir, move_unique, unique_path
 
 log = logging.getLogger(__name__)
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".filepart")
@@ -114,6 +115,51 @@ class Collector:
             else:
                 _take(path, target)
             report.staged.append(StagedFile(target, path.name, entry, f"inbox:{path.name}"))
+
+    def expand(self, staged: StagedFile, report: CollectReport) -> list[StagedFile]:
+        """Stage the members of a zip as files of the kinds their names match; the zip goes to the archive.
+
+        Member names are data, not paths: only the last part of each is used, and names with control
+        characters are refused. A zip that cannot be read goes to quarantine.
+        """
+        members: list[StagedFile] = []
+        try:
+            with zipfile.ZipFile(staged.path) as archive:
+                for info in archive.infolist():
+                    member = self._stage_member(archive, info, staged, report)
+                    if member is not None:
+                        members.append(member)
+        except (zipfile.BadZipFile, OSError) as exc:
+            if not self.dry_run:
+                self.work.quarantine_file(staged.path, staged.name, f"{staged.origin}: not a readable zip: {exc}")
+            report.refused.append(f"{staged.name}: not a readable zip ({exc})")
+            return []
+        if not self.dry_run:
+            move_unique(staged.path, self.work.archive, staged.name)
+        return members
+
+    def _stage_member(
+        self, archive: zipfile.ZipFile, info: zipfile.ZipInfo, staged: StagedFile, report: CollectReport
+    ) -> StagedFile | None:
+        if info.is_dir():
+            return None
+        name = PurePosixPath(info.filename.replace("\\", "/")).name
+        try:
+            check_remote_name(name)
+        except UnsafeRemoteName as exc:
+            report.refused.append(f"{staged.name}: {exc}")
+            return None
+        kinds = [entry for entry in self.profile.inbound if not entry.unzip]
+        entry = next((kind for kind in kinds if fnmatch.fnmatch(name, kind.pattern)), None)
+        if entry is None:
+            report.refused.append(f"{staged.name}: member {name} matches no inbound pattern")
+            return None
+        target = self._stage_path(entry, f"{Path(staged.name).stem}__{name}")
+        partial = target.with_name(target.name + ".part")
+        with archive.open(info) as source, partial.open("wb") as sink:
+            shutil.copyfileobj(source, sink, 1 << 20)
+        os.replace(partial, target)
+        return StagedFile(target, target.name, entry, f"{staged.origin}!{name}")
 
     def from_remote(self, transport: Transport, report: CollectReport) -> None:
         """Download the remote files that are complete: matched, old enough, and either settled (the same size

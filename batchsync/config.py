@@ -145,7 +145,7 @@ class ExportConfig(Dialect):
     opt_out_file: bool = False  # opt-outs in a file of their own, NAME with "_optout" before the extension
     map_file: Literal["acoustic"] | None = None  # write the provider's XML map file beside each data file
     columns: tuple[ExportColumn, ...] = Field(strict=False)  # TOML arrays arrive as lists
-    status_values: dict[Status, str]
+    status_values: dict[Status, str] = Field(default_factory=dict)
 
     @field_validator("file_name")
     @classmethod
@@ -156,13 +156,17 @@ class ExportConfig(Dialect):
 
     @model_validator(mode="after")
     def _columns(self) -> ExportConfig:
-        fields = [c.field for c in self.columns]
-        for needed in ("email", "status"):
-            if needed not in fields:
-                raise ValueError(f"the export columns need one with field = {needed!r}")
-        if "subscribed" not in self.status_values or "unsubscribed" not in self.status_values:
+        fields = [c.field for c in self.columns if c.direction != "in"]
+        if "email" not in fields:
+            raise ValueError("the export columns need one with field = 'email'")
+        if "status" in fields and ("subscribed" not in self.status_values or "unsubscribed" not in self.status_values):
             raise ValueError("status_values needs at least 'subscribed' and 'unsubscribed'")
         return self
+
+    @property
+    def has_status(self) -> bool:
+        """Without a status column only subscribed rows are sent, and leaving a list is sent as absence."""
+        return any(column.field == "status" and column.direction != "in" for column in self.columns)
 
 
 class SegmentConfig(_Model):

@@ -61,7 +61,7 @@ class EventReader:
             email_key(email),
             self._list_code(record),
             kind,
-            self._moment(record),
+            self._moment(record, kind),
             self._reason(kind, code),
             code,
             self._new_email(record, kind),
@@ -93,12 +93,12 @@ class EventReader:
             raise RowError(f"unknown list id {value!r}")
         return code
 
-    def _moment(self, record: Record) -> datetime:
+    def _moment(self, record: Record, kind: EventKind) -> datetime:
         if not self.columns.at:
             return self.received_at
         value = record.values.get(self.columns.at, "").strip()
-        if not value and self.kind.event in ("update", "ignore"):
-            return self.received_at
+        if not value and kind in ("update", "ignore", "open", "click"):
+            return self.received_at  # no status changes on these: their time may be missing
         try:
             local = datetime.strptime(value, self.kind.timestamp_format)
         except ValueError:

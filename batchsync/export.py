@@ -169,12 +169,10 @@ class Exporter:
                     writer.write(outgoing.values, outgoing.status in OPTED_OUT)
                 if changed:  # written, or known to the provider already: the ledger takes it either way
                     sent = outgoing or row
-                    origin = (
-                        "provider" if known and known.origin == "provider" and sent.status in OPTED_OUT else "export"
-                    )
+                    origin = _origin(row, sent, known)
                     pending.append(self._pending(code, row.email_key, row.email, row.contact_ids[0], sent, now, origin))
             elif known is not None and known.status != ledger.TOMBSTONE:
-                if known.status in ("subscribed", "pending"):
+                if known.status in ("subscribed", "pending") and builder.tombstones:
                     writer.write_tombstone(builder.tombstone(known.email))
                 pending.append(self._pending(code, known.email_key, known.email, None, None, now))
             if seen % 10_000 == 0:
@@ -190,8 +188,8 @@ class Exporter:
         self, builder: RowBuilder, row: ProviderRow, known: ledger.ExportedRow | None, mode: Mode
     ) -> tuple[ProviderRow | None, bool]:
         """The row to write, if any, and whether it differs from what the provider last had from us."""
-        reported = known.status if known is not None and known.origin == "provider" else None
-        status = consented_export(row.status, reported, "pending" in self.pending_values)
+        reported = known.status if known is not None and known.origin in ("provider", "consent") else None
+        status = consented_export(row.status, reported, "pending" in self.pending_values and builder.tombstones)
         if status is None:
             return None, False  # a re-subscription the provider cannot take as pending: nothing goes out
         if status != row.status:
@@ -274,6 +272,16 @@ def placeholders(profile: Profile, code: str, mode: Mode, now: datetime) -> dict
 def remote_folder(profile: Profile, code: str, now: datetime) -> str:
     """The remote folder a list's files go to (``export.remote_dir`` filled in)."""
     return _fill(profile.export.remote_dir, "export.remote_dir", placeholders(profile, code, "full", now)).rstrip("/")
+
+
+def _origin(row: ProviderRow, sent: ProviderRow, known: ledger.ExportedRow | None) -> str:
+    """Why the ledger holds this status: "provider" (it reported the opt-out), "consent" (a re-subscription we
+    sent as pending; it stays pending until the provider confirms), or "export" (what the CRM said)."""
+    if sent.status == "pending" and row.status == "subscribed":
+        return "consent"
+    if known is not None and known.origin == "provider" and sent.status in OPTED_OUT:
+        return "provider"
+    return "export"
 
 
 def _known_to_provider(row: ProviderRow, known: ledger.ExportedRow | None) -> bool:

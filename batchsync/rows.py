@@ -46,7 +46,7 @@ class RowBuilder:
         self.list = profile.lists[list_code]
         self.columns = written_columns(profile)
         self.fields = [column.field for column in self.columns]
-        self.status_index = self.fields.index("status")
+        self.status_index = self.fields.index("status") if "status" in self.fields else None
 
     def rows(self, sources: Iterable[ExportSource], on_invalid: InvalidSink) -> Iterator[ProviderRow]:
         """Provider rows in email order; invalid addresses go to ``on_invalid`` and are not exported."""
@@ -58,10 +58,11 @@ class RowBuilder:
                     on_invalid(source.contact_id, source.email, problem)
                 continue
             status = merge_statuses(export_status(s.status, s.suppressed) for s in group)
-            if status not in self.export.status_values:
+            if not self.sendable(status):
                 continue  # a status the provider has no value for (say, pending at MailUp) is not sent
             values = [self._render(column, self._value(column.field, group, status)) for column in self.columns]
-            content = values[: self.status_index] + values[self.status_index + 1 :]
+            at = self.status_index
+            content = values if at is None else values[:at] + values[at + 1 :]
             yield ProviderRow(
                 key,
                 group[0].email.strip(),
@@ -73,8 +74,19 @@ class RowBuilder:
                 all(s.source == "provider" for s in group),
             )
 
+    def sendable(self, status: str) -> bool:
+        if self.status_index is None:
+            return status == "subscribed"
+        return status in self.export.status_values
+
+    @property
+    def tombstones(self) -> bool:
+        """Whether leaving a list can be said in this format (it has a status column)."""
+        return self.status_index is not None
+
     def with_status(self, row: ProviderRow, status: Status) -> ProviderRow:
         """The same row sent with another status (a re-subscription going out as pending)."""
+        assert self.status_index is not None
         values = list(row.values)
         values[self.status_index] = self.export.status_values[status]
         return replace(row, status=status, values=values)

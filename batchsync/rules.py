@@ -144,4 +144,6 @@ def consented_export(status: Status, known_to_provider: str | None, pending_supp
     """
     if status == "subscribed" and known_to_provider in OPTED_OUT:
         return "pending" if pending_supported else None
+    if status == "subscribed" and known_to_provider == "pending":
+        return "pending"  # sent as pending for consent: the provider's confirmation moves it, not the CRM
     return status

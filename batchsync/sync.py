@@ -163,8 +163,10 @@ class Sync:
         reconciler = Reconciler(self.profile, self.engine, self.clock, run.id, force=force)
         report = ImportReport()
         if files:
-            for path in files:
-                report.files.append(reconciler.apply(collector.from_path(path, kind), dry_run=dry_run))
+            collected = CollectReport(staged=[collector.from_path(path, kind) for path in files])
+            for staged in collected.staged:
+                report.files += self._apply_one(reconciler, collector, None, staged, dry_run, collected)
+            report.refused = collected.refused
             return report
         collected = CollectReport(staged=collector.left_in_staging())
         collector.from_local_inbox(collected, ready)
@@ -179,7 +181,7 @@ class Sync:
                         "stopping: %d staged files left for the next run", len(collected.staged) - len(report.files)
                     )
                     break
-                report.files.append(self._apply_one(reconciler, collector, transport, staged, dry_run))
+                report.files += self._apply_one(reconciler, collector, transport, staged, dry_run, collected)
         finally:
             if transport is not None:
                 transport.close()
@@ -193,11 +195,18 @@ class Sync:
         transport: Transport | None,
         staged: StagedFile,
         dry_run: bool,
-    ) -> FileOutcome:
+        collected: CollectReport,
+    ) -> list[FileOutcome]:
+        """Reconcile one staged file (each member, for a zip), then finish the remote original."""
+        if staged.kind.unzip:
+            members = collector.expand(staged, collected)
+            if transport is not None and staged.remote_path is not None:
+                collector.finish_remote(transport, staged)  # its members are staged: the zip is safe here
+            return [reconciler.apply(member, dry_run=dry_run) for member in members]
         outcome = reconciler.apply(staged, dry_run=dry_run)
         if transport is not None and staged.remote_path is not None:
             collector.finish_remote(transport, staged)
-        return outcome
+        return [outcome]
 
     @contextmanager
     def _locked(self, dry_run: bool) -> Iterator[None]:

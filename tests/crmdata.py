@@ -14,6 +14,7 @@ from batchsync.db.schema import bs_changes, contacts, groups, lists, subscriptio
 from batchsync.rules import email_key
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+NEWSLETTER_FLAG = {1, 2, 4, 5, 7, 8, 11}  # custom.newsletter = "1": the Flexmail segment
 RESUBSCRIBED = datetime(2026, 1, 10, 9, 0, tzinfo=UTC)
 
 # id, email, first, last, {list: status}, groups
@@ -35,6 +36,8 @@ PEOPLE: list[tuple[int, str, str, str, dict[str, str], list[str]]] = [
 
 def build_tiny_crm(engine: Engine) -> None:
     with engine.begin() as connection:
+        # the lists and the group this CRM uses, whatever the profile maps
+        crm.ensure_lists(connection, {"newsletter": (None, ["vip"]), "offers": (None, []), "events": (None, [])})
         ids = crm.list_ids(connection, ["newsletter", "offers", "events"])
         group_ids = {code: gid for gid, code in connection.execute(select(groups.c.id, groups.c.code))}
         rows: dict[str, list[dict[str, Any]]] = {"contacts": [], "subscriptions": [], "group_members": []}
@@ -46,7 +49,7 @@ def build_tiny_crm(engine: Engine) -> None:
                     "email_key": email_key(email),
                     "first_name": first,
                     "last_name": last,
-                    "custom": {},
+                    "custom": {"newsletter": "1" if cid in NEWSLETTER_FLAG else "0"},
                     "created_at": T0,
                     "updated_at": T0,
                     "deleted": False,
