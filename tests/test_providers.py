@@ -299,3 +299,48 @@ def test_a_provider_added_as_a_toml_file_alone(tmp_path: Path, clock: ManualCloc
     assert outcome.changed == 1 and status_of(sync.engine, 2, "newsletter") == "unsubscribed"
     with sync.engine.connect() as connection:
         assert connection.scalar(select(func.count()).select_from(subscriptions)) > 0
+
+
+@pytest.mark.parametrize(("delimiter", "encoding"), [("\t", "latin-1"), ("|", "utf-8-sig"), (";", "cp1252")])
+def test_dialects_quoted_newlines_and_crlf(tmp_path: Path, clock: ManualClock, delimiter: str, encoding: str) -> None:
+    profile = profile_for(
+        tmp_path,
+        ROOT / "profiles" / "generic.toml",
+        **{"inbound.0.delimiter": delimiter, "inbound.0.encoding": encoding},
+    )
+    sync = ready(profile, clock)
+    rows = [
+        ["email", "list", "when", "event", "new_email", "note"],
+        ["bob@example.com", "NL", "2026-01-05T10:00:00", "unsubscribe", "", 'two\r\nlines, "quoted" and ü'],
+        ["not an email", "NL", "2026-01-05T10:00:00", "unsubscribe", "", ""],
+        ["alice@example.com", "NL", "2026-01-05T10:00:00", "unsubscribe", "", "é"],
+    ]
+    import csv
+
+    path = tmp_path / "work" / "inbox" / "events_dialect.csv"
+    with path.open("w", encoding=encoding, newline="") as handle:
+        csv.writer(handle, delimiter=delimiter, lineterminator="\r\n").writerows(rows)
+    [outcome] = sync.import_files().files
+    assert (outcome.outcome, outcome.changed, outcome.rejected) == ("applied", 2, 1)
+    errors = (tmp_path / "work" / "archive" / "events_dialect.csv.errors.csv").read_text(encoding=encoding)
+    assert f"{delimiter}4{delimiter}invalid email" in errors  # line 4: the quoted newline took a line of its own
+    assert status_of(sync.engine, 1, "newsletter") == "unsubscribed"
+
+
+def test_the_mailup_sample_file_suppresses_its_bounces_and_complaints(tmp_path: Path, clock: ManualClock) -> None:
+    import csv
+
+    sample = ROOT / "samples" / "mailup" / "unsubscribers_sample.csv"
+    with sample.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter=";"))
+    profile = profile_for(tmp_path, ROOT / "profiles" / "mailup.toml")
+    sync = ready(profile, clock)
+    [outcome] = sync.import_files([sample]).files
+    assert (outcome.outcome, outcome.rejected) == ("applied", 0)
+    expected = {
+        row["email"]: "hard_bounce" if row["optout_type"] == "8" else "complaint"
+        for row in rows
+        if row["optout_type"] in ("8", "16")
+    }
+    got = suppressed(sync.engine)
+    assert expected and all(got.get(email) == reason for email, reason in expected.items())
