@@ -97,18 +97,8 @@ def stream_export_sources(connection: Connection, list_id: int, chunk: int) -> I
     )
     result = connection.execute(query.execution_options(stream_results=True, yield_per=chunk))
     for row in result:
-        yield ExportSource(
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            row[5],
-            cast(Status, row[6]),
-            row[7],
-            bool(row[8]),
-            tuple(sorted(row[9].split(GROUP_SEP))) if row[9] else (),
-        )
+        groups = tuple(sorted(row[9].split(GROUP_SEP))) if row[9] else ()
+        yield _source(row, cast(Status, row[6]), row[7], groups)
 
 
 def stream_segment_sources(
@@ -138,20 +128,15 @@ def stream_segment_sources(
         .order_by(ordered_key(c.email_key, connection), c.id)
     )
     for row in connection.execute(query.execution_options(stream_results=True, yield_per=chunk)):
-        source = ExportSource(
-            row[0],
-            row[1],
-            row[2],
-            row[3],
-            row[4],
-            row[5],
-            cast(Status, row[6] or "subscribed"),
-            row[7] or "segment",
-            bool(row[8]),
-            (),
-        )
+        status = cast(Status, row[6] or "subscribed")
+        source = _source(row, status, row[7] or "segment", ())
         if _matches(source, field, equals):
             yield source
+
+
+def _source(row: Any, status: Status, origin: str, groups: tuple[str, ...]) -> ExportSource:
+    """An ExportSource from a row of (id, email, email_key, first, last, custom, status, source, suppressed)."""
+    return ExportSource(row[0], row[1], row[2], row[3], row[4], row[5], status, origin, bool(row[8]), groups)
 
 
 def _matches(source: ExportSource, field: str, equals: str | None) -> bool:
