@@ -194,6 +194,7 @@ class InboundColumns(_Model):
     at: str | None = None
     reason: str | None = None
     new_email: str | None = None  # email changes: the new address (``email`` holds the old one)
+    note: str | None = None  # free text kept with the event's reason (Mailchimp's UNSUB_REASON)
 
 
 class InboundConfig(Dialect):

@@ -34,6 +34,9 @@ class InboundEvent:
         return OptOut(self.kind, self.at, self.reason)  # type: ignore[arg-type]
 
 
+REASON_LENGTH = 100  # subscriptions.reason
+
+
 class RowError(ValueError):
     """A row that cannot be applied; the message is the reason written to the errors file."""
 
@@ -62,7 +65,7 @@ class EventReader:
             self._list_code(record),
             kind,
             self._moment(record, kind),
-            self._reason(kind, code),
+            self._reason(kind, code, record),
             code,
             self._new_email(record, kind),
             record.values if kind == "update" else {},
@@ -117,6 +120,8 @@ class EventReader:
         assert self.kind.event is not None  # the profile check guarantees one of the two
         return self.kind.event, ""
 
-    def _reason(self, kind: EventKind, code: str) -> str:
+    def _reason(self, kind: EventKind, code: str, record: Record) -> str:
         mapped = self.kind.codes.get(code)
-        return f"{mapped.reason} ({self.columns.reason}={code})" if mapped else kind
+        reason = f"{mapped.reason} ({self.columns.reason}={code})" if mapped else kind
+        note = record.values.get(self.columns.note, "").strip() if self.columns.note else ""
+        return (f"{reason}: {note}" if note else reason)[:REASON_LENGTH]

@@ -140,6 +140,9 @@ def test_mailchimp_audience_export_zip(tmp_path: Path, clock: ManualClock) -> No
     assert status_of(engine, 2, "newsletter") == "unsubscribed"
     assert status_of(engine, 4, "newsletter") == "cleaned"
     assert suppressed(engine)["dave@example.com"] == "clean"
+    with engine.connect() as connection:
+        reason = connection.scalar(select(subscriptions.c.reason).where(subscriptions.c.contact_id == 2))
+    assert reason == "unsubscribe: No longer interested"  # UNSUB_REASON kept with the opt-out
 
 
 def test_sfmc_tracking_extract(tmp_path: Path, clock: ManualClock) -> None:
