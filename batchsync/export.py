@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine
@@ -150,15 +150,10 @@ class Exporter:
     ) -> None:
         builder = RowBuilder(self.profile, code)
         chunk = self.profile.export.chunk_rows
-        segment = self.profile.lists[code].segment
-        sources = (
-            crm.stream_segment_sources(connection, list_id, segment.field, segment.equals, chunk)
-            if segment is not None
-            else crm.stream_export_sources(connection, list_id, chunk)
-        )
-        current = builder.rows(sources, writer.report_invalid)
+        current = builder.rows(self._sources(connection, code, list_id, builder), writer.report_invalid)
         exported = ledger.stream_exported(connection, self.profile.name, code, chunk)
-        pending: list[dict[str, object]] = []
+        pending: list[tuple[Any, ...]] = []
+        now = ledger.stored_time(connection, now)
         merged = merge_sorted(current, exported, lambda r: r.email_key, lambda e: e.email_key)
         for seen, (_key, row, known) in enumerate(merged, start=1):
             if row is not None:
@@ -183,6 +178,15 @@ class Exporter:
                 ledger.stage_pending(connection, pending)
                 pending.clear()
         ledger.stage_pending(connection, pending)
+
+    def _sources(self, connection: Connection, code: str, list_id: int, builder: RowBuilder) -> Iterator[Any]:
+        chunk = self.profile.export.chunk_rows
+        segment = self.profile.lists[code].segment
+        if segment is not None:
+            return crm.stream_segment_sources(connection, list_id, segment.field, segment.equals, chunk)
+        return crm.stream_export_sources(
+            connection, list_id, chunk, with_custom=builder.needs_custom, with_groups=builder.needs_groups
+        )
 
     def _outgoing(
         self, builder: RowBuilder, row: ProviderRow, known: ledger.ExportedRow | None, mode: Mode
@@ -216,20 +220,13 @@ class Exporter:
         email: str,
         contact_id: int | None,
         row: ProviderRow | None,
-        now: datetime,
+        now: Any,
         origin: str = "export",
-    ) -> dict[str, object]:
-        return {
-            "profile": self.profile.name,
-            "list_code": code,
-            "email_key": key,
-            "email": email,
-            "contact_id": contact_id,
-            "fingerprint": row.fingerprint if row else 0,
-            "status": row.status if row else ledger.TOMBSTONE,
-            "origin": origin,
-            "at": now,
-        }
+    ) -> tuple[Any, ...]:
+        """A bs_pending row, in ledger.PENDING_COLUMNS order."""
+        fingerprint = row.fingerprint if row else 0
+        status = row.status if row else ledger.TOMBSTONE
+        return (self.profile.name, code, key, email, contact_id, fingerprint, status, origin, now)
 
     def _deliver(self, transport: Transport, staged: ExportedFile) -> None:
         assert staged.remote_path is not None

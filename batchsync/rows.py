@@ -10,20 +10,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
-from dataclasses import dataclass, replace
 from datetime import date
 from itertools import groupby
 from operator import attrgetter
+from typing import NamedTuple
 
 from batchsync.config import ExportColumn, Profile
 from batchsync.db.crm import ExportSource
 from batchsync.rules import Status, email_problem, export_status, merge_statuses
 
 InvalidSink = Callable[[int, str, str], None]
+Cell = Callable[[list[ExportSource], Status], str]
 
 
-@dataclass(frozen=True)
-class ProviderRow:
+class ProviderRow(NamedTuple):
     email_key: str
     email: str
     contact_ids: tuple[int, ...]
@@ -47,6 +47,9 @@ class RowBuilder:
         self.columns = written_columns(profile)
         self.fields = [column.field for column in self.columns]
         self.status_index = self.fields.index("status") if "status" in self.fields else None
+        self.needs_custom = any(name.startswith("custom.") for name in self.fields)
+        self.cells = [self._cell(column) for column in self.columns]
+        self.needs_groups = "groups" in self.fields
 
     def rows(self, sources: Iterable[ExportSource], on_invalid: InvalidSink) -> Iterator[ProviderRow]:
         """Provider rows in email order; invalid addresses go to ``on_invalid`` and are not exported."""
@@ -57,10 +60,13 @@ class RowBuilder:
                 for source in group:
                     on_invalid(source.contact_id, source.email, problem)
                 continue
-            status = merge_statuses(export_status(s.status, s.suppressed) for s in group)
+            if len(group) == 1:
+                status = export_status(group[0].status, group[0].suppressed)
+            else:
+                status = merge_statuses(export_status(s.status, s.suppressed) for s in group)
             if not self.sendable(status):
                 continue  # a status the provider has no value for (say, pending at MailUp) is not sent
-            values = [self._render(column, self._value(column.field, group, status)) for column in self.columns]
+            values = [cell(group, status) for cell in self.cells]
             at = self.status_index
             content = values if at is None else values[:at] + values[at + 1 :]
             yield ProviderRow(
@@ -89,32 +95,36 @@ class RowBuilder:
         assert self.status_index is not None
         values = list(row.values)
         values[self.status_index] = self.export.status_values[status]
-        return replace(row, status=status, values=values)
+        return row._replace(status=status, values=values)
 
     def tombstone(self, email: str) -> list[str]:
         """The row that tells the provider an address left the list: only email, list and status are filled."""
         values = {"email": email, "list_id": self.list.id, "status": self.export.status_values["unsubscribed"]}
         return [values.get(name, "") for name in self.fields]
 
-    def _value(self, name: str, group: list[ExportSource], status: Status) -> str:
-        first = group[0]
-        if name == "email":
-            return first.email.strip()
+    def _cell(self, column: ExportColumn) -> Cell:
+        """A function that renders one column of a row: chosen once per export, called for every row."""
+        name = column.field
         if name == "status":
-            return status
+            values = self.export.status_values
+            return lambda group, status: values[status]
         if name == "list_id":
-            return self.list.id
+            list_id = self.list.id
+            return lambda group, status: list_id
         if name == "groups":
-            return self._groups(group)
+            return lambda group, status: self._groups(group)
+        if name == "email":
+            return lambda group, status: group[0].email.strip()
+        plain = not (column.date_format or column.transform or column.values)
         if name in ("first_name", "last_name"):
-            return getattr(first, name) or ""
-        custom = first.custom or {}
-        value = custom.get(name.removeprefix("custom."))
-        return "" if value is None else str(value)
+            field = attrgetter(name)
+            if plain and not column.default:
+                return lambda group, status: field(group[0]) or ""
+            return lambda group, status: self._render(column, field(group[0]) or "")
+        key = name.removeprefix("custom.")
+        return lambda group, status: self._render(column, _text((group[0].custom or {}).get(key)))
 
     def _render(self, column: ExportColumn, value: str) -> str:
-        if column.field == "status":
-            return self.export.status_values[value]  # type: ignore[index]
         if not value:
             return column.default
         if column.date_format:
@@ -132,3 +142,7 @@ class RowBuilder:
 def written_columns(profile: Profile) -> list[ExportColumn]:
     """The export columns, in file order, less those the provider only sends to us (direction "in")."""
     return [column for column in profile.export.columns if column.direction != "in"]
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)
