@@ -303,10 +303,13 @@ def update_fields(connection: Connection, contact_id: int, fields: Mapping[str, 
 
 
 def subscribed_counts(connection: Connection, list_ids_: Mapping[str, int]) -> dict[str, int]:
-    """Subscribed contacts per list code (the base of the safety stop's share)."""
+    """Subscribed (or pending) contacts per list code: the base of the safety stop's share."""
     query = (
         select(subscriptions.c.list_id, func.count())
-        .where(subscriptions.c.list_id.in_(list(list_ids_.values())), subscriptions.c.status == "subscribed")
+        .where(
+            subscriptions.c.list_id.in_(list(list_ids_.values())),
+            subscriptions.c.status.in_(("subscribed", "pending")),
+        )
         .group_by(subscriptions.c.list_id)
     )
     by_id = {list_id: int(count) for list_id, count in connection.execute(query)}
