@@ -11,8 +11,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, Connection, and_, bindparam, func, insert, literal, null, select, update
+from sqlalchemy import ColumnElement, Connection, and_, func, insert, literal, null, select, update
 
+from batchsync.db import driver
 from batchsync.db.schema import (
     activities,
     contacts,
@@ -158,24 +159,36 @@ def _matches(source: ExportSource, field: str, equals: str | None) -> bool:
 def contacts_by_email(connection: Connection, keys: Iterable[str]) -> dict[str, list[int]]:
     """Live contact ids for each email key (several when the CRM holds duplicates)."""
     found: dict[str, list[int]] = defaultdict(list)
-    query = select(contacts.c.email_key, contacts.c.id).where(
-        contacts.c.email_key.in_(list(set(keys))), contacts.c.deleted.is_(False)
-    )
-    for key, contact_id in connection.execute(query.order_by(contacts.c.id)):
-        found[key].append(contact_id)
+    wanted = list(set(keys))
+    if wanted:
+        statement = (
+            f"SELECT email_key, id FROM contacts WHERE email_key IN ({driver.marks(len(wanted))}) "
+            "AND NOT deleted ORDER BY id"
+        )
+        for key, contact_id in driver.query(connection, statement, wanted):
+            found[key].append(contact_id)
     return found
 
 
 def subscriptions_of(
     connection: Connection, contact_ids: Iterable[int], list_ids_: Iterable[int]
 ) -> dict[tuple[int, int], Subscription]:
-    s = subscriptions.c
-    query = select(s.contact_id, s.list_id, s.status, s.status_at, s.source, s.consent_at, s.consent_by).where(
-        s.contact_id.in_(list(set(contact_ids))), s.list_id.in_(list(set(list_ids_)))
+    ids, lists_ = list(set(contact_ids)), list(set(list_ids_))
+    if not ids or not lists_:
+        return {}
+    statement = (
+        "SELECT contact_id, list_id, status, status_at, source, consent_at, consent_by FROM subscriptions "
+        f"WHERE contact_id IN ({driver.marks(len(ids))}) AND list_id IN ({driver.marks(len(lists_))})"
     )
     return {
-        (row[0], row[1]): Subscription(cast(Status, row[2]), row[3], row[4], row[5], row[6])
-        for row in connection.execute(query)
+        (row[0], row[1]): Subscription(
+            cast(Status, row[2]),
+            cast(datetime, driver.read_time(row[3])),  # status_at is NOT NULL
+            row[4],
+            driver.read_time(row[5]),
+            row[6],
+        )
+        for row in driver.query(connection, statement, [*ids, *lists_])
     }
 
 
@@ -184,36 +197,23 @@ def set_statuses(connection: Connection, changes: Sequence[Mapping[str, Any]], *
 
     Each change holds contact_id, list_id, status, status_at, source and reason.
     """
-    if not changes:
-        return
-    if not existing:
-        connection.execute(insert(subscriptions), [dict(change) for change in changes])
-        return
-    s = subscriptions.c
-    statement = (
-        update(subscriptions)
-        .where(s.contact_id == bindparam("b_contact"), s.list_id == bindparam("b_list"))
-        .values(
-            status=bindparam("b_status"),
-            status_at=bindparam("b_at"),
-            source=bindparam("b_source"),
-            reason=bindparam("b_reason"),
+    rows = [
+        (
+            c["status"],
+            driver.stored_time(connection, c["status_at"]),
+            c["source"],
+            c["reason"],
+            c["contact_id"],
+            c["list_id"],
         )
-    )
-    connection.execute(
-        statement,
-        [
-            {
-                "b_contact": c["contact_id"],
-                "b_list": c["list_id"],
-                "b_status": c["status"],
-                "b_at": c["status_at"],
-                "b_source": c["source"],
-                "b_reason": c["reason"],
-            }
-            for c in changes
-        ],
-    )
+        for c in changes
+    ]
+    if existing:
+        statement = "UPDATE subscriptions SET status = ?, status_at = ?, source = ?, reason = ? "
+        driver.execute_many(connection, statement + "WHERE contact_id = ? AND list_id = ?", rows)
+    else:
+        statement = "INSERT INTO subscriptions (status, status_at, source, reason, contact_id, list_id) "
+        driver.execute_many(connection, statement + "VALUES (?, ?, ?, ?, ?, ?)", rows)
 
 
 def suppress(connection: Connection, entries: Mapping[str, Mapping[str, Any]]) -> int:
@@ -228,8 +228,11 @@ def suppress(connection: Connection, entries: Mapping[str, Mapping[str, Any]]) -
 
 
 def add_activities(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    if rows:
-        connection.execute(insert(activities), [dict(row) for row in rows])
+    driver.execute_many(
+        connection,
+        "INSERT INTO activities (contact_id, kind, at, detail) VALUES (?, ?, ?, ?)",
+        ((row["contact_id"], row["kind"], driver.stored_time(connection, row["at"]), row["detail"]) for row in rows),
+    )
 
 
 def insert_rows(connection: Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Connection, and_, delete, func, insert, select, text, update
 
+from batchsync.db import driver
 from batchsync.db.crm import ordered_key
-from batchsync.db.schema import bs_changes, bs_exported, bs_files, bs_pending, bs_runs
+from batchsync.db.schema import bs_exported, bs_files, bs_pending, bs_runs
 
 TOMBSTONE = "tombstone"
 ANALYZE_AFTER = 1000  # staged rows
@@ -127,9 +128,7 @@ def stage_pending(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> No
 
 
 def stored_time(connection: Connection, moment: datetime) -> Any:
-    """A time as UtcDateTime stores it, for statements sent to the driver directly."""
-    naive = moment.astimezone(UTC).replace(tzinfo=None)
-    return naive.strftime("%Y-%m-%d %H:%M:%S.%f") if connection.dialect.name == "sqlite" else naive
+    return driver.stored_time(connection, moment)
 
 
 def commit_pending(connection: Connection, profile: str, list_code: str) -> None:
@@ -162,17 +161,10 @@ def _refresh_statistics(connection: Connection, table: str) -> None:
 
 def note_provider_status(connection: Connection, profile: str, changes: Sequence[Mapping[str, str]]) -> None:
     """Record that the provider already knows these statuses, so the next diff does not echo them back."""
-    if not changes:
-        return
-    e = bs_exported.c
-    statement = (
-        update(bs_exported)
-        .where(e.profile == profile, e.list_code == bindparam("b_list"), e.email_key == bindparam("b_key"))
-        .values(status=bindparam("b_status"), origin="provider")
-    )
-    connection.execute(
-        statement,
-        [{"b_list": c["list_code"], "b_key": c["email_key"], "b_status": c["status"]} for c in changes],
+    driver.execute_many(
+        connection,
+        "UPDATE bs_exported SET status = ?, origin = 'provider' WHERE profile = ? AND list_code = ? AND email_key = ?",
+        ((c["status"], profile, c["list_code"], c["email_key"]) for c in changes),
     )
 
 
@@ -197,6 +189,23 @@ def exported_count(connection: Connection, profile: str, list_code: str | None =
 # --- audit trail ------------------------------------------------------------------------------------------
 
 
+CHANGE_COLUMNS = (
+    "run_id",
+    "contact_id",
+    "list_code",
+    "old_status",
+    "new_status",
+    "rule",
+    "source_file",
+    "source_line",
+    "at",
+)
+
+
 def record_changes(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    if rows:
-        connection.execute(insert(bs_changes), [dict(row) for row in rows])
+    statement = f"INSERT INTO bs_changes ({', '.join(CHANGE_COLUMNS)}) VALUES ({driver.marks(len(CHANGE_COLUMNS))})"
+    driver.execute_many(
+        connection,
+        statement,
+        ([*(row[name] for name in CHANGE_COLUMNS[:-1]), driver.stored_time(connection, row["at"])] for row in rows),
+    )
