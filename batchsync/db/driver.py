@@ -33,6 +33,15 @@ def execute_many(connection: Connection, statement: str, rows: Iterable[Sequence
         connection.exec_driver_sql(_sql(connection, statement), batch)
 
 
+def copy_rows(connection: Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """PostgreSQL's COPY FROM STDIN through psycopg, on the connection's own transaction."""
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    with raw.cursor() as cursor, cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
 def stored_time(connection: Connection, moment: datetime | None) -> Any:
     """A time as UtcDateTime stores it: naive UTC (text on SQLite, as SQLAlchemy writes it)."""
     if moment is None:

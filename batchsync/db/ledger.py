@@ -121,10 +121,15 @@ PENDING_COLUMNS = ("profile", "list_code", "email_key", "email", "contact_id", "
 def stage_pending(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """Stage rows (in PENDING_COLUMNS order, ``at`` from :func:`stored_time`) through the driver directly:
     at millions of rows, SQLAlchemy's per-row parameter handling costs more than the insert itself."""
-    if rows:
-        marks = ", ".join(["?" if connection.dialect.paramstyle == "qmark" else "%s"] * len(PENDING_COLUMNS))
-        statement = f"INSERT INTO bs_pending ({', '.join(PENDING_COLUMNS)}) VALUES ({marks})"
-        connection.exec_driver_sql(statement, list(rows))
+    if not rows:
+        return
+    if connection.dialect.name == "postgresql":
+        driver.copy_rows(connection, "bs_pending", PENDING_COLUMNS, rows)
+    else:
+        statement = (
+            f"INSERT INTO bs_pending ({', '.join(PENDING_COLUMNS)}) VALUES ({driver.marks(len(PENDING_COLUMNS))})"
+        )
+        driver.execute_many(connection, statement, rows)
 
 
 def stored_time(connection: Connection, moment: datetime) -> Any:
