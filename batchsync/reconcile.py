@@ -85,15 +85,7 @@ class Reconciler:
             raise
         if not dry_run:
             move_unique(staged.path, kept.parent, kept.name)
-        log.info(
-            "%s: %d rows, %d changes, %d unchanged, %d without contact, %d rejected",
-            staged.name,
-            outcome.rows,
-            outcome.changed,
-            outcome.unchanged,
-            outcome.no_contact,
-            outcome.rejected,
-        )
+        log.info("%s: applied; %s", staged.name, _summary(outcome))
         return outcome
 
     def _apply_rows(
@@ -125,25 +117,7 @@ class Reconciler:
                 self._list_ids(connection),
             )
             for records in _chunks(read_records(staged.path, staged.kind), CHUNK):
-                events: list[InboundEvent] = []
-                for record in records:
-                    outcome.rows += 1
-                    try:
-                        events.append(reader.read(record))
-                    except RowError as exc:
-                        outcome.rejected += 1
-                        errors.write([*record.raw, str(record.line), str(exc)])
-                        results.write(
-                            [
-                                record.line,
-                                record.values.get(reader.columns.email, ""),
-                                "",
-                                "",
-                                "rejected",
-                                str(exc),
-                            ]
-                        )
-                batch.apply(events, outcome)
+                batch.apply(_read_events(records, reader, outcome, results, errors), outcome)
                 progress.report(f"import {staged.name}", outcome.rows)
 
     def _safety_stop(self, staged: StagedFile, reader: EventReader) -> str | None:
@@ -215,6 +189,22 @@ class Reconciler:
             at=self.clock.now(),
             detail=detail,
         )
+
+
+def _read_events(
+    records: list[Record], reader: EventReader, outcome: FileOutcome, results: CsvWriter, errors: CsvWriter
+) -> list[InboundEvent]:
+    """The chunk's rows as events; a row that cannot be read goes to the errors file with its line and reason."""
+    events: list[InboundEvent] = []
+    for record in records:
+        outcome.rows += 1
+        try:
+            events.append(reader.read(record))
+        except RowError as exc:
+            outcome.rejected += 1
+            errors.write([*record.raw, str(record.line), str(exc)])
+            results.write([record.line, record.values.get(reader.columns.email, ""), "", "", "rejected", str(exc)])
+    return events
 
 
 def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
