@@ -60,24 +60,23 @@ class RowBuilder:
                 for source in group:
                     on_invalid(source.contact_id, source.email, problem)
                 continue
-            if len(group) == 1:
-                status = export_status(group[0].status, group[0].suppressed)
+            first = group[0]
+            ids: tuple[int, ...]
+            statuses: tuple[str, ...]
+            if len(group) == 1:  # the common case, without the generators below
+                status = export_status(first.status, first.suppressed)
+                ids, statuses, from_provider = (first.contact_id,), (first.status,), first.source == "provider"
             else:
                 status = merge_statuses(export_status(s.status, s.suppressed) for s in group)
+                ids, statuses = tuple(s.contact_id for s in group), tuple(s.status for s in group)
+                from_provider = all(s.source == "provider" for s in group)
             if not self.sendable(status):
                 continue  # a status the provider has no value for (say, pending at MailUp) is not sent
             values = [cell(group, status) for cell in self.cells]
             at = self.status_index
             content = values if at is None else values[:at] + values[at + 1 :]
             yield ProviderRow(
-                key,
-                group[0].email.strip(),
-                tuple(s.contact_id for s in group),
-                status,
-                tuple(s.status for s in group),
-                values,
-                fingerprint(content),
-                all(s.source == "provider" for s in group),
+                key, first.email.strip(), ids, status, statuses, values, fingerprint(content), from_provider
             )
 
     def sendable(self, status: str) -> bool:
