@@ -34,7 +34,7 @@ from batchsync.config import Profile, load_profile
 from batchsync.errors import BatchsyncError, ConfigError
 from batchsync.locks import LockBusy
 from batchsync.notify import send_summary
-from batchsync.sync import Sync
+from batchsync.sync import ImportReport, Sync
 
 log = logging.getLogger(__name__)
 SETTLE_SECONDS = 3.0  # an inbox file whose size has not changed this long counts as complete
@@ -202,7 +202,7 @@ class Daemon:
             return
         if report is None:
             log.info("profile %s: %s already ran", name, what)
-        elif runtime.profile.notify is not None:
+        elif runtime.profile.notify is not None and _worth_a_summary(report):
             self._notify(runtime, report)
 
     def _notify(self, runtime: ProfileRuntime, report: Any) -> None:
@@ -231,6 +231,13 @@ class Daemon:
 
     def _on_hangup(self, signum: int, frame: types.FrameType | None) -> None:
         self.reload_requested = True
+
+
+def _worth_a_summary(report: Any) -> bool:
+    """A nightly run always is; an inbox import or poll only when it took files or refused names."""
+    if isinstance(report, ImportReport):
+        return bool(report.files or report.refused)
+    return True
 
 
 def next_nightly(profile: Profile, now: dt.datetime) -> dt.datetime | None:

@@ -172,3 +172,22 @@ def test_the_summary_goes_over_starttls_with_a_verified_certificate_and_a_login(
     assert logins == [("batchsync", "smtp-secret")]
     [message] = mailbox.messages
     assert message["Subject"] == "batchsync mailup: 1 changes, 0 rows rejected"
+
+
+def test_no_summary_is_sent_for_an_import_that_took_nothing(tmp_path: Path) -> None:
+    mailbox = Inbox()
+    port = free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        notify = (
+            f'\n[notify]\nemail_to = ["crm-admin@example.com"]\nemail_from = "batchsync@example.com"\n'
+            f'smtp_host = "127.0.0.1"\nsmtp_port = {port}\n'
+        )
+        profile = prepared(tmp_path, f"sqlite:///{tmp_path / 'crm.sqlite'}", extra=notify)
+        daemon = Daemon([profile], clock=ManualClock(datetime(2030, 1, 3, 1, 25, tzinfo=UTC)))
+        daemon.start()  # the start-up import finds nothing
+        daemon.close()
+    finally:
+        controller.stop()
+    assert mailbox.messages == []
