@@ -90,7 +90,6 @@ class InboxWatcher(FileSystemEventHandler):
 
 @dataclass
 class ProfileRuntime:
-    path: Path
     sync: Sync
     scheduler: schedule.Scheduler = field(default_factory=schedule.Scheduler)
     watcher: InboxWatcher | None = None
@@ -166,7 +165,7 @@ class Daemon:
     def _runtime(self, profile: Profile) -> ProfileRuntime:
         sync = Sync(profile, clock=self.clock, stop=self.stop)
         sync.init()
-        runtime = ProfileRuntime(Path(profile.base_dir), sync)
+        runtime = ProfileRuntime(sync)
         config = profile.schedule
         if config.nightly:
             runtime.scheduler.every().day.at(config.nightly, config.timezone).do(self._nightly, runtime)

@@ -27,7 +27,7 @@ from sqlalchemy import Connection, Engine
 from batchsync import progress
 from batchsync.clock import Clock, utc_stamp
 from batchsync.config import Profile
-from batchsync.db import crm, ledger
+from batchsync.db import crm, driver, ledger
 from batchsync.errors import ConfigError
 from batchsync.formats.csvfile import CsvWriter
 from batchsync.formats.package import package
@@ -153,7 +153,7 @@ class Exporter:
         current = builder.rows(self._sources(connection, code, list_id, builder), writer.report_invalid)
         exported = ledger.stream_exported(connection, self.profile.name, code, chunk)
         pending: list[tuple[Any, ...]] = []
-        now = ledger.stored_time(connection, now)
+        now = driver.stored_time(connection, now)
         merged = merge_sorted(current, exported, lambda r: r.email_key, lambda e: e.email_key)
         for seen, (_key, row, known) in enumerate(merged, start=1):
             if row is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,10 @@ def test_a_key_with_a_passphrase_and_a_wrong_one(sshd: SshServer) -> None:
     assert not caught.value.retryable
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="password logins need the test user that only root can create")
+@pytest.mark.skipif(
+    not IS_ROOT and not os.environ.get("CI"),
+    reason="password logins need the test user that only root can create; in CI (root) this always runs",
+)
 def test_password_authentication_and_a_wrong_password(sshd: SshServer) -> None:
     with sftp(sshd, sshd.known_hosts, password=sshd.password) as client:
         client.list(".")

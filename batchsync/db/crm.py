@@ -241,12 +241,6 @@ def insert_rows(connection: Connection, table: str, rows: Sequence[Mapping[str, 
         connection.execute(insert(metadata.tables[table]), [dict(row) for row in rows])
 
 
-def touch_contacts(connection: Connection, contact_ids: Iterable[int], now: datetime) -> None:
-    ids = list(set(contact_ids))
-    if ids:
-        connection.execute(update(contacts).where(contacts.c.id.in_(ids)).values(updated_at=now))
-
-
 def count_contacts(connection: Connection) -> int:
     return int(connection.scalar(select(func.count()).select_from(contacts)) or 0)
 

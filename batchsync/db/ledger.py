@@ -132,10 +132,6 @@ def stage_pending(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> No
         driver.execute_many(connection, statement, rows)
 
 
-def stored_time(connection: Connection, moment: datetime) -> Any:
-    return driver.stored_time(connection, moment)
-
-
 def commit_pending(connection: Connection, profile: str, list_code: str) -> None:
     """Make the staged rows of a confirmed upload the new export state (call inside one transaction)."""
     p, e = bs_pending.c, bs_exported.c
