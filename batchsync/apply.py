@@ -8,7 +8,7 @@ Every row ends in the result file; a row refused here also goes to the errors fi
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -68,6 +68,7 @@ class EventApplier:
     ) -> None:
         self.profile, self.connection, self.source, self.run_id, self.now = profile, connection, source, run_id, now
         self.results, self.errors, self.list_ids = results, errors, list_ids
+        self.opted_out: dict[str, set[str]] = defaultdict(set)  # list -> addresses this file took off it
 
     def apply(self, events: list[InboundEvent], tally: Tally) -> None:
         keys = {event.email_key for event in events} | {e.new_email.lower() for e in events if e.new_email}
@@ -191,6 +192,8 @@ class EventApplier:
         decision = decide_opt_out(before, opt)
         if decision.new_status is None:
             return decision.rule, False
+        if before is not None and before.status in ("subscribed", "pending"):
+            self.opted_out[code].add(event.email_key)
         self.current[key] = Subscription(decision.new_status, opt.at, "provider")
         self.changes[key] = {
             "contact_id": contact_id,

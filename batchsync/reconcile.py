@@ -28,7 +28,7 @@ from batchsync.db import crm, ledger
 from batchsync.errors import BadFile, ConfigError
 from batchsync.events import EventReader, InboundEvent, RowError
 from batchsync.formats.csvfile import CsvWriter, Record, inspect_csv, read_records
-from batchsync.rules import OPT_OUT_KINDS, target_lists
+from batchsync.rules import safety_stop
 from batchsync.workdir import WorkDir, move_unique, sha256_of, unique_path
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,6 @@ class Reconciler:
             shape = inspect_csv(staged.path, staged.kind, reader.required_columns(), self.profile.work.max_file_bytes)
         except BadFile as exc:
             return self._quarantine(staged, sha, size, exc.reason, dry_run)
-        stop = None if self.force else self._safety_stop(staged, reader)
-        if stop is not None:
-            return self._quarantine(staged, sha, size, stop, dry_run)
         folder = self.work.dry_run if dry_run else self.work.archive
         kept = unique_path(folder, staged.name)
         outcome = FileOutcome(name=staged.name, outcome="applied", kept_at=kept)
@@ -77,11 +74,13 @@ class Reconciler:
                 self._record(connection, staged, sha, size, "applied", _summary(outcome))
                 if dry_run:
                     transaction.rollback()
-        except BaseException:
+        except BaseException as exc:
             # Nothing was applied: remove the half-written reports; the staged file is retried next run.
             for report in (outcome.result_path, outcome.errors_path):
                 if report is not None:
                     report.unlink(missing_ok=True)
+            if isinstance(exc, _SafetyStop):
+                return self._quarantine(staged, sha, size, str(exc), dry_run)
             raise
         if not dry_run:
             move_unique(staged.path, kept.parent, kept.name)
@@ -106,45 +105,19 @@ class Reconciler:
             ) as results,
             CsvWriter(outcome.errors_path, staged.kind, [*header, "bs_line", "bs_reason"]) as errors,
         ):
+            ids = self._list_ids(connection)
+            subscribed = crm.subscribed_counts(connection, ids)  # before the file: the safety stop's base
             batch = EventApplier(
-                self.profile,
-                connection,
-                staged.name,
-                self.run_id,
-                self.clock.now(),
-                results,
-                errors,
-                self._list_ids(connection),
+                self.profile, connection, staged.name, self.run_id, self.clock.now(), results, errors, ids
             )
             for records in _chunks(read_records(staged.path, staged.kind), CHUNK):
                 batch.apply(_read_events(records, reader, outcome, results, errors), outcome)
                 progress.report(f"import {staged.name}", outcome.rows)
-
-    def _safety_stop(self, staged: StagedFile, reader: EventReader) -> str | None:
-        """Why the file would opt out too large a share of a list to be applied unasked, or None."""
         policy = self.profile.policy
-        leaving: dict[str, set[str]] = {code: set() for code in self.profile.lists}
-        for record in read_records(staged.path, staged.kind):
-            try:
-                event = reader.read(record)
-            except RowError:
-                continue
-            if event.kind in OPT_OUT_KINDS:
-                for code in target_lists(event.kind, event.list_code, list(leaving), policy.unsubscribe_all_lists):  # type: ignore[arg-type]
-                    leaving[code].add(event.email_key)
-        with self.engine.connect() as connection:
-            ids = self._list_ids(connection)
-            subscribed = crm.subscribed_counts(connection, ids)
-            affected = {code: crm.count_subscribed_among(connection, ids[code], keys) for code, keys in leaving.items()}
-        for code, count in affected.items():
-            share = count / max(subscribed.get(code, 0), 1)
-            if count >= policy.safety_min_unsubscribes and share > policy.max_unsubscribe_share:
-                return (
-                    f"safety stop: the file would opt out {count} of the {subscribed.get(code, 0)} subscribed "
-                    f"addresses of list {code} ({share:.0%}, over the profile's {policy.max_unsubscribe_share:.0%}); "
-                    "nothing applied. Check the file, then import it with --force"
-                )
-        return None
+        opted_out = {code: len(keys) for code, keys in batch.opted_out.items()}
+        stop = safety_stop(opted_out, subscribed, policy.max_unsubscribe_share, policy.safety_min_unsubscribes)
+        if stop is not None and not self.force:
+            raise _SafetyStop(stop)  # rolls the file's transaction back
 
     def _list_ids(self, connection: Connection) -> dict[str, int]:
         ids = crm.list_ids(connection, self.profile.lists)
@@ -189,6 +162,10 @@ class Reconciler:
             at=self.clock.now(),
             detail=detail,
         )
+
+
+class _SafetyStop(Exception):
+    """The file opted out too large a share of a list: its transaction is rolled back, the file quarantined."""
 
 
 def _read_events(

@@ -13,7 +13,7 @@ when it carries consent given after that opt-out.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -147,3 +147,20 @@ def consented_export(status: Status, known_to_provider: str | None, pending_supp
     if status == "subscribed" and known_to_provider == "pending":
         return "pending"  # sent as pending for consent: the provider's confirmation moves it, not the CRM
     return status
+
+
+def safety_stop(
+    opted_out: Mapping[str, int], subscribed: Mapping[str, int], max_share: float, minimum: int
+) -> str | None:
+    """Why a file may not be applied unasked: it opts out too large a share of a list's subscribed addresses
+    (``opted_out`` per list, against ``subscribed`` before the file), or None."""
+    for code, count in opted_out.items():
+        base = subscribed.get(code, 0)
+        share = count / max(base, 1)
+        if count >= minimum and share > max_share:
+            return (
+                f"safety stop: the file would opt out {count} of the {base} subscribed addresses of list {code} "
+                f"({share:.0%}, over the profile's {max_share:.0%}); nothing applied. Check the file, then import "
+                "it with --force"
+            )
+    return None

@@ -105,3 +105,12 @@ def test_a_suppressed_address_is_never_exported_as_subscribed(status: str, suppr
         assert exported in ("unsubscribed", "cleaned")
     else:
         assert exported == status
+
+
+def test_the_safety_stop_needs_both_the_share_and_the_minimum() -> None:
+    from batchsync.rules import safety_stop
+
+    assert safety_stop({"news": 30}, {"news": 100}, 0.2, 10) is not None  # 30%, 30 addresses
+    assert safety_stop({"news": 20}, {"news": 100}, 0.2, 10) is None  # exactly the share is allowed
+    assert safety_stop({"news": 9}, {"news": 10}, 0.2, 10) is None  # under the minimum count
+    assert "list news" in (safety_stop({"news": 50}, {"news": 60}, 0.2, 10) or "")

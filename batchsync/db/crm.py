@@ -311,22 +311,3 @@ def subscribed_counts(connection: Connection, list_ids_: Mapping[str, int]) -> d
     )
     by_id = {list_id: int(count) for list_id, count in connection.execute(query)}
     return {code: by_id.get(list_id, 0) for code, list_id in list_ids_.items()}
-
-
-def count_subscribed_among(connection: Connection, list_id: int, keys: Iterable[str], chunk: int = 5000) -> int:
-    """How many of these addresses are subscribed (or pending) on the list now."""
-    pending = list(keys)
-    found: set[str] = set()
-    for start in range(0, len(pending), chunk):
-        query = (
-            select(contacts.c.email_key)
-            .join(subscriptions, subscriptions.c.contact_id == contacts.c.id)
-            .where(
-                contacts.c.email_key.in_(pending[start : start + chunk]),
-                contacts.c.deleted.is_(False),
-                subscriptions.c.list_id == list_id,
-                subscriptions.c.status.in_(("subscribed", "pending")),
-            )
-        )
-        found.update(connection.scalars(query))
-    return len(found)
