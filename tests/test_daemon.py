@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -202,7 +204,9 @@ def _applied(db_url: str) -> tuple[int, int]:
     return int(applied or 0), int(changes or 0)
 
 
-def test_sigterm_during_an_import_finishes_the_file_and_exits_0(tmp_path: Path) -> None:
+@contextmanager
+def _daemon_mid_import(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[bytes]]]:
+    """A daemon process busy importing a 60k-row file: (CRM URL, profile, process)."""
     db_url = f"sqlite:///{tmp_path / 'crm.sqlite'}"
     profile = prepared(tmp_path, db_url)
     process = _daemon_process(profile, tmp_path / "daemon.log")
@@ -210,27 +214,24 @@ def test_sigterm_during_an_import_finishes_the_file_and_exits_0(tmp_path: Path) 
         time.sleep(1.5)
         _big_file(tmp_path / "work" / "inbox", 60_000)
         _wait_until_importing(tmp_path, tmp_path / "daemon.log")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0, (tmp_path / "daemon.log").read_text()
+        yield db_url, profile, process
     finally:
         process.kill()
+
+
+def test_sigterm_during_an_import_finishes_the_file_and_exits_0(tmp_path: Path) -> None:
+    with _daemon_mid_import(tmp_path) as (db_url, _profile, process):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, (tmp_path / "daemon.log").read_text()
     applied, changes = _applied(db_url)
     assert (applied, changes) in ((1, 1), (0, 0))  # wholly applied, or not at all
     assert "finishing the file in hand" in (tmp_path / "daemon.log").read_text()
 
 
 def test_kill_9_during_an_import_then_a_restart_applies_the_file_exactly_once(tmp_path: Path) -> None:
-    db_url = f"sqlite:///{tmp_path / 'crm.sqlite'}"
-    profile = prepared(tmp_path, db_url)
-    process = _daemon_process(profile, tmp_path / "daemon.log")
-    try:
-        time.sleep(1.5)
-        _big_file(tmp_path / "work" / "inbox", 60_000)
-        _wait_until_importing(tmp_path, tmp_path / "daemon.log")
+    with _daemon_mid_import(tmp_path) as (db_url, profile, process):
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
-    finally:
-        process.kill()
     assert _applied(db_url) == (0, 0)  # killed mid-transaction: nothing of it committed
     restarted = _daemon_process(profile, tmp_path / "daemon2.log")
     try:

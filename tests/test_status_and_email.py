@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.message import Message
 from pathlib import Path
@@ -79,33 +80,41 @@ class Inbox:
         return "250 OK"
 
 
-def test_a_summary_email_arrives_with_counts_bounces_and_the_errors_file(tmp_path: Path) -> None:
-    mailbox = Inbox()
-    port = free_port()
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    """A real SMTP server on loopback (aiosmtpd): its mailbox and port."""
+    mailbox, port = Inbox(), free_port()
     controller = Controller(mailbox, hostname="127.0.0.1", port=port)
     controller.start()
-    try:
-        db_url = f"sqlite:///{tmp_path / 'crm.sqlite'}"
-        notify = (
-            f'\n[notify]\nemail_to = ["crm-admin@example.com"]\nemail_from = "batchsync@example.com"\n'
-            f'smtp_host = "127.0.0.1"\nsmtp_port = {port}\n'
-        )
-        profile = prepared(tmp_path, db_url, extra=notify)
-        write_csv(
-            tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
-            [
-                UNSUB_HEADER,
-                unsub_row("bob@example.com", "1", "20260105T100000", "2"),
-                unsub_row("dave@example.com", "1", "20260105T100000", "8"),
-                unsub_row("not an email", "1", "20260105T100000", "2"),
-            ],
-        )
-        clock = ManualClock(datetime(2030, 1, 3, 1, 25, tzinfo=UTC))  # a night long after the file was written
-        daemon = Daemon([profile], clock=clock)
-        daemon.start()  # the recovery import at start mails too
-        daemon.close()
-    finally:
-        controller.stop()
+    yield mailbox, port
+    controller.stop()
+
+
+def notify_section(port: int) -> str:
+    return (
+        f'\n[notify]\nemail_to = ["crm-admin@example.com"]\nemail_from = "batchsync@example.com"\n'
+        f'smtp_host = "127.0.0.1"\nsmtp_port = {port}\n'
+    )
+
+
+def test_a_summary_email_arrives_with_counts_bounces_and_the_errors_file(
+    tmp_path: Path, smtp: tuple[Inbox, int]
+) -> None:
+    mailbox, port = smtp
+    profile = prepared(tmp_path, f"sqlite:///{tmp_path / 'crm.sqlite'}", extra=notify_section(port))
+    write_csv(
+        tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
+        [
+            UNSUB_HEADER,
+            unsub_row("bob@example.com", "1", "20260105T100000", "2"),
+            unsub_row("dave@example.com", "1", "20260105T100000", "8"),
+            unsub_row("not an email", "1", "20260105T100000", "2"),
+        ],
+    )
+    clock = ManualClock(datetime(2030, 1, 3, 1, 25, tzinfo=UTC))  # a night long after the file was written
+    daemon = Daemon([profile], clock=clock)
+    daemon.start()  # the recovery import at start mails too
+    daemon.close()
     [message] = mailbox.messages
     assert message["To"] == "crm-admin@example.com"
     assert message["Subject"] == "batchsync mailup: 2 changes, 1 rows rejected"
@@ -153,11 +162,9 @@ def test_the_summary_goes_over_starttls_with_a_verified_certificate_and_a_login(
         import os
 
         os.environ["BATCHSYNC_TEST_SMTP_PASSWORD"] = "smtp-secret"
-        notify = (
-            f'\n[notify]\nemail_to = ["crm-admin@example.com"]\nemail_from = "batchsync@example.com"\n'
-            f'smtp_host = "127.0.0.1"\nsmtp_port = {port}\nsmtp_user = "batchsync"\n'
-            f'smtp_password_env = "BATCHSYNC_TEST_SMTP_PASSWORD"\nstarttls = "required"\n'
-            f'ca_file = "{certs.ca}"\n'
+        notify = notify_section(port) + (
+            'smtp_user = "batchsync"\nsmtp_password_env = "BATCHSYNC_TEST_SMTP_PASSWORD"\n'
+            f'starttls = "required"\nca_file = "{certs.ca}"\n'
         )
         profile = prepared(tmp_path, f"sqlite:///{tmp_path / 'crm.sqlite'}", extra=notify)
         write_csv(
@@ -174,20 +181,10 @@ def test_the_summary_goes_over_starttls_with_a_verified_certificate_and_a_login(
     assert message["Subject"] == "batchsync mailup: 1 changes, 0 rows rejected"
 
 
-def test_no_summary_is_sent_for_an_import_that_took_nothing(tmp_path: Path) -> None:
-    mailbox = Inbox()
-    port = free_port()
-    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    try:
-        notify = (
-            f'\n[notify]\nemail_to = ["crm-admin@example.com"]\nemail_from = "batchsync@example.com"\n'
-            f'smtp_host = "127.0.0.1"\nsmtp_port = {port}\n'
-        )
-        profile = prepared(tmp_path, f"sqlite:///{tmp_path / 'crm.sqlite'}", extra=notify)
-        daemon = Daemon([profile], clock=ManualClock(datetime(2030, 1, 3, 1, 25, tzinfo=UTC)))
-        daemon.start()  # the start-up import finds nothing
-        daemon.close()
-    finally:
-        controller.stop()
+def test_no_summary_is_sent_for_an_import_that_took_nothing(tmp_path: Path, smtp: tuple[Inbox, int]) -> None:
+    mailbox, port = smtp
+    profile = prepared(tmp_path, f"sqlite:///{tmp_path / 'crm.sqlite'}", extra=notify_section(port))
+    daemon = Daemon([profile], clock=ManualClock(datetime(2030, 1, 3, 1, 25, tzinfo=UTC)))
+    daemon.start()  # the start-up import finds nothing
+    daemon.close()
     assert mailbox.messages == []
