@@ -25,10 +25,10 @@ from pathlib import Path, PurePosixPath
 
 from batchsync.clock import Clock
 from batchsync.config import InboundConfig, Profile
-from batchsync.errors import ConfigError, TransportError, UnsafeRemoteName
+from batchsync.errors import ConfigError, UnsafeRemoteName
 from batchsync.transport import RemoteEntry, Transport, check_remote_name
 from batchsync.transport.base import with_retries
-from batchsync.workdir import WorkDir, move_unique, unique_path
+from batchsync.workdir import WorkDir, move_unique, unique_path, write_whole
 
 log = logging.getLogger(__name__)
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".filepart")
@@ -155,10 +155,12 @@ class Collector:
             report.refused.append(f"{staged.name}: member {name} matches no inbound pattern")
             return None
         target = self._stage_path(entry, f"{Path(staged.name).stem}__{name}")
-        partial = target.with_name(target.name + ".part")
-        with archive.open(info) as source, partial.open("wb") as sink:
-            shutil.copyfileobj(source, sink, 1 << 20)
-        os.replace(partial, target)
+
+        def extract(part: Path) -> None:
+            with archive.open(info) as source, part.open("wb") as sink:
+                shutil.copyfileobj(source, sink, 1 << 20)
+
+        write_whole(target, extract)
         return StagedFile(target, target.name, entry, f"{staged.origin}!{name}")
 
     def from_remote(self, transport: Transport, report: CollectReport) -> None:
@@ -230,18 +232,15 @@ class Collector:
     def _download(self, transport: Transport, entry: InboundConfig, name: str) -> StagedFile:
         remote_path = posixpath.join(entry.remote_dir or "", name)
         target = self._stage_path(entry, name)
-        partial = target.with_name(target.name + ".part")
-        try:
-            with_retries(
-                lambda: transport.download(remote_path, partial),
+        write_whole(
+            target,
+            lambda part: with_retries(
+                partial(transport.download, remote_path, part),
                 attempts=self.profile.transport.retries,
                 clock=self.clock,
                 what=f"download of {remote_path}",
-            )
-        except TransportError:
-            partial.unlink(missing_ok=True)
-            raise
-        os.replace(partial, target)
+            ),
+        )
         return StagedFile(target, name, entry, f"remote:{remote_path}", remote_path)
 
     def _stage_path(self, entry: InboundConfig, name: str) -> Path:
@@ -264,7 +263,5 @@ def _take(path: Path, target: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        partial = target.with_name(target.name + ".part")
-        shutil.copyfile(path, partial)
-        os.replace(partial, target)
+        write_whole(target, partial(shutil.copyfile, path))
         path.unlink()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -67,6 +67,17 @@ class WorkDir:
         if removed:
             log.info("removed %d files older than the retention period from %s", removed, folder)
         return removed
+
+
+def write_whole(target: Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` fill a ``.part`` file, then rename it to ``target``: the target is whole or absent."""
+    part = target.with_name(target.name + ".part")
+    try:
+        write(part)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, target)
 
 
 def move_unique(path: Path, folder: Path, name: str | None = None) -> Path:
