@@ -181,7 +181,7 @@ class Daemon:
 
     def _nightly(self, runtime: ProfileRuntime) -> None:
         config = runtime.profile.schedule
-        local = self.clock.now().astimezone(dt.UTC).astimezone(_zone(config.timezone))
+        local = self.clock.now().astimezone(_zone(config.timezone))
         slot = f"nightly {local:%Y-%m-%d} {config.nightly}"
         self._guarded(runtime, slot, lambda: runtime.sync.run(slot=slot))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from batchsync.clock import Clock
@@ -48,7 +49,7 @@ def profile_status(profile: Profile, clock: Clock, runs: int = 5) -> ProfileStat
     return ProfileStatus(profile.name, next_nightly(profile, clock.now()), last, waiting, quarantined, rejected)
 
 
-def _files(folder: Any, label: str) -> list[str]:
+def _files(folder: Path, label: str) -> list[str]:
     if not folder.is_dir():
         return []
     return [f"{label}/{path.name}" for path in sorted(folder.iterdir()) if path.is_file() and path.name[0] != "."]
