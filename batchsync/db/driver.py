@@ -7,8 +7,9 @@ the same SQL with the driver's own placeholders and convert times the way ``sche
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection
@@ -23,8 +24,15 @@ def marks(count: int) -> str:
     return ", ".join("?" * count)
 
 
-def query(connection: Connection, statement: str, values: Sequence[Any] = ()) -> Iterator[Sequence[Any]]:
-    return iter(connection.exec_driver_sql(_sql(connection, statement), tuple(values)))
+def query(connection: Connection, statement: str, values: Sequence[Any] = ()) -> list[Sequence[Any]]:
+    """All rows at once from the driver's own cursor (SQLAlchemy's row-by-row fetching costs more than the
+    query on a hot path); for lookups whose result fits in memory."""
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(_sql(connection, statement), tuple(values))
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
 
 
 def execute_many(connection: Connection, statement: str, rows: Iterable[Sequence[Any]]) -> None:
@@ -46,13 +54,24 @@ def stored_time(connection: Connection, moment: datetime | None) -> Any:
     """A time as UtcDateTime stores it: naive UTC (text on SQLite, as SQLAlchemy writes it)."""
     if moment is None:
         return None
-    naive = moment.astimezone(UTC).replace(tzinfo=None)
-    return naive.strftime("%Y-%m-%d %H:%M:%S.%f") if connection.dialect.name == "sqlite" else naive
+    return _stored_time(moment, connection.dialect.name == "sqlite")
 
 
 def read_time(value: Any) -> datetime | None:
     """A stored time back as an aware UTC datetime."""
     if value is None:
         return None
+    return _read_time(value)
+
+
+# Memoized: an import writes the same few moments (the run's time, a file's event times) on every row.
+@lru_cache(maxsize=65536)
+def _stored_time(moment: datetime, as_text: bool) -> Any:
+    naive = moment.astimezone(UTC).replace(tzinfo=None)
+    return naive.strftime("%Y-%m-%d %H:%M:%S.%f") if as_text else naive
+
+
+@lru_cache(maxsize=65536)
+def _read_time(value: Any) -> datetime:
     moment: datetime = datetime.fromisoformat(value) if isinstance(value, str) else value
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
