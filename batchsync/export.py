@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, Select
 
 from batchsync import progress
 from batchsync.clock import Clock, utc_stamp
@@ -125,6 +125,7 @@ class Exporter:
         path = unique_path(folder, self._file_name(code, mode, now), also_in=(self.work.sent,))
         staged = ExportedFile(code, remote_path=self._remote_dir(code) + "/" + path.name)
         with self.engine.connect() as connection, connection.begin() as transaction:
+            driver.tune_for_bulk(connection)
             ledger.clear_pending(connection, self.profile.name, code)
             writer = _ListWriter(self.profile, code, path)
             try:
@@ -150,8 +151,9 @@ class Exporter:
     ) -> None:
         builder = RowBuilder(self.profile, code)
         chunk = self.profile.export.chunk_rows
-        current = builder.rows(self._sources(connection, code, list_id, builder), writer.report_invalid)
-        exported = ledger.stream_exported(connection, self.profile.name, code, chunk)
+        only = self._changed_keys(connection, code, list_id, builder) if mode == "diff" else None
+        current = builder.rows(self._sources(connection, code, list_id, builder, only), writer.report_invalid)
+        exported = ledger.stream_exported(connection, self.profile.name, code, chunk, only)
         pending: list[tuple[Any, ...]] = []
         now = driver.stored_time(connection, now)
         merged = merge_sorted(current, exported, lambda r: r.email_key, lambda e: e.email_key)
@@ -166,6 +168,8 @@ class Exporter:
                     sent = outgoing or row
                     origin = _origin(row, sent, known)
                     pending.append(self._pending(code, row.email_key, row.email, row.contact_ids[0], sent, now, origin))
+                elif known is not None and known.source_digest != row.source_digest:
+                    pending.append(self._refreshed(code, row, known, now))  # same row, new inputs: note them
             elif known is not None and known.status != ledger.TOMBSTONE:
                 if known.status in ("subscribed", "pending") and builder.tombstones:
                     writer.write_tombstone(builder.tombstone(known.email))
@@ -179,14 +183,32 @@ class Exporter:
                 pending.clear()
         ledger.stage_pending(connection, pending)
 
-    def _sources(self, connection: Connection, code: str, list_id: int, builder: RowBuilder) -> Iterator[Any]:
+    def _sources(
+        self, connection: Connection, code: str, list_id: int, builder: RowBuilder, only: Select[Any] | None
+    ) -> Iterator[Any]:
         chunk = self.profile.export.chunk_rows
         segment = self.profile.lists[code].segment
         if segment is not None:
             return crm.stream_segment_sources(connection, list_id, segment.field, segment.equals, chunk)
         return crm.stream_export_sources(
-            connection, list_id, chunk, with_custom=builder.needs_custom, with_groups=builder.needs_groups
+            connection,
+            list_id,
+            chunk,
+            with_custom=builder.needs_custom,
+            with_groups=builder.needs_groups,
+            salt=builder.salt,
+            only_keys=only,
         )
+
+    def _changed_keys(self, connection: Connection, code: str, list_id: int, builder: RowBuilder) -> Select[Any] | None:
+        """For a diff, the addresses whose inputs changed, found in the database, so that only their rows
+        are read and built here; None (every row) for a list defined by a segment filter."""
+        if self.profile.lists[code].segment is not None:
+            return None
+        digests = crm.export_digests(
+            connection, list_id, builder.salt, with_custom=builder.needs_custom, with_groups=builder.needs_groups
+        )
+        return ledger.changed_keys(connection, self.profile.name, code, digests)
 
     def _outgoing(
         self, builder: RowBuilder, row: ProviderRow, known: ledger.ExportedRow | None, mode: Mode
@@ -226,7 +248,24 @@ class Exporter:
         """A bs_pending row, in ledger.PENDING_COLUMNS order."""
         fingerprint = row.fingerprint if row else 0
         status = row.status if row else ledger.TOMBSTONE
-        return (self.profile.name, code, key, email, contact_id, fingerprint, status, origin, now)
+        digest = row.source_digest if row else None
+        return (self.profile.name, code, key, email, contact_id, fingerprint, status, origin, now, digest)
+
+    def _refreshed(self, code: str, row: ProviderRow, known: ledger.ExportedRow, now: Any) -> tuple[Any, ...]:
+        """The ledger row as it is, with the digest of the CRM rows it now comes from."""
+        contact_id = row.contact_ids[0]
+        return (
+            self.profile.name,
+            code,
+            row.email_key,
+            row.email,
+            contact_id,
+            known.fingerprint,
+            known.status,
+            known.origin,
+            now,
+            row.source_digest,
+        )
 
     def _deliver(self, transport: Transport, staged: ExportedFile) -> None:
         assert staged.remote_path is not None

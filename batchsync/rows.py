@@ -8,6 +8,7 @@ keeps on its own so that a status the provider reported is not echoed back.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from datetime import date
@@ -19,6 +20,7 @@ from batchsync.config import ExportColumn, Profile
 from batchsync.db.crm import ExportSource
 from batchsync.rules import Status, email_problem, export_status, merge_statuses
 
+ROWS_VERSION = 1  # raise when a change here renders the same CRM rows differently
 InvalidSink = Callable[[int, str, str], None]
 Cell = Callable[[list[ExportSource], Status], str]
 
@@ -32,6 +34,7 @@ class ProviderRow(NamedTuple):
     values: list[str]
     fingerprint: int
     from_provider: bool  # every contact's status was last set by the provider: it knows this row already
+    source_digest: int | None = None  # the sum of its CRM rows' digests (db.digest), when read with them
 
 
 def fingerprint(values: Iterable[str]) -> int:
@@ -75,9 +78,18 @@ class RowBuilder:
             values = [cell(group, status) for cell in self.cells]
             at = self.status_index
             content = values if at is None else values[:at] + values[at + 1 :]
+            digest = first.digest if len(group) == 1 else _digest_sum(group)
             yield ProviderRow(
-                key, first.email.strip(), ids, status, statuses, values, fingerprint(content), from_provider
+                key, first.email.strip(), ids, status, statuses, values, fingerprint(content), from_provider, digest
             )
+
+    @property
+    def salt(self) -> str:
+        """What, besides the CRM rows, decides this list's rows: the digests of rows read under another salt
+        (another profile setting, another way of building rows) never match, so such rows are compared in full.
+        """
+        settings = [ROWS_VERSION, self.export.model_dump(mode="json"), self.list.model_dump(mode="json")]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def sendable(self, status: str) -> bool:
         if self.status_index is None:
@@ -136,6 +148,11 @@ class RowBuilder:
     def _groups(self, group: list[ExportSource]) -> str:
         codes = sorted({code for source in group for code in source.group_codes})
         return self.export.group_separator.join(self.list.groups.get(code, code) for code in codes)
+
+
+def _digest_sum(group: list[ExportSource]) -> int | None:
+    digests = [source.digest for source in group]
+    return None if None in digests else sum(digests)  # type: ignore[arg-type]
 
 
 def written_columns(profile: Profile) -> list[ExportColumn]:

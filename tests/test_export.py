@@ -6,10 +6,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import insert, select, update
 
 import batchsync.export
 from batchsync.clock import ManualClock
 from batchsync.db import ledger
+from batchsync.db.schema import bs_exported, group_members, groups, missing_tables, subscriptions, suppressions
 from batchsync.sync import Sync
 
 from .conftest import ftp_transport, mailup_profile
@@ -87,6 +89,68 @@ def test_diff_holds_exactly_the_changes_and_a_tombstone_then_nothing(
     newsletter = next(f for f in again.files if f.list_code == "newsletter")
     assert [p.parent.name for p in newsletter.reports] == ["sent", "sent"]  # reported in every export
     assert len(uploaded(tmp_path)["1"]) == 2
+
+
+def test_diff_finds_changes_outside_the_contact_row_a_group_and_a_suppression(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    sync.export("full")
+    with sync.engine.begin() as connection:
+        vip = connection.scalar(select(groups.c.id).where(groups.c.code == "vip"))
+        connection.execute(insert(group_members).values(contact_id=2, group_id=vip))
+        connection.execute(
+            insert(suppressions).values(
+                email_key="ivan@example.com", email="ivan@example.com", reason="complaint", at=clock.now(), source="crm"
+            )
+        )
+    clock.advance(3600)
+    sync.export("diff")
+    assert sorted(data_rows(max(uploaded(tmp_path)["1"]))) == [
+        ["bob@example.com", "Bob", "Brown", "1", "VIP", "1"],
+        ["ivan@example.com", "Иван", "Петров", "1", "", "0"],
+    ]
+    assert data_rows(max(uploaded(tmp_path)["2"])) == [["ivan@example.com", "Иван", "Петров", "2", "", "0"]]
+
+
+def test_diff_after_a_profile_change_compares_every_row_again(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    sync.export("full")
+    clock.advance(3600)
+    changed = Sync(mailup_profile(tmp_path, db_url, **{"export.columns.1.transform": "upper"}), clock=clock)
+    result = changed.export("diff")
+    assert result.rows == 10 + 3  # every first name is written differently now
+    assert ["alice@example.com", "ALICE"] in [row[:2] for row in data_rows(max(uploaded(tmp_path)["1"]))]
+
+
+def test_diff_notes_new_inputs_that_give_the_same_row_without_sending_it(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    sync.export("full")
+
+    def digest_of_bob() -> int:
+        with sync.engine.connect() as connection:
+            e = bs_exported.c
+            query = select(e.source_digest).where(e.list_code == "newsletter", e.email_key == "bob@example.com")
+            return int(connection.scalar(query))
+
+    before = digest_of_bob()
+    with sync.engine.begin() as connection:
+        connection.execute(update(subscriptions).where(subscriptions.c.contact_id == 2).values(source="admin"))
+    clock.advance(3600)
+    assert sync.export("diff").rows == 0
+    assert digest_of_bob() != before
+
+
+def test_init_adds_the_ledger_columns_an_older_database_lacks(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    with sync.engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE bs_exported DROP COLUMN source_digest")
+    assert missing_tables(sync.engine) == ["bs_exported.source_digest"]
+    sync.init()
+    assert missing_tables(sync.engine) == []
+    assert sync.export("full").rows == 10 + 3
 
 
 def test_a_change_reported_by_the_provider_is_not_echoed_back(tmp_path: Path, db_url: str, clock: ManualClock) -> None:

@@ -11,9 +11,22 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
-from sqlalchemy import ColumnElement, Connection, and_, func, insert, literal, null, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    FromClause,
+    Select,
+    and_,
+    func,
+    insert,
+    literal,
+    null,
+    select,
+    update,
+)
 
 from batchsync.db import driver
+from batchsync.db.digest import source_digest
 from batchsync.db.schema import (
     activities,
     contacts,
@@ -42,6 +55,7 @@ class ExportSource(NamedTuple):
     source: str
     suppressed: bool
     group_codes: tuple[str, ...]
+    digest: int | None = None  # of the row's inputs (db.digest), when the export asked for it
 
 
 def ordered_key(column: ColumnElement[str], connection: Connection) -> ColumnElement[str]:
@@ -70,41 +84,75 @@ def _group_codes_by_contact(connection: Connection, list_id: int) -> Any:
 
 
 def stream_export_sources(
-    connection: Connection, list_id: int, chunk: int, *, with_custom: bool = True, with_groups: bool = True
+    connection: Connection,
+    list_id: int,
+    chunk: int,
+    *,
+    with_custom: bool = True,
+    with_groups: bool = True,
+    salt: str | None = None,
+    only_keys: Select[Any] | None = None,
 ) -> Iterator[ExportSource]:
     """Live contacts on one list with their status, suppression and groups, by email_key then contact id.
 
     Custom fields and groups are read only when asked for: decoding JSON and joining the group table cost
-    more than the rest of a row.
+    more than the rest of a row. With a ``salt``, each row carries its digest (see :func:`export_digests`);
+    with ``only_keys``, only the contacts whose email_key that query returns are read.
     """
-    codes = _group_codes_by_contact(connection, list_id) if with_groups else None
-    query = (
-        select(
-            contacts.c.id,
-            contacts.c.email,
-            contacts.c.email_key,
-            contacts.c.first_name,
-            contacts.c.last_name,
-            contacts.c.custom if with_custom else null(),
-            subscriptions.c.status,
-            subscriptions.c.source,
-            suppressions.c.email_key.is_not(None),
-            codes.c.codes if codes is not None else null(),
-        )
-        .join(
-            subscriptions,
-            and_(subscriptions.c.contact_id == contacts.c.id, subscriptions.c.list_id == list_id),
-        )
-        .outerjoin(suppressions, suppressions.c.email_key == contacts.c.email_key)
-        .where(contacts.c.deleted.is_(False))
-        .order_by(ordered_key(contacts.c.email_key, connection), contacts.c.id)
-    )
-    if codes is not None:
-        query = query.outerjoin(codes, codes.c.contact_id == contacts.c.id)
+    columns, joined = _export_inputs(connection, list_id, with_custom, with_groups)
+    if salt is not None:
+        columns.append(source_digest(salt, *columns))
+    query = select(*columns).select_from(joined).where(contacts.c.deleted.is_(False))
+    if only_keys is not None:
+        query = query.where(contacts.c.email_key.in_(only_keys))
+    query = query.order_by(ordered_key(contacts.c.email_key, connection), contacts.c.id)
     result = connection.execute(query.execution_options(stream_results=True, yield_per=chunk))
     for row in result:
         groups = tuple(sorted(row[9].split(GROUP_SEP))) if row[9] else ()
-        yield _source(row, cast(Status, row[6]), row[7], groups)
+        yield _source(row, cast(Status, row[6]), row[7], groups, row[10] if salt is not None else None)
+
+
+def export_digests(
+    connection: Connection, list_id: int, salt: str, *, with_custom: bool, with_groups: bool
+) -> Select[Any]:
+    """(email_key, digest, contacts) for every address on one list: the sum of the digests of its contacts'
+    rows (the same rows and digests :func:`stream_export_sources` reads with this salt), and their number."""
+    columns, joined = _export_inputs(connection, list_id, with_custom, with_groups)
+    return (
+        select(
+            contacts.c.email_key,
+            func.sum(source_digest(salt, *columns)).label("digest"),
+            func.count().label("contacts"),
+        )
+        .select_from(joined)
+        .where(contacts.c.deleted.is_(False))
+        .group_by(contacts.c.email_key)
+    )
+
+
+def _export_inputs(
+    connection: Connection, list_id: int, with_custom: bool, with_groups: bool
+) -> tuple[list[ColumnElement[Any]], FromClause]:
+    """The columns an export row is made of (ExportSource's order) and the join they come from."""
+    codes = _group_codes_by_contact(connection, list_id) if with_groups else None
+    columns: list[ColumnElement[Any]] = [
+        contacts.c.id,
+        contacts.c.email,
+        contacts.c.email_key,
+        contacts.c.first_name,
+        contacts.c.last_name,
+        contacts.c.custom if with_custom else null(),
+        subscriptions.c.status,
+        subscriptions.c.source,
+        suppressions.c.email_key.is_not(None),
+        codes.c.codes if codes is not None else null(),
+    ]
+    joined = contacts.join(
+        subscriptions, and_(subscriptions.c.contact_id == contacts.c.id, subscriptions.c.list_id == list_id)
+    ).outerjoin(suppressions, suppressions.c.email_key == contacts.c.email_key)
+    if codes is not None:
+        joined = joined.outerjoin(codes, codes.c.contact_id == contacts.c.id)
+    return columns, joined
 
 
 def stream_segment_sources(
@@ -140,9 +188,9 @@ def stream_segment_sources(
             yield source
 
 
-def _source(row: Any, status: Status, origin: str, groups: tuple[str, ...]) -> ExportSource:
+def _source(row: Any, status: Status, origin: str, groups: tuple[str, ...], digest: int | None = None) -> ExportSource:
     """An ExportSource from a row of (id, email, email_key, first, last, custom, status, source, suppressed)."""
-    return ExportSource(row[0], row[1], row[2], row[3], row[4], row[5], status, origin, bool(row[8]), groups)
+    return ExportSource(row[0], row[1], row[2], row[3], row[4], row[5], status, origin, bool(row[8]), groups, digest)
 
 
 def _matches(source: ExportSource, field: str, equals: str | None) -> bool:

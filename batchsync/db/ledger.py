@@ -12,13 +12,29 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, select, text, update
+from sqlalchemy import (
+    Connection,
+    Select,
+    and_,
+    column,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    table,
+    text,
+    update,
+)
 
 from batchsync.db import driver
 from batchsync.db.crm import ordered_key
 from batchsync.db.schema import bs_exported, bs_files, bs_pending, bs_runs
 
 TOMBSTONE = "tombstone"
+CURRENT = table("bs_current", column("email_key"), column("digest"), column("contacts"))
+DIFF_KEYS = table("bs_diff_keys", column("email_key"))
 ANALYZE_AFTER = 1000  # staged rows
 
 
@@ -29,6 +45,7 @@ class ExportedRow:
     fingerprint: int
     status: str
     origin: str  # "export": the status is what we sent; "provider": what the provider reported to us
+    source_digest: int | None = None  # of the CRM rows it was made from (db.digest)
 
 
 # --- runs -------------------------------------------------------------------------------------------------
@@ -100,22 +117,80 @@ def record_file(connection: Connection, **values: Any) -> None:
 # --- export ledger ----------------------------------------------------------------------------------------
 
 
-def stream_exported(connection: Connection, profile: str, list_code: str, chunk: int) -> Iterator[ExportedRow]:
+def stream_exported(
+    connection: Connection, profile: str, list_code: str, chunk: int, only_keys: Select[Any] | None = None
+) -> Iterator[ExportedRow]:
     e = bs_exported.c
-    query = (
-        select(e.email_key, e.email, e.fingerprint, e.status, e.origin)
-        .where(e.profile == profile, e.list_code == list_code)
-        .order_by(ordered_key(e.email_key, connection))
+    query = select(e.email_key, e.email, e.fingerprint, e.status, e.origin, e.source_digest).where(
+        e.profile == profile, e.list_code == list_code
     )
+    if only_keys is not None:
+        query = query.where(e.email_key.in_(only_keys))
+    query = query.order_by(ordered_key(e.email_key, connection))
     for row in connection.execute(query.execution_options(stream_results=True, yield_per=chunk)):
-        yield ExportedRow(row[0], row[1], row[2], row[3], row[4])
+        yield ExportedRow(row[0], row[1], row[2], row[3], row[4], row[5])
+
+
+def changed_keys(connection: Connection, profile: str, list_code: str, digests: Select[Any]) -> Select[Any]:
+    """The addresses a diff must look at, found inside the database: those whose CRM digest (``digests``,
+    from ``crm.export_digests``) differs from the one the ledger holds or that the ledger lacks, those
+    several contacts share (the duplicates report lists them in every export), and those the ledger holds
+    that have no live contact on the list any more.
+
+    The digests are kept in the session's temporary table ``bs_current``, the addresses in ``bs_diff_keys``;
+    the returned query reads the addresses back. Joined as derived tables instead, SQLite compared every
+    row with every other, or looked each address up through the CRM's indexes: ten times slower."""
+    _fill_current(connection, digests)
+    _temporary(connection, "bs_diff_keys", "email_key VARCHAR(320) PRIMARY KEY")
+    current, e = CURRENT.c, bs_exported.c
+    on_ledger = and_(e.profile == profile, e.list_code == list_code, e.email_key == current.email_key)
+    differs = select(current.email_key).select_from(CURRENT.outerjoin(bs_exported, on_ledger))
+    differs = differs.where(
+        or_(e.email_key.is_(None), e.source_digest.is_(None), e.source_digest != current.digest, current.contacts > 1)
+    )
+    connection.execute(insert(DIFF_KEYS).from_select(["email_key"], differs))
+    alive = exists().where(current.email_key == e.email_key)
+    gone = select(e.email_key).where(e.profile == profile, e.list_code == list_code, ~alive)
+    connection.execute(insert(DIFF_KEYS).from_select(["email_key"], gone))
+    return select(DIFF_KEYS.c.email_key)
+
+
+def _fill_current(connection: Connection, digests: Select[Any]) -> None:
+    """``bs_current`` := ``digests``. PostgreSQL plans CREATE TABLE AS in parallel, never INSERT ... SELECT (5.4 s
+    against 2.5 s for a 1M-row list); SQLite needs the primary key to look addresses up in it."""
+    if connection.dialect.name != "postgresql":
+        _temporary(connection, "bs_current", "email_key VARCHAR(320) PRIMARY KEY, digest NUMERIC, contacts INTEGER")
+        connection.execute(insert(CURRENT).from_select(["email_key", "digest", "contacts"], digests))
+        return
+    compiled = digests.compile(dialect=connection.dialect)
+    connection.exec_driver_sql("DROP TABLE IF EXISTS bs_current")
+    connection.exec_driver_sql(f"CREATE TEMPORARY TABLE bs_current AS {compiled}", compiled.params)
+    _refresh_statistics(connection, "bs_current")
+
+
+def _temporary(connection: Connection, name: str, columns: str) -> None:
+    """An empty temporary table of this session (created on first use)."""
+    rowid = " WITHOUT ROWID" if connection.dialect.name == "sqlite" else ""
+    connection.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {name} ({columns}){rowid}")
+    connection.exec_driver_sql(f"DELETE FROM {name}")
 
 
 def clear_pending(connection: Connection, profile: str, list_code: str) -> None:
     connection.execute(delete(bs_pending).where(bs_pending.c.profile == profile, bs_pending.c.list_code == list_code))
 
 
-PENDING_COLUMNS = ("profile", "list_code", "email_key", "email", "contact_id", "fingerprint", "status", "origin", "at")
+PENDING_COLUMNS = (
+    "profile",
+    "list_code",
+    "email_key",
+    "email",
+    "contact_id",
+    "fingerprint",
+    "status",
+    "origin",
+    "at",
+    "source_digest",
+)
 
 
 def stage_pending(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -142,7 +217,7 @@ def commit_pending(connection: Connection, profile: str, list_code: str) -> None
     connection.execute(
         delete(bs_exported).where(e.profile == profile, e.list_code == list_code, e.email_key.in_(staged_keys))
     )
-    columns = [p.profile, p.list_code, p.email_key, p.email, p.contact_id, p.fingerprint, p.status, p.origin, p.at]
+    columns = [p[name] for name in PENDING_COLUMNS]
     connection.execute(
         insert(bs_exported).from_select(
             [column.name for column in columns], select(*columns).where(mine, p.status != TOMBSTONE)
@@ -161,10 +236,14 @@ def _refresh_statistics(connection: Connection, table: str) -> None:
 
 
 def note_provider_status(connection: Connection, profile: str, changes: Sequence[Mapping[str, str]]) -> None:
-    """Record that the provider already knows these statuses, so the next diff does not echo them back."""
+    """Record that the provider already knows these statuses, so the next diff does not echo them back.
+
+    The row's digest is cleared: the next diff must weigh it again even if the CRM goes back to the inputs
+    it had when the row was sent (a re-subscription after the provider's opt-out)."""
     driver.execute_many(
         connection,
-        "UPDATE bs_exported SET status = ?, origin = 'provider' WHERE profile = ? AND list_code = ? AND email_key = ?",
+        "UPDATE bs_exported SET status = ?, origin = 'provider', source_digest = NULL "
+        "WHERE profile = ? AND list_code = ? AND email_key = ?",
         ((c["status"], profile, c["list_code"], c["email_key"]) for c in changes),
     )
 
@@ -176,7 +255,7 @@ def rename_exported(connection: Connection, profile: str, old_key: str, new_key:
     connection.execute(
         update(bs_exported)
         .where(e.profile == profile, e.email_key == old_key)
-        .values(email_key=new_key, email=new_email)
+        .values(email_key=new_key, email=new_email, source_digest=None)
     )
 
 

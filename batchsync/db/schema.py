@@ -32,6 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
+from batchsync.db.digest import digest48
 from batchsync.errors import DatabaseError
 
 
@@ -184,6 +185,9 @@ def _exported_table(name: str) -> Table:
         Column("fingerprint", BigInteger, nullable=False),
         Column("status", String(16), nullable=False),
         Column("origin", String(10), nullable=False, default="export"),  # "provider": it reported the status
+        # The digest of the CRM rows the exported row was made from (db.digest): a diff skips the rows whose
+        # inputs did not change. NULL: not known, the row is compared in full.
+        Column("source_digest", BigInteger),
         Column("at", UtcDateTime, nullable=False),
     )
 
@@ -231,6 +235,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+    dbapi_connection.create_function("bs_digest", 1, digest48, deterministic=True)
 
 
 def _redact(url: str) -> str:
@@ -241,17 +246,40 @@ def _redact(url: str) -> str:
 
 
 def missing_tables(engine: Engine) -> list[str]:
-    """The tables batchsync needs that the database does not have yet."""
+    """The tables (and, as ``table.column``, the columns of existing tables) that the database lacks."""
     try:
-        present = set(inspect(engine).get_table_names())
+        found = inspect(engine)
+        present = set(found.get_table_names())
+        columns = {name: {c["name"] for c in found.get_columns(name)} for name in metadata.tables if name in present}
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot read the database: {exc}") from None
-    return [name for name in metadata.tables if name not in present]
+    missing = [name for name in metadata.tables if name not in present]
+    for name, have in columns.items():
+        missing += [f"{name}.{column.name}" for column in metadata.tables[name].columns if column.name not in have]
+    return missing
 
 
 def create_all(engine: Engine) -> None:
-    """Create every table and index that is missing; existing ones are left as they are."""
+    """Create every table and index that is missing, and add the columns a newer batchsync put in its own
+    tables; existing data is left as it is."""
     try:
         metadata.create_all(engine)
+        with engine.begin() as connection:
+            for name in missing_tables(engine):
+                table, column = name.split(".")
+                connection.exec_driver_sql(
+                    f"ALTER TABLE {table} ADD COLUMN {_column_sql(metadata.tables[table].c[column], engine)}"
+                )
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot create tables: {exc}") from None
+
+
+def _column_sql(column: Column[Any], engine: Engine) -> str:
+    """A column definition for ALTER TABLE: nullable, or NOT NULL with its constant default."""
+    kind = column.type.compile(dialect=engine.dialect)
+    if column.nullable:
+        return f"{column.name} {kind}"
+    default = getattr(column.default, "arg", None)
+    if not isinstance(default, str):
+        raise DatabaseError(f"cannot add column {column.table.name}.{column.name}: it has no default")
+    return f"{column.name} {kind} NOT NULL DEFAULT '{default}'"
