@@ -27,6 +27,7 @@ from batchsync.collect import Collector, CollectReport, StagedFile
 from batchsync.config import Profile
 from batchsync.db import crm, ledger
 from batchsync.db.schema import create_all, make_engine, missing_tables
+from batchsync.errors import DatabaseError
 from batchsync.export import Exporter, ExportResult, Mode
 from batchsync.locks import profile_lock
 from batchsync.reconcile import FileOutcome, Reconciler
@@ -211,6 +212,11 @@ class Sync:
     @contextmanager
     def _locked(self, dry_run: bool) -> Iterator[None]:
         """Hold the profile's run lock; a run that a dead process left open is closed as failed first."""
+        missing = missing_tables(self.engine)
+        if missing:
+            raise DatabaseError(
+                f"the database lacks {', '.join(missing)}: run `batchsync init -p {self.profile.name}` first"
+            )
         if dry_run:
             yield
             return

@@ -12,6 +12,7 @@ import batchsync.export
 from batchsync.clock import ManualClock
 from batchsync.db import ledger
 from batchsync.db.schema import bs_exported, group_members, groups, missing_tables, subscriptions, suppressions
+from batchsync.errors import DatabaseError
 from batchsync.sync import Sync
 
 from .conftest import ftp_transport, mailup_profile
@@ -148,6 +149,8 @@ def test_init_adds_the_ledger_columns_an_older_database_lacks(tmp_path: Path, db
     with sync.engine.begin() as connection:
         connection.exec_driver_sql("ALTER TABLE bs_exported DROP COLUMN source_digest")
     assert missing_tables(sync.engine) == ["bs_exported.source_digest"]
+    with pytest.raises(DatabaseError, match=r"lacks bs_exported.source_digest: run `batchsync init -p mailup`"):
+        sync.export("full")
     sync.init()
     assert missing_tables(sync.engine) == []
     assert sync.export("full").rows == 10 + 3
