@@ -53,6 +53,7 @@ class RowBuilder:
         self.needs_custom = any(name.startswith("custom.") for name in self.fields)
         self.cells = [self._cell(column) for column in self.columns]
         self.needs_groups = "groups" in self.fields
+        self._names_cache: dict[tuple[str, ...], str] = {}
 
     def rows(self, sources: Iterable[ExportSource], on_invalid: InvalidSink) -> Iterator[ProviderRow]:
         """Provider rows in email order; invalid addresses go to ``on_invalid`` and are not exported."""
@@ -146,8 +147,17 @@ class RowBuilder:
         return column.values.get(value, value)
 
     def _groups(self, group: list[ExportSource]) -> str:
-        codes = sorted({code for source in group for code in source.group_codes})
-        return self.export.group_separator.join(self.list.groups.get(code, code) for code in codes)
+        if len(group) == 1:
+            return self._group_names(group[0].group_codes)  # already sorted
+        return self._group_names(tuple(sorted({code for source in group for code in source.group_codes})))
+
+    def _group_names(self, codes: tuple[str, ...]) -> str:
+        names = self._names_cache.get(codes)
+        if names is None:  # a list has few groups, so few combinations: each is joined once
+            names = self.export.group_separator.join(self.list.groups.get(code, code) for code in codes)
+            if len(self._names_cache) < 10_000:
+                self._names_cache[codes] = names
+        return names
 
 
 def _digest_sum(group: list[ExportSource]) -> int | None:
