@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 import socket
@@ -23,6 +24,18 @@ from batchsync.db.schema import make_engine
 from batchsync.ftpserver import LoopbackFtpServer
 
 from .peers import PASSPHRASE, Certificates, SshServer, Vsftpd, give_to, make_certificates, start_sshd, start_vsftpd
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """A CLI test points the root logger at the runner's own stderr, closed when the test ends: put the
+    logger back, so later tests do not log into a closed file."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 FTP_PASSWORD_ENV = "BATCHSYNC_TEST_FTP_PASSWORD"
