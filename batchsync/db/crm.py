@@ -258,11 +258,11 @@ def set_statuses(connection: Connection, changes: Sequence[Mapping[str, Any]], *
         for c in changes
     ]
     if existing:
-        statement = "UPDATE subscriptions SET status = ?, status_at = ?, source = ?, reason = ? "
-        driver.execute_many(connection, statement + "WHERE contact_id = ? AND list_id = ?", rows)
+        set_columns = ("status", "status_at", "source", "reason")
+        driver.update_many(connection, "subscriptions", set_columns, ("contact_id", "list_id"), rows)
     else:
-        statement = "INSERT INTO subscriptions (status, status_at, source, reason, contact_id, list_id) "
-        driver.execute_many(connection, statement + "VALUES (?, ?, ?, ?, ?, ?)", rows)
+        columns = ("status", "status_at", "source", "reason", "contact_id", "list_id")
+        driver.insert_many(connection, "subscriptions", columns, rows)
 
 
 def suppress(connection: Connection, entries: Mapping[str, Mapping[str, Any]]) -> int:
@@ -277,9 +277,10 @@ def suppress(connection: Connection, entries: Mapping[str, Mapping[str, Any]]) -
 
 
 def add_activities(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    driver.execute_many(
+    driver.insert_many(
         connection,
-        "INSERT INTO activities (contact_id, kind, at, detail) VALUES (?, ?, ?, ?)",
+        "activities",
+        ("contact_id", "kind", "at", "detail"),
         ((row["contact_id"], row["kind"], driver.stored_time(connection, row["at"]), row["detail"]) for row in rows),
     )
 

@@ -41,6 +41,49 @@ def execute_many(connection: Connection, statement: str, rows: Iterable[Sequence
         connection.exec_driver_sql(_sql(connection, statement), batch)
 
 
+def insert_many(connection: Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Insert rows (values in ``columns`` order): COPY on PostgreSQL, where executemany pays a round of the
+    protocol per row; executemany elsewhere."""
+    if connection.dialect.name == "postgresql":
+        copy_rows(connection, table, columns, rows)
+    else:
+        execute_many(connection, f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks(len(columns))})", rows)
+
+
+def update_many(
+    connection: Connection,
+    table: str,
+    columns: Sequence[str],
+    keys: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    constant: str = "",
+) -> None:
+    """``UPDATE table SET columns [, constant] WHERE keys`` for each row (the columns' values, then the keys').
+
+    On PostgreSQL the rows go by COPY into a temporary table and one UPDATE ... FROM applies them; when a key
+    comes twice, its last row wins, as it would one statement at a time."""
+    batch = [tuple(row) for row in rows]
+    if not batch:
+        return
+    extra = f", {constant}" if constant else ""
+    if connection.dialect.name != "postgresql":
+        sets = ", ".join(f"{name} = ?" for name in columns)
+        where = " AND ".join(f"{name} = ?" for name in keys)
+        execute_many(connection, f"UPDATE {table} SET {sets}{extra} WHERE {where}", batch)
+        return
+    last = {row[len(columns) :]: row for row in batch}
+    names = [*columns, *keys]
+    staging = f"bs_update_{table}"
+    connection.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} AS SELECT {', '.join(names)} FROM {table} WITH NO DATA"
+    )
+    connection.exec_driver_sql(f"TRUNCATE {staging}")
+    copy_rows(connection, staging, names, last.values())
+    sets = ", ".join(f"{name} = u.{name}" for name in columns)
+    where = " AND ".join(f"t.{name} = u.{name}" for name in keys)
+    connection.exec_driver_sql(f"UPDATE {table} AS t SET {sets}{extra} FROM {staging} AS u WHERE {where}")
+
+
 def copy_rows(connection: Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """PostgreSQL's COPY FROM STDIN through psycopg, on the connection's own transaction."""
     raw = connection.connection.driver_connection

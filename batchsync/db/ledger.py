@@ -197,15 +197,7 @@ PENDING_COLUMNS = (
 def stage_pending(connection: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """Stage rows (in PENDING_COLUMNS order, ``at`` from :func:`stored_time`) through the driver directly:
     at millions of rows, SQLAlchemy's per-row parameter handling costs more than the insert itself."""
-    if not rows:
-        return
-    if connection.dialect.name == "postgresql":
-        driver.copy_rows(connection, "bs_pending", PENDING_COLUMNS, rows)
-    else:
-        statement = (
-            f"INSERT INTO bs_pending ({', '.join(PENDING_COLUMNS)}) VALUES ({driver.marks(len(PENDING_COLUMNS))})"
-        )
-        driver.execute_many(connection, statement, rows)
+    driver.insert_many(connection, "bs_pending", PENDING_COLUMNS, rows)
 
 
 def commit_pending(connection: Connection, profile: str, list_code: str) -> None:
@@ -253,11 +245,13 @@ def note_provider_status(connection: Connection, profile: str, changes: Sequence
 
     The row's digest is cleared: the next diff must weigh it again even if the CRM goes back to the inputs
     it had when the row was sent (a re-subscription after the provider's opt-out)."""
-    driver.execute_many(
+    driver.update_many(
         connection,
-        "UPDATE bs_exported SET status = ?, origin = 'provider', source_digest = NULL "
-        "WHERE profile = ? AND list_code = ? AND email_key = ?",
+        "bs_exported",
+        ("status",),
+        ("profile", "list_code", "email_key"),
         ((c["status"], profile, c["list_code"], c["email_key"]) for c in changes),
+        constant="origin = 'provider', source_digest = NULL",
     )
 
 
@@ -296,9 +290,9 @@ CHANGE_COLUMNS = (
 
 
 def record_changes(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    statement = f"INSERT INTO bs_changes ({', '.join(CHANGE_COLUMNS)}) VALUES ({driver.marks(len(CHANGE_COLUMNS))})"
-    driver.execute_many(
+    driver.insert_many(
         connection,
-        statement,
+        "bs_changes",
+        CHANGE_COLUMNS,
         ([*(row[name] for name in CHANGE_COLUMNS[:-1]), driver.stored_time(connection, row["at"])] for row in rows),
     )

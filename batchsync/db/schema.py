@@ -189,6 +189,7 @@ def _exported_table(name: str) -> Table:
         # inputs did not change. NULL: not known, the row is compared in full.
         Column("source_digest", BigInteger),
         Column("at", UtcDateTime, nullable=False),
+        sqlite_with_rowid=False,  # the primary key is the table: one B-tree to write and search, not two
     )
 
 
