@@ -144,6 +144,26 @@ def test_diff_notes_new_inputs_that_give_the_same_row_without_sending_it(
     assert digest_of_bob() != before
 
 
+def test_provider_statuses_noted_twice_for_one_address_keep_the_last(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    sync.export("full")
+    key = {"list_code": "newsletter", "email_key": "bob@example.com"}
+    with sync.engine.begin() as connection:
+        ledger.note_provider_status(
+            connection, "mailup", [{**key, "status": "unsubscribed"}, {**key, "status": "cleaned"}]
+        )
+    with sync.engine.connect() as connection:
+        e = bs_exported.c
+        row = connection.execute(
+            select(e.status, e.origin, e.source_digest).where(
+                e.list_code == "newsletter", e.email_key == key["email_key"]
+            )
+        ).one()
+    assert tuple(row) == ("cleaned", "provider", None)
+
+
 def test_init_adds_the_ledger_columns_an_older_database_lacks(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
     sync = make_sync(tmp_path, db_url, clock)
     with sync.engine.begin() as connection:
