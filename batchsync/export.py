@@ -8,6 +8,9 @@ For each list of the profile, the CRM's rows (one per email, duplicates merged) 
 A *full* export writes every row; a *diff* writes the rows whose content or status changed since the last
 confirmed export, and a tombstone (an unsubscribed row) for every address that left the list. The ledger only
 moves after the provider's server confirms the whole file (see ``db.ledger``).
+
+A diff first asks the database which addresses can have changed (their CRM rows' digest differs from the one
+the ledger keeps, see ``db.digest`` and ``ledger.changed_keys``), and streams and merges only those.
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ def subscriptions_of(
             cast(Status, row[2]),
             cast(datetime, driver.read_time(row[3])),  # status_at is NOT NULL
             row[4],
-            driver.read_time(row[5]) if row[5] is not None else None,
+            driver.read_time(row[5]),
             row[6],
         )
         for row in driver.query(connection, statement, [*ids, *lists_])
