@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from datetime import date
+from functools import cached_property
 from itertools import groupby
 from operator import attrgetter
 from typing import NamedTuple
@@ -84,7 +85,7 @@ class RowBuilder:
                 key, first.email.strip(), ids, status, statuses, values, fingerprint(content), from_provider, digest
             )
 
-    @property
+    @cached_property
     def salt(self) -> str:
         """What, besides the CRM rows, decides this list's rows: the digests of rows read under another salt
         (another profile setting, another way of building rows) never match, so such rows are compared in full.

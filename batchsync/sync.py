@@ -94,6 +94,7 @@ class Sync:
         self.transport_factory = transport_factory
         self.work = WorkDir.of(profile)
         self.stop = stop or threading.Event()  # set: finish the file in hand, then stop
+        self._schema_ready = False
 
     def init(self, *, dry_run: bool = False) -> InitReport:
         """Create the tables, the profile's lists and groups, and the work folders; safe to repeat."""
@@ -209,14 +210,22 @@ class Sync:
             collector.finish_remote(transport, staged)
         return [outcome]
 
-    @contextmanager
-    def _locked(self, dry_run: bool) -> Iterator[None]:
-        """Hold the profile's run lock; a run that a dead process left open is closed as failed first."""
+    def _require_schema(self) -> None:
+        """Refuse a database that lacks batchsync's tables or columns; checked once per Sync, not on every
+        poll of a long-running daemon."""
+        if self._schema_ready:
+            return
         missing = missing_tables(self.engine)
         if missing:
             raise DatabaseError(
                 f"the database lacks {', '.join(missing)}: run `batchsync init -p {self.profile.name}` first"
             )
+        self._schema_ready = True
+
+    @contextmanager
+    def _locked(self, dry_run: bool) -> Iterator[None]:
+        """Hold the profile's run lock; a run that a dead process left open is closed as failed first."""
+        self._require_schema()
         if dry_run:
             yield
             return
