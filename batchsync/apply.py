@@ -74,9 +74,9 @@ class EventApplier:
         keys = {event.email_key for event in events} | {e.new_email.lower() for e in events if e.new_email}
         self.contacts = crm.contacts_by_email(self.connection, keys)
         ids = [cid for found in self.contacts.values() for cid in found]
-        self.current = crm.subscriptions_of(self.connection, ids, self.list_ids.values())
+        self.stored = crm.subscriptions_of(self.connection, ids, self.list_ids.values())
+        self.current: dict[tuple[int, int], Subscription] = {}  # as this chunk left them
         self.soft_bounces: Counter[int] = Counter(crm.activity_counts(self.connection, ids, "soft_bounce"))
-        stored = set(self.current)
         self.changes: dict[tuple[int, int], dict[str, Any]] = {}
         self.audit: list[dict[str, Any]] = []
         self.activities: list[dict[str, Any]] = []
@@ -84,8 +84,8 @@ class EventApplier:
         self.suppress: dict[str, dict[str, Any]] = {}
         for event in events:
             self._apply_event(event, tally)
-        crm.set_statuses(self.connection, [c for k, c in self.changes.items() if k in stored], existing=True)
-        crm.set_statuses(self.connection, [c for k, c in self.changes.items() if k not in stored], existing=False)
+        crm.set_statuses(self.connection, [c for k, c in self.changes.items() if k in self.stored], existing=True)
+        crm.set_statuses(self.connection, [c for k, c in self.changes.items() if k not in self.stored], existing=False)
         crm.suppress(self.connection, self.suppress)
         crm.add_activities(self.connection, self.activities)
         ledger.record_changes(self.connection, self.audit)
@@ -188,7 +188,7 @@ class EventApplier:
 
     def _decide(self, event: InboundEvent, opt: OptOut, contact_id: int, code: str) -> tuple[str, bool]:
         key = (contact_id, self.list_ids[code])
-        before = self.current.get(key)
+        before = self.current[key] if key in self.current else self.stored.get(key)
         decision = decide_opt_out(before, opt)
         if decision.new_status is None:
             return decision.rule, False

@@ -6,7 +6,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, inspect, select, update
 
 import batchsync.export
 from batchsync.clock import ManualClock
@@ -164,15 +164,19 @@ def test_provider_statuses_noted_twice_for_one_address_keep_the_last(
     assert tuple(row) == ("cleaned", "provider", None)
 
 
-def test_init_adds_the_ledger_columns_an_older_database_lacks(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+def test_init_adds_the_columns_and_indexes_an_older_database_lacks(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
     sync = make_sync(tmp_path, db_url, clock)
     with sync.engine.begin() as connection:
         connection.exec_driver_sql("ALTER TABLE bs_exported DROP COLUMN source_digest")
+        connection.exec_driver_sql("DROP INDEX ix_subscriptions_status")
     assert missing_tables(sync.engine) == ["bs_exported.source_digest"]
     with pytest.raises(DatabaseError, match=r"lacks bs_exported.source_digest: run `batchsync init -p mailup`"):
         sync.export("full")
     sync.init()
     assert missing_tables(sync.engine) == []
+    assert "ix_subscriptions_status" in {index["name"] for index in inspect(sync.engine).get_indexes("subscriptions")}
     assert sync.export("full").rows == 10 + 3
 
 

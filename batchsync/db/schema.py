@@ -104,6 +104,7 @@ subscriptions = Table(
     Column("consent_by", String(200)),
     Column("consent_at", UtcDateTime),
     Index("ix_subscriptions_list", "list_id", "contact_id"),
+    Index("ix_subscriptions_status", "list_id", "status"),  # an import's safety stop counts the subscribed
 )
 
 group_members = Table(
@@ -266,6 +267,9 @@ def create_all(engine: Engine) -> None:
     try:
         metadata.create_all(engine)
         with engine.begin() as connection:
+            for table in metadata.sorted_tables:
+                for index in table.indexes:
+                    index.create(connection, checkfirst=True)  # create_all adds indexes to new tables only
             for name in missing_tables(engine):
                 table, column = name.split(".")
                 connection.exec_driver_sql(
