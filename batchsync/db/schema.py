@@ -267,9 +267,8 @@ def create_all(engine: Engine) -> None:
     try:
         metadata.create_all(engine)
         with engine.begin() as connection:
-            for table in metadata.sorted_tables:
-                for index in table.indexes:
-                    index.create(connection, checkfirst=True)  # create_all adds indexes to new tables only
+            for index in (index for table in metadata.sorted_tables for index in table.indexes):
+                index.create(connection, checkfirst=True)  # create_all adds indexes to new tables only
             for name in missing_tables(engine):
                 table, column = name.split(".")
                 connection.exec_driver_sql(
