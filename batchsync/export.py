@@ -209,7 +209,12 @@ class Exporter:
         if self.profile.lists[code].segment is not None:
             return None
         digests = crm.export_digests(
-            connection, list_id, builder.salt, with_custom=builder.needs_custom, with_groups=builder.needs_groups
+            connection,
+            list_id,
+            builder.salt,
+            builder.sendable_statuses,
+            with_custom=builder.needs_custom,
+            with_groups=builder.needs_groups,
         )
         return ledger.changed_keys(connection, self.profile.name, code, digests)
 

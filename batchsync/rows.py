@@ -94,9 +94,12 @@ class RowBuilder:
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def sendable(self, status: str) -> bool:
-        if self.status_index is None:
-            return status == "subscribed"
-        return status in self.export.status_values
+        return status in self.sendable_statuses
+
+    @cached_property
+    def sendable_statuses(self) -> tuple[str, ...]:
+        """The statuses a row goes out with (others, say pending at MailUp, are not sent)."""
+        return tuple(self.export.status_values) if self.status_index is not None else ("subscribed",)
 
     @property
     def tombstones(self) -> bool:

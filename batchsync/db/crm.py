@@ -17,13 +17,16 @@ from sqlalchemy import (
     FromClause,
     Select,
     and_,
+    case,
     func,
     insert,
     literal,
     null,
+    or_,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 
 from batchsync.db import driver
 from batchsync.db.digest import source_digest
@@ -68,19 +71,31 @@ def list_ids(connection: Connection, codes: Iterable[str]) -> dict[str, int]:
     return {code: list_id for code, list_id in rows}
 
 
-def _group_codes_by_contact(connection: Connection, list_id: int) -> Any:
-    joined = (
-        func.string_agg(groups.c.code, literal(GROUP_SEP))
-        if connection.dialect.name == "postgresql"
-        else func.group_concat(groups.c.code, GROUP_SEP)
-    )
-    return (
-        select(group_members.c.contact_id, joined.label("codes"))
-        .join(groups, groups.c.id == group_members.c.group_id)
-        .where(groups.c.list_id == list_id)
-        .group_by(group_members.c.contact_id)
+def _group_codes(connection: Connection, list_id: int) -> tuple[ColumnElement[Any], FromClause | None]:
+    """A contact's group codes on the list, in code order (so that its digest is the same each time), and the
+    derived table they come from, if any. PostgreSQL aggregates the list's memberships once and joins them;
+    SQLite looks each contact's up (joined, it indexed every membership of the list even to read a few rows)."""
+    on_list = and_(groups.c.id == group_members.c.group_id, groups.c.list_id == list_id)
+    if connection.dialect.name == "postgresql":
+        codes = (
+            select(
+                group_members.c.contact_id,
+                func.string_agg(groups.c.code, aggregate_order_by(literal(GROUP_SEP), groups.c.code)).label("codes"),
+            )
+            .join(groups, on_list)
+            .group_by(group_members.c.contact_id)
+            .subquery()
+        )
+        return codes.c.codes, codes
+    ordered = (
+        select(groups.c.code)
+        .join(group_members, on_list)
+        .where(group_members.c.contact_id == contacts.c.id)
+        .order_by(groups.c.code)
+        .correlate(contacts)
         .subquery()
     )
+    return select(func.group_concat(ordered.c.code, GROUP_SEP)).scalar_subquery(), None
 
 
 def stream_export_sources(
@@ -99,7 +114,7 @@ def stream_export_sources(
     more than the rest of a row. With a ``salt``, each row carries its digest (see :func:`export_digests`);
     with ``only_keys``, only the contacts whose email_key that query returns are read.
     """
-    columns, joined = _export_inputs(connection, list_id, with_custom, with_groups)
+    columns, joined = _export_inputs(connection, list_id, with_custom, with_groups, by_contact=only_keys is not None)
     if salt is not None:
         columns.append(source_digest(salt, *columns))
     query = select(*columns).select_from(joined).where(contacts.c.deleted.is_(False))
@@ -113,16 +128,29 @@ def stream_export_sources(
 
 
 def export_digests(
-    connection: Connection, list_id: int, salt: str, *, with_custom: bool, with_groups: bool
+    connection: Connection,
+    list_id: int,
+    salt: str,
+    sendable: Sequence[str],
+    *,
+    with_custom: bool,
+    with_groups: bool,
 ) -> Select[Any]:
-    """(email_key, digest, contacts) for every address on one list: the sum of the digests of its contacts'
-    rows (the same rows and digests :func:`stream_export_sources` reads with this salt), and their number."""
+    """(email_key, digest, contacts, sendable) for every address on one list: the sum of the digests of its
+    contacts' rows (the same rows and digests :func:`stream_export_sources` reads with this salt), their number,
+    and 1 when a contact's status, as exported, is one of ``sendable`` (a suppressed address goes out as
+    unsubscribed: rules.export_status)."""
     columns, joined = _export_inputs(connection, list_id, with_custom, with_groups)
+    status, suppressed = subscriptions.c.status, suppressions.c.email_key.is_not(None)
+    # Plain comparisons, no IN: the statement is compiled once into PostgreSQL's CREATE TABLE AS.
+    opted_in = and_(status != "unsubscribed", status != "cleaned")
+    exported = case((and_(suppressed, opted_in), "unsubscribed"), else_=status)
     return (
         select(
             contacts.c.email_key,
             func.sum(source_digest(salt, *columns)).label("digest"),
             func.count().label("contacts"),
+            func.max(case((or_(*(exported == value for value in sendable)), 1), else_=0)).label("sendable"),
         )
         .select_from(joined)
         .where(contacts.c.deleted.is_(False))
@@ -131,10 +159,17 @@ def export_digests(
 
 
 def _export_inputs(
-    connection: Connection, list_id: int, with_custom: bool, with_groups: bool
+    connection: Connection, list_id: int, with_custom: bool, with_groups: bool, by_contact: bool = False
 ) -> tuple[list[ColumnElement[Any]], FromClause]:
-    """The columns an export row is made of (ExportSource's order) and the join they come from."""
-    codes = _group_codes_by_contact(connection, list_id) if with_groups else None
+    """The columns an export row is made of (ExportSource's order) and the join they come from.
+
+    ``by_contact``: a few contacts are read, found by email_key. SQLite would still walk the whole list's
+    subscriptions (its planner has no statistics to weigh a temporary table of keys against them), so the list
+    is compared as ``list_id + 0``, which no index serves: the contacts are found first, then their rows."""
+    on_list = subscriptions.c.list_id == list_id
+    if by_contact and connection.dialect.name == "sqlite":
+        on_list = subscriptions.c.list_id + 0 == list_id
+    codes, codes_table = _group_codes(connection, list_id) if with_groups else (null(), None)
     columns: list[ColumnElement[Any]] = [
         contacts.c.id,
         contacts.c.email,
@@ -145,13 +180,13 @@ def _export_inputs(
         subscriptions.c.status,
         subscriptions.c.source,
         suppressions.c.email_key.is_not(None),
-        codes.c.codes if codes is not None else null(),
+        codes,
     ]
-    joined = contacts.join(
-        subscriptions, and_(subscriptions.c.contact_id == contacts.c.id, subscriptions.c.list_id == list_id)
-    ).outerjoin(suppressions, suppressions.c.email_key == contacts.c.email_key)
-    if codes is not None:
-        joined = joined.outerjoin(codes, codes.c.contact_id == contacts.c.id)
+    joined = contacts.join(subscriptions, and_(subscriptions.c.contact_id == contacts.c.id, on_list)).outerjoin(
+        suppressions, suppressions.c.email_key == contacts.c.email_key
+    )
+    if codes_table is not None:
+        joined = joined.outerjoin(codes_table, codes_table.c.contact_id == contacts.c.id)
     return columns, joined
 
 
