@@ -11,7 +11,15 @@ from sqlalchemy import insert, inspect, select, update
 import batchsync.export
 from batchsync.clock import ManualClock
 from batchsync.db import crm, ledger
-from batchsync.db.schema import bs_exported, group_members, groups, missing_tables, subscriptions, suppressions
+from batchsync.db.schema import (
+    bs_exported,
+    contacts,
+    group_members,
+    groups,
+    missing_tables,
+    subscriptions,
+    suppressions,
+)
 from batchsync.errors import DatabaseError
 from batchsync.rows import RowBuilder
 from batchsync.sync import Sync
@@ -138,14 +146,20 @@ def test_diff_after_a_full_export_weighs_only_duplicates_and_rows_that_may_now_g
     tmp_path: Path, db_url: str, clock: ManualClock
 ) -> None:
     sync = make_sync(tmp_path, db_url, clock)
+    with sync.engine.begin() as connection:
+        crm.ensure_lists(connection, {"newsletter": (None, ["vip", "customers"])})
+        customers = connection.scalar(select(groups.c.id).where(groups.c.code == "customers"))
+        connection.execute(insert(group_members).values(contact_id=4, group_id=customers))  # dave: vip first
     sync.export("full")
     # eve: two contacts, reported in every export; not-an-email: invalid, reported again.
     # Not grace's pending row on events: MailUp has no value for it, so it stays unsent until it changes.
-    assert weighed_by_a_diff(sync) == {
-        "newsletter": {"eve@example.com", "not-an-email"},
-        "offers": set(),
-        "events": set(),
-    }
+    expected = {"newsletter": {"eve@example.com", "not-an-email"}, "offers": set(), "events": set()}
+    assert weighed_by_a_diff(sync) == expected
+    with sync.engine.begin() as connection:
+        connection.execute(update(contacts).where(contacts.c.id == 4).values(first_name="David"))
+    clock.advance(3600)
+    assert sync.export("diff").rows == 2  # dave on both lists; his groups read one by one this time
+    assert weighed_by_a_diff(sync) == expected  # and in the same order as a whole list's
 
 
 @pytest.mark.parametrize(("change", "optout"), [("subscribed", "1"), ("suppressed", "0")])

@@ -71,11 +71,23 @@ def list_ids(connection: Connection, codes: Iterable[str]) -> dict[str, int]:
     return {code: list_id for code, list_id in rows}
 
 
-def _group_codes(connection: Connection, list_id: int) -> tuple[ColumnElement[Any], FromClause | None]:
+def _group_codes(
+    connection: Connection, list_id: int, by_contact: bool
+) -> tuple[ColumnElement[Any], FromClause | None]:
     """A contact's group codes on the list, in code order (so that its digest is the same each time), and the
-    derived table they come from, if any. PostgreSQL aggregates the list's memberships once and joins them;
-    SQLite looks each contact's up (joined, it indexed every membership of the list even to read a few rows)."""
+    derived table they come from, if any: the list's memberships aggregated once, or, on SQLite when a few
+    contacts are read (``by_contact``), each one's looked up (joined, it indexed every membership of the list)."""
     on_list = and_(groups.c.id == group_members.c.group_id, groups.c.list_id == list_id)
+    if by_contact and connection.dialect.name == "sqlite":
+        ordered = (
+            select(groups.c.code)
+            .join(group_members, on_list)
+            .where(group_members.c.contact_id == contacts.c.id)
+            .order_by(groups.c.code)
+            .correlate(contacts)
+            .subquery()
+        )
+        return select(func.group_concat(ordered.c.code, GROUP_SEP)).scalar_subquery(), None
     if connection.dialect.name == "postgresql":
         codes = (
             select(
@@ -87,15 +99,15 @@ def _group_codes(connection: Connection, list_id: int) -> tuple[ColumnElement[An
             .subquery()
         )
         return codes.c.codes, codes
-    ordered = (
-        select(groups.c.code)
-        .join(group_members, on_list)
-        .where(group_members.c.contact_id == contacts.c.id)
-        .order_by(groups.c.code)
-        .correlate(contacts)
+    memberships = (  # SQLite's group_concat takes the rows in the order they are given
+        select(group_members.c.contact_id, groups.c.code)
+        .join(groups, on_list)
+        .order_by(group_members.c.contact_id, groups.c.code)
         .subquery()
     )
-    return select(func.group_concat(ordered.c.code, GROUP_SEP)).scalar_subquery(), None
+    joined = func.group_concat(memberships.c.code, GROUP_SEP).label("codes")
+    codes = select(memberships.c.contact_id, joined).group_by(memberships.c.contact_id).subquery()
+    return codes.c.codes, codes
 
 
 def stream_export_sources(
@@ -169,7 +181,7 @@ def _export_inputs(
     on_list = subscriptions.c.list_id == list_id
     if by_contact and connection.dialect.name == "sqlite":
         on_list = subscriptions.c.list_id + 0 == list_id
-    codes, codes_table = _group_codes(connection, list_id) if with_groups else (null(), None)
+    codes, codes_table = _group_codes(connection, list_id, by_contact) if with_groups else (null(), None)
     columns: list[ColumnElement[Any]] = [
         contacts.c.id,
         contacts.c.email,
