@@ -76,7 +76,8 @@ class EventApplier:
         ids = [cid for found in self.contacts.values() for cid in found]
         self.stored = crm.subscriptions_of(self.connection, ids, self.list_ids.values())
         self.current: dict[tuple[int, int], Subscription] = {}  # as this chunk left them
-        self.soft_bounces: Counter[int] = Counter(crm.activity_counts(self.connection, ids, "soft_bounce"))
+        bouncing = [cid for e in events if e.kind == "soft_bounce" for cid in self.contacts.get(e.email_key, [])]
+        self.soft_bounces: Counter[int] = Counter(crm.activity_counts(self.connection, bouncing, "soft_bounce"))
         self.changes: dict[tuple[int, int], dict[str, Any]] = {}
         self.audit: list[dict[str, Any]] = []
         self.activities: list[dict[str, Any]] = []
