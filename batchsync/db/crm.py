@@ -257,9 +257,9 @@ def contacts_by_email(connection: Connection, keys: Iterable[str]) -> dict[str, 
     wanted = list(set(keys))
     if wanted:
         # No ORDER BY: with one, SQLite scans the whole table in id order instead of using the email_key index.
-        marks = driver.marks(len(wanted))
-        statement = f"SELECT email_key, id FROM contacts WHERE email_key IN ({marks}) AND NOT deleted"
-        for key, contact_id in driver.query(connection, statement, wanted):
+        condition, values = driver.one_of(connection, "email_key", wanted)
+        statement = f"SELECT email_key, id FROM contacts WHERE {condition} AND NOT deleted"
+        for key, contact_id in driver.query(connection, statement, values):
             found[key].append(contact_id)
         for ids in found.values():
             ids.sort()
@@ -291,11 +291,13 @@ def subscriptions_of(
     ids, lists_ = list(set(contact_ids)), list(set(list_ids_))
     if not ids or not lists_:
         return StoredSubscriptions([])
+    by_contact, contact_values = driver.one_of(connection, "contact_id", ids)
+    by_list, list_values = driver.one_of(connection, "list_id", lists_)
     statement = (
         "SELECT contact_id, list_id, status, status_at, source, consent_at, consent_by FROM subscriptions "
-        f"WHERE contact_id IN ({driver.marks(len(ids))}) AND list_id IN ({driver.marks(len(lists_))})"
+        f"WHERE {by_contact} AND {by_list}"
     )
-    return StoredSubscriptions(driver.query(connection, statement, [*ids, *lists_]))
+    return StoredSubscriptions(driver.query(connection, statement, [*contact_values, *list_values]))
 
 
 def set_statuses(connection: Connection, changes: Sequence[Mapping[str, Any]], *, existing: bool) -> None:
@@ -326,10 +328,15 @@ def suppress(connection: Connection, entries: Mapping[str, Mapping[str, Any]]) -
     """Add addresses to the suppression list (email_key -> email, reason, at, source); keeps existing ones."""
     if not entries:
         return 0
-    known = set(connection.scalars(select(suppressions.c.email_key).where(suppressions.c.email_key.in_(list(entries)))))
-    new = [{"email_key": key, **values} for key, values in entries.items() if key not in known]
-    if new:
-        connection.execute(insert(suppressions), new)
+    condition, values = driver.one_of(connection, "email_key", list(entries))
+    statement = f"SELECT email_key FROM suppressions WHERE {condition}"
+    known = {row[0] for row in driver.query(connection, statement, values)}
+    new = [
+        (key, e["email"], e["reason"], driver.stored_time(connection, e["at"]), e["source"])
+        for key, e in entries.items()
+        if key not in known
+    ]
+    driver.insert_many(connection, "suppressions", ("email_key", "email", "reason", "at", "source"), new)
     return len(new)
 
 

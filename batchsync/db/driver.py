@@ -24,6 +24,14 @@ def marks(count: int) -> str:
     return ", ".join("?" * count)
 
 
+def one_of(connection: Connection, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+    """``column`` is one of ``values``: the condition and its parameters. PostgreSQL takes the values as one
+    array (parsing and binding thousands of parameters cost it more than the lookups); SQLite as an IN list."""
+    if connection.dialect.name == "postgresql":
+        return f"{column} = ANY(?)", [list(values)]
+    return f"{column} IN ({marks(len(values))})", list(values)
+
+
 def query(connection: Connection, statement: str, values: Sequence[Any] = ()) -> list[Sequence[Any]]:
     """All rows at once from the driver's own cursor (SQLAlchemy's row-by-row fetching costs more than the
     query on a hot path); for lookups whose result fits in memory."""
