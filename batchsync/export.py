@@ -154,7 +154,7 @@ class Exporter:
     ) -> None:
         builder = RowBuilder(self.profile, code)
         chunk = self.profile.export.chunk_rows
-        only = self._changed_keys(connection, code, list_id, builder) if mode == "diff" else None
+        only = self.changed_keys(connection, code, list_id, builder) if mode == "diff" else None
         current = builder.rows(self._sources(connection, code, list_id, builder, only), writer.report_invalid)
         exported = ledger.stream_exported(connection, self.profile.name, code, chunk, only)
         pending: list[tuple[Any, ...]] = []
@@ -203,7 +203,7 @@ class Exporter:
             only_keys=only,
         )
 
-    def _changed_keys(self, connection: Connection, code: str, list_id: int, builder: RowBuilder) -> Select[Any] | None:
+    def changed_keys(self, connection: Connection, code: str, list_id: int, builder: RowBuilder) -> Select[Any] | None:
         """For a diff, the addresses whose inputs changed, found in the database, so that only their rows
         are read and built here; None (every row) for a list defined by a segment filter."""
         if self.profile.lists[code].segment is not None:

@@ -40,7 +40,7 @@ from batchsync.db.schema import (
     subscriptions,
     suppressions,
 )
-from batchsync.rules import Status, Subscription
+from batchsync.rules import OPTED_OUT, Status, Subscription
 
 GROUP_SEP = "\x1f"
 
@@ -155,7 +155,7 @@ def export_digests(
     columns, joined = _export_inputs(connection, list_id, with_custom, with_groups)
     status, suppressed = subscriptions.c.status, suppressions.c.email_key.is_not(None)
     # Plain comparisons, no IN: the statement is compiled once into PostgreSQL's CREATE TABLE AS.
-    opted_in = and_(status != "unsubscribed", status != "cleaned")
+    opted_in = and_(*(status != value for value in sorted(OPTED_OUT)))
     exported = case((and_(suppressed, opted_in), "unsubscribed"), else_=status)
     return (
         select(
