@@ -75,10 +75,12 @@ def _group_codes(
     connection: Connection, list_id: int, by_contact: bool
 ) -> tuple[ColumnElement[Any], FromClause | None]:
     """A contact's group codes on the list, in code order (so that its digest is the same each time), and the
-    derived table they come from, if any: the list's memberships aggregated once, or, on SQLite when a few
-    contacts are read (``by_contact``), each one's looked up (joined, it indexed every membership of the list)."""
+    derived table they come from, if any: the list's memberships aggregated once, or, when a few contacts are
+    read (``by_contact``), each one's looked up (joined, the list's memberships were all aggregated or indexed
+    for a few thousand contacts)."""
     on_list = and_(groups.c.id == group_members.c.group_id, groups.c.list_id == list_id)
-    if by_contact and connection.dialect.name == "sqlite":
+    postgresql = connection.dialect.name == "postgresql"
+    if by_contact and not postgresql:
         ordered = (
             select(groups.c.code)
             .join(group_members, on_list)
@@ -88,17 +90,17 @@ def _group_codes(
             .subquery()
         )
         return select(func.group_concat(ordered.c.code, GROUP_SEP)).scalar_subquery(), None
-    if connection.dialect.name == "postgresql":
-        codes = (
-            select(
-                group_members.c.contact_id,
-                func.string_agg(groups.c.code, aggregate_order_by(literal(GROUP_SEP), groups.c.code)).label("codes"),
-            )
-            .join(groups, on_list)
-            .group_by(group_members.c.contact_id)
-            .subquery()
-        )
-        return codes.c.codes, codes
+    if postgresql:
+        ordered_codes = func.string_agg(groups.c.code, aggregate_order_by(literal(GROUP_SEP), groups.c.code))
+        codes_table: FromClause
+        if by_contact:  # LATERAL: a scalar subquery would run twice a row, for the codes and for the digest
+            one = select(contacts.c.id.label("contact_id"), ordered_codes.label("codes")).join(groups, on_list)
+            mine = group_members.c.contact_id == contacts.c.id
+            codes_table = one.where(mine).correlate(contacts).lateral()
+        else:
+            each = select(group_members.c.contact_id, ordered_codes.label("codes")).join(groups, on_list)
+            codes_table = each.group_by(group_members.c.contact_id).subquery()
+        return codes_table.c.codes, codes_table
     memberships = (  # SQLite's group_concat takes the rows in the order they are given
         select(group_members.c.contact_id, groups.c.code)
         .join(groups, on_list)
