@@ -10,7 +10,8 @@ confirmed export, and a tombstone (an unsubscribed row) for every address that l
 moves after the provider's server confirms the whole file (see ``db.ledger``).
 
 A diff first asks the database which addresses can have changed (their CRM rows' digest differs from the one
-the ledger keeps, see ``db.digest`` and ``ledger.changed_keys``), and streams and merges only those.
+the ledger keeps, see ``db.digest`` and ``ledger.changed_keys``), and streams and merges only those. Each
+contact's own digest is computed once per run, in the run's connection, for every list.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sqlalchemy import Connection, Engine, Select
 from batchsync import progress
 from batchsync.clock import Clock, utc_stamp
 from batchsync.config import Profile
-from batchsync.db import crm, driver, ledger
+from batchsync.db import crm, driver, ledger, sources
 from batchsync.errors import ConfigError
 from batchsync.formats.csvfile import CsvWriter
 from batchsync.formats.package import package
@@ -92,17 +93,30 @@ class Exporter:
         self.stop = stop or threading.Event()  # set: finish the list in hand, leave the others for next time
         self.pending_values = profile.export.status_values
         self.work = WorkDir.of(profile)
+        self._digested: Connection | None = None  # the connection whose bs_contact_digests is this run's
 
     def run(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
         now = self.clock.now()
         chosen: Mode = mode or choose_mode(self.profile, now)
+        # One connection for the run: a diff's contact digests are this session's temporary table.
         with self.engine.connect() as connection:
-            ids = crm.list_ids(connection, self.profile.lists)
-        missing = [code for code in self.profile.lists if code not in ids]
-        if missing:
-            raise ConfigError(f"profile {self.profile.name}: no CRM list with code {', '.join(missing)}")
+            with connection.begin():
+                ids = crm.list_ids(connection, self.profile.lists)
+            missing = [code for code in self.profile.lists if code not in ids]
+            if missing:
+                raise ConfigError(f"profile {self.profile.name}: no CRM list with code {', '.join(missing)}")
+            if not dry_run:
+                self.work.clear(self.work.outbox)  # files of a failed upload: they are written again below
+            if chosen == "diff":
+                self._fill_contact_digests(connection)
+            files = self._write_lists(connection, ids, chosen, now, dry_run)
         if not dry_run:
-            self.work.clear(self.work.outbox)  # files of a failed upload: they are written again below
+            self.work.prune(self.work.sent, now - timedelta(days=self.profile.work.retention_days))
+        return ExportResult(chosen, dry_run, files)
+
+    def _write_lists(
+        self, connection: Connection, ids: dict[str, int], mode: Mode, now: datetime, dry_run: bool
+    ) -> list[ExportedFile]:
         files = []
         transport: Transport | None = None
         try:
@@ -110,24 +124,36 @@ class Exporter:
                 if self.stop.is_set():
                     log.info("stopping: the export of %s and later lists is left for the next run", code)
                     break
-                staged = self._write_list(code, ids[code], chosen, now, dry_run)
+                staged = self._write_list(connection, code, ids[code], mode, now, dry_run)
                 if staged.uploads and not dry_run:
                     transport = transport or self.transport_factory(self.profile)
                     self._deliver(transport, staged)
                 files.append(staged)
         finally:
+            self._digested = None
             if transport is not None:
                 transport.close()
-        if not dry_run:
-            self.work.prune(self.work.sent, now - timedelta(days=self.profile.work.retention_days))
-        return ExportResult(chosen, dry_run, files)
+        return files
 
-    def _write_list(self, code: str, list_id: int, mode: Mode, now: datetime, dry_run: bool) -> ExportedFile:
+    def _fill_contact_digests(self, connection: Connection) -> None:
+        """Digest every contact once for the whole run, in a transaction of its own (a list's may roll back).
+        A contact changed after this is seen by the next diff: its digest in the ledger is the one its rows
+        had when they were read."""
+        if all(self.profile.lists[code].segment is not None for code in self.profile.lists):
+            return
+        with connection.begin():
+            driver.tune_for_bulk(connection)
+            sources.fill_contact_digests(connection)
+        self._digested = connection
+
+    def _write_list(
+        self, connection: Connection, code: str, list_id: int, mode: Mode, now: datetime, dry_run: bool
+    ) -> ExportedFile:
         folder = self.work.dry_run if dry_run else self.work.outbox
         # Never reuse the name of a file sent before: the provider may not have taken it yet.
         path = unique_path(folder, self._file_name(code, mode, now), also_in=(self.work.sent,))
         staged = ExportedFile(code, remote_path=self._remote_dir(code) + "/" + path.name)
-        with self.engine.connect() as connection, connection.begin() as transaction:
+        with connection.begin() as transaction:
             driver.tune_for_bulk(connection)
             ledger.clear_pending(connection, self.profile.name, code)
             writer = _ListWriter(self.profile, code, path)
@@ -155,6 +181,8 @@ class Exporter:
         builder = RowBuilder(self.profile, code)
         chunk = self.profile.export.chunk_rows
         only = self.changed_keys(connection, code, list_id, builder) if mode == "diff" else None
+        if only is not None:
+            driver.prefer_index_lookups(connection)
         current = builder.rows(self._sources(connection, code, list_id, builder, only), writer.report_invalid)
         exported = ledger.stream_exported(connection, self.profile.name, code, chunk, only)
         pending: list[tuple[Any, ...]] = []
@@ -192,8 +220,8 @@ class Exporter:
         chunk = self.profile.export.chunk_rows
         segment = self.profile.lists[code].segment
         if segment is not None:
-            return crm.stream_segment_sources(connection, list_id, segment.field, segment.equals, chunk)
-        return crm.stream_export_sources(
+            return sources.stream_segment_sources(connection, list_id, segment.field, segment.equals, chunk)
+        return sources.stream_export_sources(
             connection,
             list_id,
             chunk,
@@ -208,13 +236,10 @@ class Exporter:
         are read and built here; None (every row) for a list defined by a segment filter."""
         if self.profile.lists[code].segment is not None:
             return None
-        digests = crm.export_digests(
-            connection,
-            list_id,
-            builder.salt,
-            builder.sendable_statuses,
-            with_custom=builder.needs_custom,
-            with_groups=builder.needs_groups,
+        if self._digested is not connection:  # not asked by run(): digest the contacts for this list alone
+            sources.fill_contact_digests(connection)
+        digests = sources.export_digests(
+            connection, list_id, builder.salt, builder.sendable_statuses, with_groups=builder.needs_groups
         )
         return ledger.changed_keys(connection, self.profile.name, code, digests)
 

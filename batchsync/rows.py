@@ -18,7 +18,7 @@ from operator import attrgetter
 from typing import NamedTuple
 
 from batchsync.config import ExportColumn, Profile
-from batchsync.db.crm import ExportSource
+from batchsync.db.sources import ExportSource
 from batchsync.rules import Status, email_problem, export_status, merge_statuses
 
 ROWS_VERSION = 1  # raise when a change here renders the same CRM rows differently

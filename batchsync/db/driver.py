@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Select, column, insert, table
 
 
 def _sql(connection: Connection, statement: str) -> str:
@@ -135,3 +135,37 @@ def tune_for_bulk(connection: Connection) -> None:
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql("SET LOCAL jit = off")
         connection.exec_driver_sql("SET LOCAL work_mem = '64MB'")
+
+
+def prefer_index_lookups(connection: Connection) -> None:
+    """For the rest of the transaction, on PostgreSQL: rows found by index cost little more than rows read in
+    order. A diff reads a few thousand addresses of a list; at the default cost the planner scanned the whole
+    list (0.3 s) rather than look them up (0.03 s)."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL random_page_cost = 1.1")
+
+
+def temporary_table(connection: Connection, name: str, columns: str, *, rowid: bool = False) -> None:
+    """An empty temporary table of this session, ``columns`` its SQL column list (created on first use). On
+    SQLite it is WITHOUT ROWID (its primary key is how it is looked up), unless ``rowid``."""
+    suffix = " WITHOUT ROWID" if connection.dialect.name == "sqlite" and not rowid else ""
+    connection.exec_driver_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS {name} ({columns}){suffix}")
+    connection.exec_driver_sql(f"DELETE FROM {name}")
+
+
+def temporary_table_as(
+    connection: Connection, name: str, query: Select[Any], columns: str, *, rowid: bool = False
+) -> None:
+    """The temporary table ``name`` := the rows of ``query``. PostgreSQL plans CREATE TABLE AS in parallel, never
+    INSERT ... SELECT (3.4 s against 5.4 s to digest a 1M-row list), and is given the table's statistics.
+    SQLite makes the table of ``columns`` first (see :func:`temporary_table`): it joins only by looking rows
+    up, so the keys are declared."""
+    if connection.dialect.name != "postgresql":
+        temporary_table(connection, name, columns, rowid=rowid)
+        names = [selected.name for selected in query.selected_columns]
+        connection.execute(insert(table(name, *(column(n) for n in names))).from_select(names, query))
+        return
+    compiled = query.compile(dialect=connection.dialect)
+    connection.exec_driver_sql(f"DROP TABLE IF EXISTS {name}")
+    connection.exec_driver_sql(f"CREATE TEMPORARY TABLE {name} AS {compiled}", compiled.params)
+    connection.exec_driver_sql(f"ANALYZE {name}")
