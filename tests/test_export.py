@@ -155,6 +155,19 @@ def test_diff_after_a_full_export_weighs_only_duplicates_and_rows_that_may_now_g
     assert weighed_by_a_diff(sync, clock) == expected  # and in the same order as a whole list's
 
 
+def test_diff_weighs_and_sends_the_members_of_a_renamed_group(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    sync.export("full")
+    expected = {"newsletter": {"eve@example.com", "not-an-email"}, "offers": set(), "events": set()}
+    assert weighed_by_a_diff(sync, clock) == expected
+    with sync.engine.begin() as connection:  # a group's digest is its code's: its members' rows have changed
+        connection.execute(update(groups).where(groups.c.code == "vip").values(code="gold", name="Gold"))
+    assert weighed_by_a_diff(sync, clock)["newsletter"] == expected["newsletter"] | {"dave@example.com"}
+    clock.advance(3600)
+    sync.export("diff")
+    assert [row[0] for row in data_rows(max(uploaded(tmp_path)["1"]))] == ["dave@example.com"]
+
+
 @pytest.mark.parametrize(("change", "optout"), [("subscribed", "1"), ("suppressed", "0")])
 def test_diff_sends_a_pending_row_once_it_can_go_out(
     tmp_path: Path, db_url: str, clock: ManualClock, change: str, optout: str
