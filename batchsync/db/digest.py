@@ -12,10 +12,10 @@ A row's digest is a sum of 48-bit parts, modulo 2**48, and an address's digest t
 - ``salt``: the digest of the list's export settings; rows digested under other settings never match.
 
 It is a change detector, like a zip file's CRC, not a signature: a change goes unseen only if it moves the
-sum by a multiple of 2**48. PostgreSQL hashes text with ``hashtextextended`` (its hash-partitioning function,
-four times cheaper than ``md5``); SQLite calls :func:`digest48`, registered on every connection by
-``schema.make_engine``. The two never meet: a database compares only digests it computed itself, and a hash
-that changes (say, across a PostgreSQL upgrade) only makes every row look changed once.
+sum by a multiple of 2**48. PostgreSQL hashes text with ``hashtextextended`` (its hash-partitioning function:
+a 1M-row list digested in 3.8 s against 4.2-4.4 s with ``md5``); SQLite calls :func:`digest48`, registered on
+every connection by ``schema.make_engine``. The two never meet: a database compares only digests it computed
+itself, and a hash that changes (say, across a PostgreSQL upgrade) only makes every row look changed once.
 """
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ def joined(*columns: ColumnElement[Any]) -> ColumnElement[str]:
 def value_digest(tag: str, column: ColumnElement[Any], known: Sequence[str]) -> ColumnElement[int]:
     """The digest of ``tag`` and a column of few values (a status): constants for the ``known`` values, a
     hash for any other."""
-    constants = [(column == value, literal(digest48(f"{tag}{SEPARATOR}{value}"), BigInteger)) for value in known]
+    constants = [(column == value, literal(_digest48(f"{tag}{SEPARATOR}{value}"), BigInteger)) for value in known]
     return case(*constants, else_=text_digest(literal(tag + SEPARATOR, Text) + cast(column, Text)))
 
 
 def salt_digest(salt: str) -> int:
-    return digest48(f"salt{SEPARATOR}{salt}") or 0
+    return _digest48(f"salt{SEPARATOR}{salt}")
 
 
 def row_digest(salt: str, *parts: ColumnElement[int]) -> ColumnElement[int]:
@@ -86,7 +86,9 @@ def row_digest(salt: str, *parts: ColumnElement[int]) -> ColumnElement[int]:
 def digest48(value: str | None) -> int | None:
     """SQLite's ``bs_digest``: the text's CRC-32 shifted 16 bits left, XOR its Adler-32: 48 bits, from zlib's C
     code (three times cheaper than an MD5 per row)."""
-    if value is None:
-        return None
+    return None if value is None else _digest48(value)
+
+
+def _digest48(value: str) -> int:
     data = value.encode("utf-8")
     return (zlib.crc32(data) << 16) ^ zlib.adler32(data)

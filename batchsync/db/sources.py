@@ -209,8 +209,8 @@ def export_digests(
     and 1 when a contact's status, as exported, is one of ``sendable`` (a suppressed address goes out as
     unsubscribed: rules.export_status). Reads ``bs_contact_digests``: see :func:`fill_contact_digests`."""
     known = CONTACT_DIGESTS.c
-    no_groups = _NO_GROUPS
-    _, groups_digest, groups_table = _groups(connection, list_id, False, with_codes=False) if with_groups else no_groups
+    group_parts = _groups(connection, list_id, False, with_codes=False) if with_groups else _NO_GROUPS
+    _, groups_digest, groups_table = group_parts
     status = subscriptions.c.status
     # Plain comparisons, no IN: the statement is compiled once into PostgreSQL's CREATE TABLE AS.
     opted_in = and_(*(status != value for value in sorted(OPTED_OUT)))
