@@ -204,10 +204,11 @@ def fill_contact_digests(connection: Connection) -> None:
 def export_digests(
     connection: Connection, list_id: int, salt: str, sendable: Sequence[str], *, with_groups: bool
 ) -> Select[Any]:
-    """(email_key, digest, contacts, sendable) for every address on one list: the sum of the digests of its
-    contacts' rows (the same rows and digests :func:`stream_export_sources` reads with this salt), their number,
-    and 1 when a contact's status, as exported, is one of ``sendable`` (a suppressed address goes out as
-    unsubscribed: rules.export_status). Reads ``bs_contact_digests``: see :func:`fill_contact_digests`."""
+    """(email_key, digest, sendable) for every contact on one list: the digest of its row (the digest
+    :func:`stream_export_sources` reads with this salt) and 1 when its status, as exported, is one of
+    ``sendable`` (a suppressed address goes out as unsubscribed: rules.export_status). An address's digest in
+    the ledger is the sum of its contacts' (``ledger.changed_keys`` adds them up, or not: see there). Reads
+    ``bs_contact_digests``: see :func:`fill_contact_digests`."""
     known = CONTACT_DIGESTS.c
     group_parts = _groups(connection, list_id, False, with_codes=False) if with_groups else _NO_GROUPS
     _, groups_digest, groups_table = group_parts
@@ -219,16 +220,9 @@ def export_digests(
     rows = CONTACT_DIGESTS.join(subscriptions, on_list)
     if groups_table is not None:
         rows = rows.outerjoin(groups_table, groups_table.c.contact_id == known.id)
-    return (
-        select(
-            known.email_key,
-            func.sum(_row_digest(salt, known.digest, groups_digest)).label("digest"),
-            func.count().label("contacts"),
-            func.max(case((or_(*(exported == value for value in sendable)), 1), else_=0)).label("sendable"),
-        )
-        .select_from(rows)
-        .group_by(known.email_key)
-    )
+    sendable_status = case((or_(*(exported == value for value in sendable)), 1), else_=0)
+    digest = _row_digest(salt, known.digest, groups_digest)
+    return select(known.email_key, digest.label("digest"), sendable_status.label("sendable")).select_from(rows)
 
 
 def stream_segment_sources(
