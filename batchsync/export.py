@@ -43,6 +43,8 @@ from batchsync.transport.base import with_retries
 from batchsync.workdir import WorkDir, move_unique, unique_path
 
 log = logging.getLogger(__name__)
+# A diff's temporary tables: 1M contacts' digests take about 60 MB.
+DIFF_TABLES = (sources.CONTACT_DIGESTS.name, ledger.CURRENT.name, ledger.DIFF_KEYS.name)
 Mode = Literal["full", "diff"]
 PROGRESS_EVERY = 250_000
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
@@ -110,6 +112,9 @@ class Exporter:
             if chosen == "diff":
                 self._fill_contact_digests(connection)
             files = self._write_lists(connection, ids, chosen, now, dry_run)
+            if chosen == "diff":  # not after a failure: the connection may be gone, and the error is the news
+                with connection.begin():
+                    driver.drop_temporary(connection, *DIFF_TABLES)
         if not dry_run:
             self.work.prune(self.work.sent, now - timedelta(days=self.profile.work.retention_days))
         return ExportResult(chosen, dry_run, files)

@@ -155,6 +155,26 @@ def test_diff_after_a_full_export_weighs_only_duplicates_and_rows_that_may_now_g
     assert weighed_by_a_diff(sync, clock) == expected  # and in the same order as a whole list's
 
 
+def temporary_tables(sync: Sync) -> set[str]:
+    """The bs_ temporary tables a pooled connection holds (on PostgreSQL: any session's, in this database)."""
+    with sync.engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            found = connection.exec_driver_sql("SELECT relname FROM pg_class WHERE relpersistence = 't'")
+        else:
+            found = connection.exec_driver_sql("SELECT name FROM sqlite_temp_master WHERE type = 'table'")
+        return {name for name in found.scalars() if name.startswith("bs_")}
+
+
+def test_diff_leaves_no_temporary_tables_in_the_pooled_connection(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    sync.export("full")
+    clock.advance(3600)
+    sync.export("diff")
+    assert temporary_tables(sync) == set()
+
+
 def test_diff_weighs_and_sends_the_members_of_a_renamed_group(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
     sync = make_sync(tmp_path, db_url, clock)
     sync.export("full")

@@ -153,6 +153,14 @@ def temporary_table(connection: Connection, name: str, columns: str, *, rowid: b
     connection.exec_driver_sql(f"DELETE FROM {name}")
 
 
+def drop_temporary(connection: Connection, *names: str) -> None:
+    """Drop this session's temporary tables ``names``, if there: a pooled connection would keep them, rows and
+    all, until it is closed."""
+    schema = "pg_temp" if connection.dialect.name == "postgresql" else "temp"
+    for name in names:
+        connection.exec_driver_sql(f"DROP TABLE IF EXISTS {schema}.{name}")
+
+
 def temporary_table_as(
     connection: Connection, name: str, query: Select[Any], columns: str, *, rowid: bool = False
 ) -> None:
