@@ -177,8 +177,8 @@ def changed_keys(connection: Connection, profile: str, list_code: str, digests: 
 
 
 def _differs(current: Any, known: Any) -> ColumnElement[bool]:
-    """An address on the list (``current``: its digests) that the ledger row (``known``, outer-joined) does
-    not hold as it is now."""
+    """A row of ``current`` (the digests of a contact on the list, or of an address) that the ledger row
+    (``known``, outer-joined) does not hold as it is now."""
     return or_(
         and_(known.email_key.is_(None), current.sendable == 1),  # a row the provider takes and has not had
         and_(known.email_key.is_not(None), known.source_digest.is_(None)),
