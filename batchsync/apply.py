@@ -2,8 +2,14 @@
 
 One handler per kind of event: opt-outs (unsubscribe, hard bounce, complaint, clean), soft bounces (counted;
 the one that reaches the threshold cleans the address), email changes (refused when another contact owns the
-new address), engagement (open, click: an activity, no status change), field updates, and rows to ignore.
-Every row ends in the result file; a row refused here also goes to the errors file.
+new address, counting the changes earlier rows of the file made), subscribes (a re-subscription the provider
+reports: it clears the provider's remembered opt-out, and re-subscribes nobody in the CRM), engagement (open,
+click: an activity, no status change), field updates, and rows to ignore. Every row ends in the result file;
+a row refused here also goes to the errors file.
+
+The file's origin decides who must be told. A provider's report (``provider``) is remembered for good in
+``bs_provider_optouts`` and noted in the export ledger, so it is never echoed back; an admin's file (``admin``)
+is a CRM-side change, sent in the next export. Every change is audited with its origin.
 """
 
 from __future__ import annotations
@@ -15,16 +21,22 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from batchsync.collect import StagedFile
 from batchsync.config import Profile
 from batchsync.db import crm, ledger
 from batchsync.events import InboundEvent
 from batchsync.formats.csvfile import CsvWriter
 from batchsync.rules import (
     OPT_OUT_KINDS,
+    OPTED_OUT,
+    EventKind,
     OptOut,
     Subscription,
+    decide_later_in_file,
     decide_opt_out,
     email_change_conflict,
+    email_key,
+    opt_out_status,
     soft_bounce_cleans,
     suppresses,
     target_lists,
@@ -39,6 +51,7 @@ ACTIVITY = {
     "open": "open",
     "click": "click",
     "email_change": "email_change",
+    "subscribe": "subscribe",
 }
 
 
@@ -51,6 +64,7 @@ class Tally:
     unchanged: int = 0
     no_contact: int = 0
     rejected: int = 0
+    warnings: int = 0
     bounced: list[str] = field(default_factory=list)
 
 
@@ -59,25 +73,28 @@ class EventApplier:
         self,
         profile: Profile,
         connection: Connection,
-        source: str,
+        staged: StagedFile,
         run_id: int | None,
         now: datetime,
         results: CsvWriter,
         errors: CsvWriter,
         list_ids: dict[str, int],
     ) -> None:
-        self.profile, self.connection, self.source, self.run_id, self.now = profile, connection, source, run_id, now
+        self.profile, self.connection, self.run_id, self.now = profile, connection, run_id, now
+        self.source, self.origin = staged.name, staged.origin
         self.results, self.errors, self.list_ids = results, errors, list_ids
         self.opted_out: dict[str, set[str]] = defaultdict(set)  # list -> addresses this file took off it
+        self.touched: set[tuple[int, int]] = set()  # (contact, list) rows an earlier row of this file changed
 
     def apply(self, events: list[InboundEvent], tally: Tally) -> None:
-        keys = {event.email_key for event in events} | {e.new_email.lower() for e in events if e.new_email}
+        keys = {event.email_key for event in events} | {email_key(e.new_email) for e in events if e.new_email}
         self.contacts = crm.contacts_by_email(self.connection, keys)
         ids = [cid for found in self.contacts.values() for cid in found]
         self.stored = crm.subscriptions_of(self.connection, ids, self.list_ids.values())
         self.current: dict[tuple[int, int], Subscription] = {}  # as this chunk left them
         bouncing = [cid for e in events if e.kind == "soft_bounce" for cid in self.contacts.get(e.email_key, [])]
         self.soft_bounces: Counter[int] = Counter(crm.activity_counts(self.connection, bouncing, "soft_bounce"))
+        self.reports = ledger.ProviderOptOuts(self.connection, self.profile.name, keys)
         self.changes: dict[tuple[int, int], dict[str, Any]] = {}
         self.audit: list[dict[str, Any]] = []
         self.activities: list[dict[str, Any]] = []
@@ -91,24 +108,41 @@ class EventApplier:
         crm.add_activities(self.connection, self.activities)
         ledger.record_changes(self.connection, self.audit)
         ledger.note_provider_status(self.connection, self.profile.name, self.echoes)
+        self.reports.save(self.now)
 
     def _apply_event(self, event: InboundEvent, tally: Tally) -> None:
         contact_ids = self.contacts.get(event.email_key, [])
-        lists = target_lists(
-            event.kind if event.kind in OPT_OUT_KINDS else "unsubscribe",  # type: ignore[arg-type]
-            event.list_code,
-            list(self.profile.lists),
-            self.profile.policy.unsubscribe_all_lists,
-        )
+        lists = self._lists(event, self.profile.policy.unsubscribe_all_lists)
         if event.kind == "hard_bounce" and len(tally.bounced) < 1000:
             tally.bounced.append(event.email)
+        if event.warning is not None:
+            tally.warnings += 1
         if event.kind in OPT_OUT_KINDS:
-            self._note_suppression(event, event.kind)
+            self._note_suppression(event, event.kind)  # type: ignore[arg-type]
+            if self.origin == "provider":
+                self._remember_report(event)
+        if event.kind == "subscribe":
+            self._on_subscribe(event, lists, tally)
+            return
         if not contact_ids:
             self._result(event, lists, "no_contact", "no CRM contact with this email", tally)
             return
         handler = getattr(self, f"_on_{event.kind}", None) or self._on_opt_out
         handler(event, contact_ids, lists, tally)
+
+    def _lists(self, event: InboundEvent, all_lists: bool) -> list[str]:
+        kind = event.kind if event.kind in OPT_OUT_KINDS else "unsubscribe"
+        return target_lists(kind, event.list_code, list(self.profile.lists), all_lists)  # type: ignore[arg-type]
+
+    def _remember_report(self, event: InboundEvent) -> None:
+        """The provider's own opt-out, for the lists its report covers (not those the profile's policy adds: the
+        provider does not know of those, so they go out in the next export): remembered for good, and noted in
+        the ledger so that it is not echoed back, whatever the CRM's state."""
+        status = opt_out_status(event.kind)  # type: ignore[arg-type]
+        for code in self._lists(event, False):
+            where = f"{self.source}:{event.line}"
+            self.reports.remember(code, event.email_key, event.email, event.kind, event.at, event.reason, where)
+            self.echoes.append({"list_code": code, "email_key": event.email_key, "status": status})
 
     # --- handlers: each writes the row's result -----------------------------------------------------------
 
@@ -131,7 +165,7 @@ class EventApplier:
 
     def _on_email_change(self, event: InboundEvent, contact_ids: list[int], lists: list[str], tally: Tally) -> None:
         assert event.new_email is not None
-        new_key = event.new_email.lower()
+        new_key = email_key(event.new_email)
         owner = email_change_conflict(contact_ids, self.contacts.get(new_key, []))
         if owner is not None:
             self._reject(event, f"the new address {event.new_email} belongs to another contact ({owner})", tally)
@@ -139,8 +173,26 @@ class EventApplier:
         for contact_id in contact_ids:
             crm.change_email(self.connection, contact_id, event.new_email, new_key, self.now)
             self._activity(contact_id, event, f"{event.email} -> {event.new_email}")
-        ledger.rename_exported(self.connection, self.profile.name, event.email_key, new_key, event.new_email)
+        if new_key != event.email_key:  # the next rows of the file see the address taken
+            self.contacts[new_key] = sorted({*self.contacts.get(new_key, []), *contact_ids})
+            del self.contacts[event.email_key]
+        if self.origin == "provider":  # the provider has the new address: its ledger rows and opt-outs follow
+            ledger.rename_exported(self.connection, self.profile.name, event.email_key, new_key, event.new_email)
+            self.reports.carry(event.email_key, new_key, event.new_email)
         self._result(event, lists, "applied", f"email changed to {event.new_email}", tally)
+
+    def _on_subscribe(self, event: InboundEvent, lists: list[str], tally: Tally) -> None:
+        if self.origin != "provider":
+            self._result(event, lists, "unchanged", "only the provider's own subscribe clears its opt-outs", tally)
+            return
+        cleared = [code for code in self._lists(event, False) if self.reports.forget(code, event.email_key, event.at)]
+        for contact_id in self.contacts.get(event.email_key, []):
+            self._activity(contact_id, event, f"{event.reason}; lists {','.join(cleared) or 'none'}")
+        if cleared:
+            detail = f"the provider's opt-out of {','.join(cleared)} cleared: it has the address subscribed again"
+            self._result(event, cleared, "applied", detail, tally)
+        else:
+            self._result(event, lists, "unchanged", "no older opt-out of the provider's to clear", tally)
 
     def _on_open(self, event: InboundEvent, contact_ids: list[int], lists: list[str], tally: Tally) -> None:
         for contact_id in contact_ids:
@@ -190,18 +242,22 @@ class EventApplier:
     def _decide(self, event: InboundEvent, opt: OptOut, contact_id: int, code: str) -> tuple[str, bool]:
         key = (contact_id, self.list_ids[code])
         before = self.current[key] if key in self.current else self.stored.get(key)
-        decision = decide_opt_out(before, opt)
+        if key in self.touched and before is not None and before.status in OPTED_OUT:
+            decision = decide_later_in_file(before, opt)
+        else:
+            decision = decide_opt_out(before, opt)
         if decision.new_status is None:
             return decision.rule, False
         if before is not None and before.status in ("subscribed", "pending"):
             self.opted_out[code].add(event.email_key)
-        self.current[key] = Subscription(decision.new_status, opt.at, "provider")
+        self.touched.add(key)
+        self.current[key] = Subscription(decision.new_status, opt.at, self.origin)
         self.changes[key] = {
             "contact_id": contact_id,
             "list_id": key[1],
             "status": decision.new_status,
             "status_at": opt.at,
-            "source": "provider",
+            "source": self.origin,
             "reason": opt.reason,
         }
         self.audit.append(
@@ -215,17 +271,22 @@ class EventApplier:
                 "source_file": self.source,
                 "source_line": event.line,
                 "at": self.now,
+                "origin": self.origin,
             }
         )
-        self.echoes.append({"list_code": code, "email_key": event.email_key, "status": decision.new_status})
         return decision.rule, True
 
-    def _note_suppression(self, event: InboundEvent, kind: str) -> None:
-        if suppresses(kind, self.profile.policy.hard_bounce_suppresses):  # type: ignore[arg-type]
+    def _note_suppression(self, event: InboundEvent, kind: EventKind) -> None:
+        if suppresses(kind, self.profile.policy.hard_bounce_suppresses):
             reason = "soft_bounce" if event.kind == "soft_bounce" else kind
             self.suppress.setdefault(
                 event.email_key,
-                {"email": event.email, "reason": reason, "at": event.at, "source": f"provider:{self.profile.name}"},
+                {
+                    "email": event.email,
+                    "reason": reason,
+                    "at": event.at,
+                    "source": f"{self.origin}:{self.profile.name}",
+                },
             )
 
     def _activity(self, contact_id: int, event: InboundEvent, detail: str) -> None:
@@ -234,7 +295,7 @@ class EventApplier:
                 "contact_id": contact_id,
                 "kind": ACTIVITY.get(event.kind, event.kind),
                 "at": event.at,
-                "detail": f"{detail}; {self.source}:{event.line}",
+                "detail": f"{detail}; {self.origin} {self.source}:{event.line}",
             }
         )
 
@@ -245,6 +306,8 @@ class EventApplier:
             tally.no_contact += 1
         else:
             tally.unchanged += 1
+        if event.warning is not None:
+            detail = f"warning: {event.warning}; {detail}"
         self.results.write([event.line, event.email, ",".join(lists), event.kind, label, detail])
 
     def _reject(self, event: InboundEvent, reason: str, tally: Tally) -> None:

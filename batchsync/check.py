@@ -20,7 +20,7 @@ from pathlib import Path
 from batchsync.clock import Clock
 from batchsync.config import Profile
 from batchsync.db.schema import make_engine, missing_tables
-from batchsync.errors import BatchsyncError
+from batchsync.errors import BatchsyncError, RemoteFolderMissing
 from batchsync.export import remote_folder
 from batchsync.transport import Transport, open_transport
 from batchsync.workdir import WorkDir
@@ -87,27 +87,59 @@ def _server(profile: Profile, transport: Transport) -> Iterator[CheckResult]:
         yield CheckResult(f"server {where}", False, str(exc))
         return
     yield CheckResult(f"server {where}", True, "answers; host key or certificate trusted; login accepted")
-    folders = [remote_folder(profile, code, Clock().now()) for code in profile.lists]
+    for folder in dict.fromkeys(remote_folder(profile, code, Clock().now()) for code in profile.lists):
+        yield _probe(transport, folder, create=True)
     for entry in profile.inbound:
         if entry.remote_dir is not None:
-            folders += [entry.remote_dir, posixpath.join(entry.remote_dir, entry.processed_dir)]
-    for folder in dict.fromkeys(folders):
-        yield _probe(transport, folder)
+            yield _probe(transport, entry.remote_dir, create=False, kind=entry.kind)
+            yield _processed(transport, posixpath.join(entry.remote_dir, entry.processed_dir))
+    if profile.provider == "mailup":
+        yield CheckResult("note", True, MAILUP_NOTE)
 
 
-def _probe(transport: Transport, folder: str) -> CheckResult:
-    """List the folder, then write, size and remove a probe file in it."""
+MAILUP_NOTE = (
+    "MailUp applies optout 0 (unsubscribed) to recipients it already has only when the account's (S)FTP import "
+    "datasync is set to update subscription statuses; by default it leaves existing statuses as they are. Ask "
+    "MailUp to set it, or tombstones and CRM opt-outs change nothing there"
+)
+
+
+def _probe(transport: Transport, folder: str, *, create: bool, kind: str | None = None) -> CheckResult:
+    """List the folder, then write, size and remove a probe file in it. An export folder is made by the first
+    upload anyway (``create``); an inbound folder must already be there: a mistyped one would stop every
+    opt-out, so it is reported, never made."""
     probe = posixpath.join(folder, f".batchsync-probe-{secrets.token_hex(4)}")
     with tempfile.TemporaryDirectory() as scratch:
         local = Path(scratch) / "probe"
         local.write_bytes(PROBE)
         try:
-            transport.list(folder)
+            if not create:
+                transport.list(folder)
             transport.upload(local, probe)
             written = transport.size(probe)
             transport.delete(probe)
+            transport.list(folder)
+        except RemoteFolderMissing:
+            return CheckResult(
+                f"remote {folder}/",
+                False,
+                f"the inbound folder of kind {kind} does not exist on the server: check inbound.remote_dir "
+                "(check never creates it)",
+            )
         except BatchsyncError as exc:
             return CheckResult(f"remote {folder}/", False, f"{exc}: give the account list and write rights there")
     if written != len(PROBE):
         return CheckResult(f"remote {folder}/", False, "the probe file arrived truncated")
     return CheckResult(f"remote {folder}/", True, "listed, written and cleaned up")
+
+
+def _processed(transport: Transport, folder: str) -> CheckResult:
+    """Where taken files are moved: probed when it exists; otherwise the first move makes it, in the inbound
+    folder probed just before."""
+    try:
+        transport.list(folder)
+    except RemoteFolderMissing:
+        return CheckResult(f"remote {folder}/", True, "not there yet: the first file taken is moved into it")
+    except BatchsyncError as exc:
+        return CheckResult(f"remote {folder}/", False, f"{exc}: give the account list and write rights there")
+    return _probe(transport, folder, create=False)

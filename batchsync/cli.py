@@ -26,6 +26,7 @@ from batchsync.samples import write_sample_crm, write_unsubscribers_file
 from batchsync.status import as_json, as_table, profile_status
 from batchsync.sync import ImportReport, Sync
 
+EXIT_FAILED = 1
 EXIT_REJECTED = 3
 profile_option = click.option(
     "--profile",
@@ -39,6 +40,11 @@ dry_run_option = click.option(
     "--dry-run",
     is_flag=True,
     help="Write the files it would send and the changes it would make under dry-run/; change nothing.",
+)
+force_option = click.option(
+    "--force",
+    is_flag=True,
+    help="Upload even past the export safety stop (policy.max_export_unsubscribe_share).",
 )
 mode_option = click.option(
     "--full/--diff",
@@ -111,11 +117,19 @@ def samples(profile_path: Path, contacts: int, seed: int, files_to: Path | None)
 @cli.command()
 @profile_option
 @mode_option
+@force_option
 @dry_run_option
-def export(profile_path: Path, full: bool | None, dry_run: bool) -> None:
-    """Export contacts to the provider: one file per list, uploaded whole, the ledger moved after."""
+def export(profile_path: Path, full: bool | None, force: bool, dry_run: bool) -> None:
+    """Export contacts to the provider: one file per list, uploaded whole, the ledger moved after.
+
+    A list whose file would take more than the profile's share of its subscribed addresses off it (opt-outs and
+    tombstones) is held back in held/ and exits 1, unless --force.
+    """
     sync = Sync(load_profile(profile_path))
-    _echo_export(sync.export(_mode(full), dry_run=dry_run))
+    result = sync.export(_mode(full), dry_run=dry_run, force=force)
+    _echo_export(result)
+    if result.stopped:
+        raise SystemExit(EXIT_FAILED)
 
 
 @cli.command("import")
@@ -128,11 +142,27 @@ def export(profile_path: Path, full: bool | None, dry_run: bool) -> None:
     help="Import this file (repeatable) instead of looking in the inboxes.",
 )
 @click.option("--kind", help="The inbound kind of --file, when its name matches no pattern.")
+@click.option(
+    "--origin",
+    type=click.Choice(["provider", "admin"]),
+    help="Who reported the events of --file: 'provider' for a provider's file fetched by hand (its opt-outs are "
+    "not sent back), 'admin' for a CRM-side change (its opt-outs go out in the next export). Default: the "
+    "kind's origin, else admin.",
+)
 @click.option("--force", is_flag=True, help="Apply files even past the safety stop (policy.max_unsubscribe_share).")
 @dry_run_option
-def import_(profile_path: Path, files: tuple[Path, ...], kind: str | None, force: bool, dry_run: bool) -> None:
-    """Collect the provider's files and the local inbox, and reconcile them into the CRM."""
-    report = Sync(load_profile(profile_path)).import_files(files, kind=kind, dry_run=dry_run, force=force)
+def import_(
+    profile_path: Path, files: tuple[Path, ...], kind: str | None, origin: str | None, force: bool, dry_run: bool
+) -> None:
+    """Collect the provider's files and the local inbox, and reconcile them into the CRM.
+
+    Files from the provider's remote inbox are its reports; files in the local inbox or named with --file are
+    an admin's (CRM-side changes), unless the kind's origin or --origin says otherwise.
+    """
+    if origin is not None and not files:
+        raise ConfigError("--origin applies to files named with --file")
+    sync = Sync(load_profile(profile_path))
+    report = sync.import_files(files, kind=kind, origin=origin, dry_run=dry_run, force=force)  # type: ignore[arg-type]
     _echo_import(report)
     _exit_for(report)
 
@@ -140,14 +170,17 @@ def import_(profile_path: Path, files: tuple[Path, ...], kind: str | None, force
 @cli.command()
 @profile_option
 @mode_option
+@click.option("--force", is_flag=True, help="Pass both safety stops: apply files and upload exports past them.")
 @dry_run_option
-def run(profile_path: Path, full: bool | None, dry_run: bool) -> None:
+def run(profile_path: Path, full: bool | None, force: bool, dry_run: bool) -> None:
     """Import, then export: one whole run, recorded in bs_runs."""
-    report = Sync(load_profile(profile_path)).run(_mode(full), dry_run=dry_run)
+    report = Sync(load_profile(profile_path)).run(_mode(full), dry_run=dry_run, force=force)
     assert report is not None and report.imported is not None  # no slot given: always runs
     _echo_import(report.imported)
     if report.exported is not None:
         _echo_export(report.exported)
+        if report.exported.stopped:
+            raise SystemExit(EXIT_FAILED)
     _exit_for(report.imported)
 
 
@@ -214,20 +247,30 @@ def _echo_export(result: ExportResult) -> None:
     verb = "would send" if result.dry_run else "sent"
     for item in result.files:
         where = f"{item.local_path} -> {item.remote_path}" if item.local_path else "nothing to send"
+        if item.stopped and not result.dry_run:
+            where = f"held back in {item.local_path}" if item.local_path else "nothing uploaded"
         click.echo(
             f"export {result.mode} {item.list_code}: {item.rows} rows ({item.tombstones} tombstones), "
             f"{item.duplicates} duplicate emails, {item.invalid} invalid emails; {where}"
         )
         for report in item.reports:
             click.echo(f"  report: {report}")
-    click.echo(f"export: {verb} {result.rows} rows in {sum(1 for f in result.files if f.local_path)} files")
+        if item.stopped:
+            click.echo(f"  {item.stopped}", err=True)
+    sent = [f for f in result.files if f.local_path and (result.dry_run or f.uploaded)]
+    click.echo(f"export: {verb} {sum(f.rows for f in sent)} rows in {len(sent)} files")
+
+
+WOULD = {"applied": "would be applied", "duplicate": "would be a duplicate", "quarantined": "would be quarantined"}
 
 
 def _echo_import(report: ImportReport) -> None:
     for item in report.files:
+        outcome = WOULD.get(item.outcome, item.outcome) if report.dry_run else item.outcome
+        warnings = f", {item.warnings} warnings" if item.warnings else ""
         click.echo(
-            f"import {item.name}: {item.outcome}; {item.rows} rows, {item.changed} changed, "
-            f"{item.rejected} rejected" + (f" ({item.reason})" if item.reason else "")
+            f"import {item.name} ({item.origin}): {outcome}; {item.rows} rows, {item.changed} changed, "
+            f"{item.rejected} rejected{warnings}" + (f" ({item.reason})" if item.reason else "")
         )
         for label, path in (("kept", item.kept_at), ("result", item.result_path), ("errors", item.errors_path)):
             if path is not None:

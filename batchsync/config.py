@@ -13,11 +13,13 @@ is named by ``password_env`` (an environment variable) or ``password_file``.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import os
 import tomllib
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +28,7 @@ from batchsync.errors import ConfigError
 
 EventKind = Literal[
     "unsubscribe",
+    "subscribe",
     "hard_bounce",
     "soft_bounce",
     "complaint",
@@ -130,8 +133,9 @@ class ExportColumn(_Model):
 
 
 class Dialect(_Model):
-    encoding: Literal["utf-8", "utf-8-sig", "cp1252", "latin-1"] = "utf-8"
+    encoding: Literal["utf-8", "utf-8-sig", "cp1252", "latin-1", "utf-16", "utf-16-le", "utf-16-be"] = "utf-8"
     delimiter: Literal[";", ",", "|", "\t"] = ";"
+    quote: Literal['"', "'"] = '"'  # the character that quotes a field holding the delimiter or a newline
 
 
 class ExportConfig(Dialect):
@@ -197,9 +201,29 @@ class InboundColumns(_Model):
     note: str | None = None  # free text kept with the event's reason (Mailchimp's UNSUB_REASON)
 
 
+OPT_OUT_EVENTS = ("unsubscribe", "hard_bounce", "complaint", "clean")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str) -> timedelta:
+    """``"90s"``, ``"30m"``, ``"12h"`` or ``"1d"`` as a timedelta."""
+    number, unit = value.strip()[:-1], value.strip()[-1:]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if unit not in DURATION_UNITS or amount < 0:
+        raise ValueError(f"expected a duration such as '1d', '12h', '30m' or '90s', got {value!r}")
+    return timedelta(seconds=amount * DURATION_UNITS[unit])
+
+
 class InboundConfig(Dialect):
     kind: str
-    pattern: str
+    pattern: str | Annotated[tuple[str, ...], Field(strict=False)]  # one file-name pattern, or several
+    # Who the file's events come from: "provider" (its reports: not echoed back, remembered for good) or "admin"
+    # (a CRM-side change: sent in the next export). None: by where the file came from (the remote inbox is the
+    # provider's; the local inbox and import --file are an admin's).
+    origin: Literal["provider", "admin"] | None = None
     remote_dir: str | None = None
     after_import: Literal["move", "delete"] = "move"
     processed_dir: str = "processed"
@@ -211,6 +235,12 @@ class InboundConfig(Dialect):
     columns: InboundColumns
     event: EventKind | None = None
     codes: dict[str, EventCode] = Field(default_factory=dict)
+    # A reason code the table does not know: "unsubscribe" (the default where the codes hold an opt-out: a file of
+    # opt-outs fails safe, the row is an unsubscribe with a warning) or "reject" (the row goes to the errors file).
+    unknown_codes: Literal["unsubscribe", "reject"] | None = None
+    # Mapped columns a file may leave out (MailUp's unsubscribers export: all but the address are optional).
+    optional_columns: tuple[Literal["list_id", "at", "reason", "note"], ...] = Field((), strict=False)
+    future_tolerance: str = "1d"  # an event time later than now plus this is a rejected row
     list_code: str | None = None  # every row concerns this CRM list (a Mailchimp audience export)
     unzip: bool = False  # the file is a zip: its members are taken as files of the kinds they match
 
@@ -219,12 +249,46 @@ class InboundConfig(Dialect):
     def _zone(cls, value: str) -> str:
         return known_zone(value)
 
+    @field_validator("future_tolerance")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _patterns(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        if not value or any(not pattern for pattern in (value if isinstance(value, tuple) else (value,))):
+            raise ValueError("a pattern cannot be empty")
+        return value
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return self.pattern if isinstance(self.pattern, tuple) else (self.pattern,)
+
+    def matches(self, name: str) -> bool:
+        return any(fnmatch.fnmatch(name, pattern) for pattern in self.patterns)
+
+    @property
+    def tolerance(self) -> timedelta:
+        return parse_duration(self.future_tolerance)
+
+    @property
+    def unknown_code_event(self) -> EventKind | None:
+        """The event of a row whose reason code the table lacks, or None: the row is rejected."""
+        if self.unknown_codes == "reject":
+            return None
+        opt_outs = any(code.event in OPT_OUT_EVENTS for code in self.codes.values())
+        return "unsubscribe" if self.unknown_codes == "unsubscribe" or opt_outs else None
+
     @model_validator(mode="after")
     def _event_source(self) -> InboundConfig:
         if self.unzip:
             return self
         if self.event is None and not (self.codes and self.columns.reason):
             raise ValueError("say which event the rows are: 'event', or a 'reason' column with 'codes'")
+        if self.event is None and "reason" in self.optional_columns:
+            raise ValueError("a file may lack the reason column only when 'event' says what its rows are then")
         return self
 
     @property
@@ -271,6 +335,10 @@ class PolicyConfig(_Model):
     soft_bounce_threshold: int = Field(3, ge=1)  # this many soft bounces clean the address
     max_unsubscribe_share: float = Field(0.2, gt=0, le=1)  # safety stop: a file above it is quarantined
     safety_min_unsubscribes: int = Field(100, ge=1)  # ... when it also opts out at least this many addresses
+    # The same stop on the way out: an export that would take off more than this share of the addresses a list
+    # has at the provider as subscribed (opt-outs and tombstones), and at least the minimum, is not uploaded.
+    max_export_unsubscribe_share: float = Field(0.2, gt=0, le=1)
+    safety_min_export_unsubscribes: int = Field(100, ge=1)
 
 
 class Profile(_Model):

@@ -30,6 +30,14 @@ class UnsafeRemoteName(TransportError):
     """A name from a remote listing that is not a plain file name."""
 
 
+class RemoteFolderMissing(TransportError):
+    """A remote folder that does not exist (never retried: a mistyped folder does not appear by waiting)."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__(f"remote folder {folder!r} does not exist on the server")
+        self.folder = folder
+
+
 class BadFile(BatchsyncError):
     """An inbound file that cannot be trusted as a whole: it goes to quarantine."""
 

@@ -21,7 +21,6 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -32,15 +31,15 @@ from batchsync import progress
 from batchsync.clock import Clock, utc_stamp
 from batchsync.config import Profile
 from batchsync.db import crm, driver, ledger, sources
+from batchsync.delivery import Delivery
 from batchsync.errors import ConfigError
-from batchsync.formats.csvfile import CsvWriter
+from batchsync.formats.csvfile import CsvWriter, ReportWriter
 from batchsync.formats.package import package
 from batchsync.merge import merge_sorted
 from batchsync.rows import ProviderRow, RowBuilder, written_columns
-from batchsync.rules import OPTED_OUT, consented_export
-from batchsync.transport import Transport, open_transport, upload_confirmed
-from batchsync.transport.base import with_retries
-from batchsync.workdir import WorkDir, move_unique, unique_path
+from batchsync.rules import OPTED_OUT, export_decision, export_safety_stop
+from batchsync.transport import Transport, open_transport
+from batchsync.workdir import WorkDir, unique_path
 
 log = logging.getLogger(__name__)
 # A diff's temporary tables: 1M contacts' digests take about 60 MB.
@@ -62,6 +61,8 @@ class ExportedFile:
     uploaded: bool = False
     reports: list[Path] = field(default_factory=list)
     uploads: list[Path] = field(default_factory=list)  # every file that goes up, in order (data, then maps)
+    taken_off: int = 0  # addresses the provider has from us as subscribed that this file opts out or tombstones
+    stopped: str | None = None  # why the safety stop held the file back (nothing of it uploaded)
 
 
 @dataclass
@@ -73,6 +74,10 @@ class ExportResult:
     @property
     def rows(self) -> int:
         return sum(item.rows for item in self.files)
+
+    @property
+    def stopped(self) -> list[str]:
+        return [item.stopped for item in self.files if item.stopped]
 
 
 def choose_mode(profile: Profile, now: datetime) -> Mode:
@@ -89,12 +94,16 @@ class Exporter:
         clock: Clock,
         transport_factory: Callable[[Profile], Transport] = open_transport,
         stop: threading.Event | None = None,
+        *,
+        force: bool = False,
     ) -> None:
         self.profile, self.engine, self.clock = profile, engine, clock
         self.transport_factory = transport_factory
+        self.force = force  # upload even past the safety stop
         self.stop = stop or threading.Event()  # set: finish the list in hand, leave the others for next time
         self.pending_values = profile.export.status_values
         self.work = WorkDir.of(profile)
+        self.delivery = Delivery(profile, clock, self.work)
         self._digested: Connection | None = None  # the connection whose bs_contact_digests is this run's
 
     def run(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
@@ -108,7 +117,7 @@ class Exporter:
             if missing:
                 raise ConfigError(f"profile {self.profile.name}: no CRM list with code {', '.join(missing)}")
             if not dry_run:
-                self.work.clear(self.work.outbox)  # files of a failed upload: they are written again below
+                self._recover_outbox()
             if chosen == "diff":
                 self._fill_contact_digests(connection)
             files = self._write_lists(connection, ids, chosen, now, dry_run)
@@ -131,7 +140,9 @@ class Exporter:
                     break
                 staged = self._write_list(connection, code, ids[code], mode, now, dry_run)
                 if staged.uploads and not dry_run:
-                    transport = transport or self.transport_factory(self.profile)
+                    if transport is None:
+                        transport = self.transport_factory(self.profile)
+                        self._remove_partial_uploads(transport)
                     self._deliver(transport, staged)
                 files.append(staged)
         finally:
@@ -168,17 +179,42 @@ class Exporter:
                 writer.close()
             staged.rows, staged.tombstones = writer.rows, writer.tombstones
             staged.duplicates, staged.invalid = writer.duplicates, writer.invalid
-            staged.reports = writer.reports
+            staged.reports, staged.taken_off = writer.reports, writer.taken_off
             staged.local_path = writer.path if writer.rows else None
             staged.uploads = self._package(code, writer)
+            staged.stopped = self._safety_stop(connection, code, writer.taken_off)
+            if staged.stopped is not None and not dry_run:
+                transaction.rollback()
+                self._hold(staged)
+                return staged
             if dry_run:
                 transaction.rollback()
                 return staged
             if not writer.rows:
                 ledger.commit_pending(connection, self.profile.name, code)  # tombstones of rows never sent
-                staged.reports = [move_unique(report, self.work.sent) for report in staged.reports]
+                staged.reports = [self.work.keep_report(report, code) for report in staged.reports]
         log.info("list %s: %d rows (%d tombstones) for a %s export", code, staged.rows, staged.tombstones, mode)
         return staged
+
+    def _safety_stop(self, connection: Connection, code: str, taken_off: int) -> str | None:
+        """Why the list's file may not go up unasked: it takes too large a share of the addresses the provider
+        has from us as subscribed off the list (the provider may never undo an opt-out), or None."""
+        policy = self.profile.policy
+        if self.force or taken_off < policy.safety_min_export_unsubscribes:
+            return None
+        subscribed = ledger.subscribed_count(connection, self.profile.name, code)
+        return export_safety_stop(
+            code, taken_off, subscribed, policy.max_export_unsubscribe_share, policy.safety_min_export_unsubscribes
+        )
+
+    def _hold(self, staged: ExportedFile) -> None:
+        """The files the safety stop held back go to ``held/`` with the reason beside them, for a person to look
+        at; the ledger stays as it was, so a forced export later writes them again."""
+        assert staged.stopped is not None
+        staged.uploads = [self.work.hold(path, staged.stopped) for path in staged.uploads]
+        staged.reports = [self.work.keep_report(report, staged.list_code) for report in staged.reports]
+        staged.local_path = staged.uploads[0] if staged.uploads else None
+        log.error("list %s: %s", staged.list_code, staged.stopped)
 
     def _merge(
         self, connection: Connection, code: str, list_id: int, mode: Mode, now: datetime, writer: _ListWriter
@@ -199,7 +235,8 @@ class Exporter:
                     writer.report_duplicate(row)
                 outgoing, changed = self._outgoing(builder, row, known, mode)
                 if outgoing is not None:
-                    writer.write(outgoing.values, outgoing.status in OPTED_OUT)
+                    opted_out = outgoing.status in OPTED_OUT
+                    writer.write(outgoing.values, opted_out, opted_out and _subscribed_at_provider(known))
                 if changed:  # written, or known to the provider already: the ledger takes it either way
                     sent = outgoing or row
                     origin = _origin(row, sent, known)
@@ -207,7 +244,7 @@ class Exporter:
                 elif known is not None and known.source_digest != row.source_digest:
                     pending.append(self._refreshed(code, row, known, now))  # same row, new inputs: note them
             elif known is not None and known.status != ledger.TOMBSTONE:
-                if known.status in ("subscribed", "pending") and builder.tombstones:
+                if _subscribed_at_provider(known) and builder.tombstones:
                     writer.write_tombstone(builder.tombstone(known.email))
                 pending.append(self._pending(code, known.email_key, known.email, None, None, now))
             if seen % 10_000 == 0:
@@ -224,11 +261,12 @@ class Exporter:
     ) -> Iterator[Any]:
         chunk = self.profile.export.chunk_rows
         segment = self.profile.lists[code].segment
+        place = sources.ListPlace(self.profile.name, code, list_id)
         if segment is not None:
-            return sources.stream_segment_sources(connection, list_id, segment.field, segment.equals, chunk)
+            return sources.stream_segment_sources(connection, place, segment.field, segment.equals, chunk)
         return sources.stream_export_sources(
             connection,
-            list_id,
+            place,
             chunk,
             with_custom=builder.needs_custom,
             with_groups=builder.needs_groups,
@@ -243,8 +281,9 @@ class Exporter:
             return None
         if self._digested is not connection:  # not asked by run(): digest the contacts for this list alone
             sources.fill_contact_digests(connection)
+        place = sources.ListPlace(self.profile.name, code, list_id)
         digests = sources.export_digests(
-            connection, list_id, builder.salt, builder.sendable_statuses, with_groups=builder.needs_groups
+            connection, place, builder.salt, builder.sendable_statuses, with_groups=builder.needs_groups
         )
         return ledger.changed_keys(connection, self.profile.name, code, digests)
 
@@ -252,10 +291,10 @@ class Exporter:
         self, builder: RowBuilder, row: ProviderRow, known: ledger.ExportedRow | None, mode: Mode
     ) -> tuple[ProviderRow | None, bool]:
         """The row to write, if any, and whether it differs from what the provider last had from us."""
-        reported = known.status if known is not None and known.origin in ("provider", "consent") else None
-        status = consented_export(row.status, reported, "pending" in self.pending_values and builder.tombstones)
+        pending_supported = "pending" in self.pending_values and builder.tombstones
+        status = export_decision(row.status, row.provider_opt_out, row.consent_at, pending_supported)
         if status is None:
-            return None, False  # a re-subscription the provider cannot take as pending: nothing goes out
+            return None, False  # the provider opted the address out, and no consent since lets it go out
         if status != row.status:
             row = builder.with_status(row, status)
         changed = known is None or known.fingerprint != row.fingerprint or known.status != row.status
@@ -308,23 +347,20 @@ class Exporter:
     def _deliver(self, transport: Transport, staged: ExportedFile) -> None:
         assert staged.remote_path is not None
         folder = staged.remote_path.rsplit("/", 1)[0]
-        for local in staged.uploads:
-            remote = f"{folder}/{local.name}"
-            with_retries(
-                partial(upload_confirmed, transport, local, remote),
-                attempts=self.profile.transport.retries,
-                clock=self.clock,
-                what=f"upload of {remote}",
-            )
-            log.info("sent %s to %s", local.name, remote)
+        staged.uploads = self.delivery.send(transport, staged.uploads, folder)
         staged.uploaded = True
         staged.remote_path = f"{folder}/{staged.uploads[0].name}"
-        # The provider has the files now: keep their copies before the ledger moves, whatever happens next.
-        kept = self.work.keep_sent([*staged.uploads, *staged.reports])
-        staged.uploads, staged.reports = kept[: len(staged.uploads)], kept[len(staged.uploads) :]
+        # The provider has the files now: keep the reports beside their copies before the ledger moves.
+        staged.reports = self.work.keep_sent(staged.reports)
         staged.local_path = staged.uploads[0]
         with self.engine.begin() as connection:
             commit_pending(connection, self.profile.name, staged.list_code)
+
+    def _recover_outbox(self) -> None:
+        self.delivery.recover(self.transport_factory)
+
+    def _remove_partial_uploads(self, transport: Transport) -> None:
+        self.delivery.remove_partial_uploads(transport, [self._remote_dir(code) for code in self.profile.lists])
 
     def _file_name(self, code: str, mode: Mode, now: datetime) -> str:
         return _fill(self.profile.export.file_name, "export.file_name", placeholders(self.profile, code, mode, now))
@@ -359,8 +395,16 @@ def _origin(row: ProviderRow, sent: ProviderRow, known: ledger.ExportedRow | Non
 
 
 def _known_to_provider(row: ProviderRow, known: ledger.ExportedRow | None) -> bool:
-    """An opt-out the provider itself reported for an address it never had from us: no need to send it back."""
-    return known is None and row.from_provider and row.status in OPTED_OUT
+    """An opt-out the provider itself reported (remembered, or set by its report alone for an address it never
+    had from us): no need to send it back."""
+    if row.status not in OPTED_OUT:
+        return False
+    return row.provider_opt_out is not None or (known is None and row.from_provider)
+
+
+def _subscribed_at_provider(known: ledger.ExportedRow | None) -> bool:
+    """Whether the provider has the address from us as subscribed (or pending): an opt-out takes it off."""
+    return known is not None and known.status in ("subscribed", "pending")
 
 
 def commit_pending(connection: Connection, profile: str, list_code: str) -> None:
@@ -388,9 +432,10 @@ class _ListWriter:
         self._duplicates: CsvWriter | None = None
         self._invalid: CsvWriter | None = None
         self.rows = self.main_rows = self.opt_out_rows = self.tombstones = self.duplicates = self.invalid = 0
+        self.taken_off = 0  # rows taking an address the provider has as subscribed off the list
         self.reports: list[Path] = []
 
-    def write(self, values: list[str], opted_out: bool = False) -> None:
+    def write(self, values: list[str], opted_out: bool = False, takes_off: bool = False) -> None:
         split = opted_out and self.profile.export.opt_out_file
         target = self.opt_out_path if split else self.path
         if target not in self._files:
@@ -398,13 +443,14 @@ class _ListWriter:
             self._files[target] = CsvWriter(target, self.profile.export, self.headers)
         self._files[target].write(values)
         self.rows += 1
+        self.taken_off += takes_off
         if split:
             self.opt_out_rows += 1
         else:
             self.main_rows += 1
 
     def write_tombstone(self, values: list[str]) -> None:
-        self.write(values, opted_out=True)
+        self.write(values, opted_out=True, takes_off=True)
         self.tombstones += 1
 
     def report_duplicate(self, row: ProviderRow) -> None:
@@ -424,7 +470,7 @@ class _ListWriter:
         path = self.path.with_name(f"{self.path.name}.{kind}.csv")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.reports.append(path)
-        return CsvWriter(path, self.profile.export, header)
+        return ReportWriter(path, self.profile.export, header)
 
     def close(self) -> None:
         for handle in (*self._files.values(), self._duplicates, self._invalid):

@@ -1,48 +1,68 @@
 """Reconcile: one staged inbound file -> rows -> sync rules -> one transaction.
 
-For every file: the ledger is asked first (same content applied before: a recorded no-op); the whole file is
-checked (a file that cannot be trusted goes to quarantine and applies nothing); then its rows are applied in
-chunks inside a single transaction, together with the ledger entry, so a crash applies all of it or none.
-Every row lands in ``NAME.result.csv``; every rejected row, with its line and reason, in ``NAME.errors.csv``
-(same columns as the input, so it can be fixed and dropped back in)::
+For every file: a private snapshot is taken and everything after reads the snapshot, never the staged file a
+slow writer may still be appending to; the ledger is asked first (same content applied before: a recorded
+no-op); the whole file is checked (a file that cannot be trusted goes to quarantine and applies nothing); then
+its rows are applied in chunks inside a single transaction, which first claims the content in the ledger (a
+unique key: a second process past the locks finds it taken and applies nothing), so a crash applies all of it
+or none. Every row lands in ``NAME.result.csv``; every rejected row, with its line and reason, in
+``NAME.errors.csv`` (same columns as the input, so it can be fixed and dropped back in)::
 
     outcome = Reconciler(profile, engine, clock, run_id).apply(staged)
+
+After the commit the snapshot is archived as what was applied. If the staged file changed meanwhile, what was
+added after the snapshot becomes a file of its own (a header plus the new lines, applied next), or, when it is
+not a plain append, the changed file goes to quarantine with that reason: never archived as applied.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
-from itertools import islice
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 
 from batchsync import progress
 from batchsync.apply import EventApplier, Tally
 from batchsync.clock import Clock
-from batchsync.collect import StagedFile
+from batchsync.collect import ORIGINS, StagedFile
 from batchsync.config import Profile
 from batchsync.db import crm, ledger
 from batchsync.errors import BadFile, ConfigError
 from batchsync.events import EventReader, InboundEvent, RowError
-from batchsync.formats.csvfile import CsvWriter, Record, inspect_csv, read_records
+from batchsync.formats.csvfile import CsvWriter, Record, ReportWriter, inspect_csv, read_records
 from batchsync.rules import safety_stop
 from batchsync.workdir import WorkDir, move_unique, sha256_of, unique_path
 
 log = logging.getLogger(__name__)
-CHUNK = 5000
+CHUNK = 5000  # rows applied per batch of statements...
+CHUNK_CHARACTERS = 8_000_000  # ...or fewer, when their cells hold this much: memory is bounded by bytes, not rows
+SNAPSHOT = ".{name}.applying"
 
 
 @dataclass(kw_only=True)
 class FileOutcome(Tally):
     name: str
     outcome: str  # applied | duplicate | quarantined
+    origin: str = "provider"
     reason: str | None = None
     kept_at: Path | None = None
     result_path: Path | None = None
     errors_path: Path | None = None
+    follow_up: list[StagedFile] = field(default_factory=list)  # content added while the file was being applied
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    sha256: str
+    size: int
 
 
 class Reconciler:
@@ -54,24 +74,33 @@ class Reconciler:
         self.work = WorkDir.of(profile)
 
     def apply(self, staged: StagedFile, *, dry_run: bool = False) -> FileOutcome:
-        sha = sha256_of(staged.path)
-        size = staged.path.stat().st_size
+        snapshot = _snapshot(staged, dry_run)
+        try:
+            outcome = self._apply(staged, snapshot, dry_run)
+        finally:
+            if not dry_run:
+                snapshot.path.unlink(missing_ok=True)
+        return outcome
+
+    def _apply(self, staged: StagedFile, snapshot: Snapshot, dry_run: bool) -> FileOutcome:
         with self.engine.connect() as connection:
-            earlier = ledger.applied_file(connection, self.profile.name, sha)
+            earlier = ledger.applied_file(connection, self.profile.name, snapshot.sha256)
         if earlier is not None:
-            return self._duplicate(staged, sha, size, earlier, dry_run)
+            return self._duplicate(staged, snapshot, earlier, dry_run)
         reader = EventReader(self.profile, staged.kind, self.clock.now())
         try:
-            shape = inspect_csv(staged.path, staged.kind, reader.required_columns(), self.profile.work.max_file_bytes)
+            shape = inspect_csv(snapshot.path, staged.kind, reader.required_columns(), self.profile.work.max_file_bytes)
         except BadFile as exc:
-            return self._quarantine(staged, sha, size, exc.reason, dry_run)
+            return self._quarantine(staged, snapshot, exc.reason, dry_run)
+        reader.use_header(shape.header)
         folder = self.work.dry_run if dry_run else self.work.archive
         kept = unique_path(folder, staged.name)
-        outcome = FileOutcome(name=staged.name, outcome="applied", kept_at=kept)
+        outcome = FileOutcome(name=staged.name, outcome="applied", origin=staged.origin, kept_at=kept)
         try:
             with self.engine.connect() as connection, connection.begin() as transaction:
-                self._apply_rows(connection, staged, reader, shape.header, kept, outcome)
-                self._record(connection, staged, sha, size, "applied", _summary(outcome))
+                file_id = self._claim(connection, staged, snapshot, kept)
+                self._apply_rows(connection, staged, snapshot.path, reader, shape.header, kept, outcome)
+                ledger.describe_file(connection, file_id, _summary(outcome))
                 if dry_run:
                     transaction.rollback()
         except BaseException as exc:
@@ -80,17 +109,30 @@ class Reconciler:
                 if report is not None:
                     report.unlink(missing_ok=True)
             if isinstance(exc, _SafetyStop):
-                return self._quarantine(staged, sha, size, str(exc), dry_run)
+                return self._quarantine(staged, snapshot, str(exc), dry_run)
+            if isinstance(exc, _Taken):
+                with self.engine.connect() as connection:
+                    earlier = ledger.applied_file(connection, self.profile.name, snapshot.sha256)
+                return self._duplicate(staged, snapshot, earlier or {"name": "?", "at": "?"}, dry_run)
             raise
         if not dry_run:
-            move_unique(staged.path, kept.parent, kept.name)
-        log.info("%s: applied; %s", staged.name, _summary(outcome))
+            outcome.follow_up = self._archive_applied(staged, snapshot, kept)
+        log.info("%s: applied (%s); %s", staged.name, staged.origin, _summary(outcome))
         return outcome
+
+    def _claim(self, connection: Connection, staged: StagedFile, snapshot: Snapshot, kept: Path) -> int:
+        """The file's ledger entry, first thing in its transaction: the unique key on applied content makes a
+        second application impossible, whatever the locks (PostgreSQL waits here for a concurrent one)."""
+        try:
+            return self._record(connection, staged, snapshot, "applied", "", kept)
+        except IntegrityError:
+            raise _Taken() from None  # the transaction rolls back: nothing of this file was applied
 
     def _apply_rows(
         self,
         connection: Connection,
         staged: StagedFile,
+        source: Path,
         reader: EventReader,
         header: list[str],
         kept: Path,
@@ -100,19 +142,19 @@ class Reconciler:
         outcome.errors_path = kept.with_name(kept.name + ".errors.csv")
         kept.parent.mkdir(parents=True, exist_ok=True)
         with (
-            CsvWriter(
+            ReportWriter(
                 outcome.result_path, staged.kind, ["line", "email", "list", "event", "outcome", "detail"]
             ) as results,
-            CsvWriter(outcome.errors_path, staged.kind, [*header, "bs_line", "bs_reason"]) as errors,
+            ReportWriter(outcome.errors_path, staged.kind, [*header, "bs_line", "bs_reason"]) as errors,
         ):
             ids = self._list_ids(connection)
             subscribed = crm.subscribed_counts(connection, ids)  # before the file: the safety stop's base
-            batch = EventApplier(
-                self.profile, connection, staged.name, self.run_id, self.clock.now(), results, errors, ids
-            )
-            for records in _chunks(read_records(staged.path, staged.kind), CHUNK):
+            batch = EventApplier(self.profile, connection, staged, self.run_id, self.clock.now(), results, errors, ids)
+            for records in _chunks(read_records(source, staged.kind)):
                 batch.apply(_read_events(records, reader, outcome, results, errors), outcome)
                 progress.report(f"import {staged.name}", outcome.rows)
+        if outcome.warnings:
+            log.warning("%s: %d rows applied with a warning (see %s)", staged.name, outcome.warnings, results.path)
         policy = self.profile.policy
         opted_out = {code: len(keys) for code, keys in batch.opted_out.items()}
         stop = safety_stop(opted_out, subscribed, policy.max_unsubscribe_share, policy.safety_min_unsubscribes)
@@ -127,45 +169,167 @@ class Reconciler:
         return ids
 
     def _duplicate(
-        self, staged: StagedFile, sha: str, size: int, earlier: dict[str, object], dry_run: bool
+        self, staged: StagedFile, snapshot: Snapshot, earlier: dict[str, object], dry_run: bool
     ) -> FileOutcome:
         reason = f"same content as {earlier['name']} applied at {earlier['at']}"
-        outcome = FileOutcome(name=staged.name, outcome="duplicate", reason=reason)
+        outcome = FileOutcome(name=staged.name, outcome="duplicate", origin=staged.origin, reason=reason)
         if not dry_run:
             with self.engine.begin() as connection:
-                self._record(connection, staged, sha, size, "duplicate", reason)
-            outcome.kept_at = move_unique(staged.path, self.work.archive, staged.name + ".duplicate")
+                self._record(connection, staged, snapshot, "duplicate", reason)
+            outcome.kept_at = move_unique(snapshot.path, self.work.archive, staged.name + ".duplicate")
+            self._leave_or_drop(staged, snapshot)
         log.info("%s: duplicate, nothing applied (%s)", staged.name, reason)
         return outcome
 
-    def _quarantine(self, staged: StagedFile, sha: str, size: int, reason: str, dry_run: bool) -> FileOutcome:
-        outcome = FileOutcome(name=staged.name, outcome="quarantined", reason=reason)
+    def _quarantine(self, staged: StagedFile, snapshot: Snapshot, reason: str, dry_run: bool) -> FileOutcome:
+        outcome = FileOutcome(name=staged.name, outcome="quarantined", origin=staged.origin, reason=reason)
         if not dry_run:
             with self.engine.begin() as connection:
-                self._record(connection, staged, sha, size, "quarantined", reason)
-            outcome.kept_at = self.work.quarantine_file(staged.path, staged.name, f"{staged.origin}: {reason}")
+                self._record(connection, staged, snapshot, "quarantined", reason)
+            outcome.kept_at = self.work.quarantine_file(snapshot.path, staged.name, f"{staged.location}: {reason}")
+            self._leave_or_drop(staged, snapshot)
         log.warning("%s quarantined: %s", staged.name, reason)
         return outcome
 
+    def _leave_or_drop(self, staged: StagedFile, snapshot: Snapshot) -> None:
+        """After a file that applied nothing: the staged file goes, unless it changed since its snapshot (a
+        writer was still at it); then its new content is a file of its own, taken up by the next run."""
+        if _same(staged.path, snapshot):
+            staged.path.unlink(missing_ok=True)
+        else:
+            log.warning("%s changed while it was read: its new content stays staged for the next run", staged.name)
+
+    def _archive_applied(self, staged: StagedFile, snapshot: Snapshot, kept: Path) -> list[StagedFile]:
+        """Archive what was applied (the snapshot); deal with the staged file if it changed meanwhile."""
+        os.replace(snapshot.path, kept)
+        if not staged.path.exists() or _same(staged.path, snapshot):
+            staged.path.unlink(missing_ok=True)
+            return []
+        rest = _appended_part(staged, kept)
+        if rest is not None:
+            log.warning(
+                "%s grew while it was applied: the first %d bytes were applied and archived; the %d bytes added "
+                "after them are taken as a file of their own, %s",
+                staged.name,
+                snapshot.size,
+                rest.path.stat().st_size,
+                rest.name,
+            )
+            staged.path.unlink()
+            return [rest]
+        reason = (
+            f"the file changed while it was being applied (a writer still had it open): its first {snapshot.size} "
+            f"bytes (sha256 {snapshot.sha256[:12]}) were applied and archived as {kept.name}; this is the file as "
+            "it is now, and none of it beyond that was applied. Take out the rows already applied and drop the "
+            "rest back into the inbox"
+        )
+        self.work.quarantine_file(staged.path, staged.name, f"{staged.location}: {reason}")
+        log.warning("%s: %s", staged.name, reason)
+        return []
+
+    def finish_interrupted(self) -> list[str]:
+        """Snapshots a stopped process left in staging: one whose content the ledger holds as applied was
+        committed but not yet archived, so it is archived now (its staged file handled as after any apply);
+        any other was never committed and is dropped (the staged file beside it is applied again)."""
+        finished = []
+        kinds = {entry.kind: entry for entry in self.profile.inbound}
+        for snapshot_path in sorted(self.work.staging.glob("*/*/.*.applying")):
+            name = snapshot_path.name[1 : -len(".applying")]
+            kind, origin = kinds.get(snapshot_path.parent.name), snapshot_path.parent.parent.name
+            if kind is None or origin not in ORIGINS:
+                continue
+            snapshot = Snapshot(snapshot_path, sha256_of(snapshot_path), snapshot_path.stat().st_size)
+            with self.engine.connect() as connection:
+                entry = ledger.applied_file(connection, self.profile.name, snapshot.sha256)
+            if entry is None:
+                snapshot_path.unlink()
+                continue
+            live = snapshot_path.with_name(name)
+            kept = Path(str(entry["kept"])) if entry.get("kept") else unique_path(self.work.archive, name)
+            if kept.exists():
+                kept = unique_path(kept.parent, kept.name)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            staged = StagedFile(live, name, kind, f"staging:{name}", origin)
+            self._archive_applied(staged, snapshot, kept)
+            finished.append(name)
+            log.warning("%s: applied before the process stopped; archived now as %s", name, kept.name)
+        return finished
+
     def _record(
-        self, connection: Connection, staged: StagedFile, sha: str, size: int, outcome: str, detail: str
-    ) -> None:
-        ledger.record_file(
+        self,
+        connection: Connection,
+        staged: StagedFile,
+        snapshot: Snapshot,
+        outcome: str,
+        detail: str,
+        kept: Path | None = None,
+    ) -> int:
+        return ledger.record_file(
             connection,
             profile=self.profile.name,
-            sha256=sha,
+            sha256=snapshot.sha256,
             name=staged.name,
-            origin=staged.origin,
-            size=size,
+            origin=staged.location,
+            size=snapshot.size,
             outcome=outcome,
             run_id=self.run_id,
             at=self.clock.now(),
             detail=detail,
+            kept=str(kept) if kept is not None else None,
         )
 
 
 class _SafetyStop(Exception):
     """The file opted out too large a share of a list: its transaction is rolled back, the file quarantined."""
+
+
+class _Taken(Exception):
+    """Another process applied the same content first."""
+
+
+def _snapshot(staged: StagedFile, dry_run: bool) -> Snapshot:
+    """A private copy of the staged file, hashed while it is copied; in a dry run, the staged copy itself."""
+    if dry_run:
+        return Snapshot(staged.path, sha256_of(staged.path), staged.path.stat().st_size)
+    target = staged.path.with_name(SNAPSHOT.format(name=staged.name))
+    digest = hashlib.sha256()
+    size = 0
+    with staged.path.open("rb") as source, target.open("wb") as sink:
+        while block := source.read(1 << 20):
+            digest.update(block)
+            sink.write(block)
+            size += len(block)
+    return Snapshot(target, digest.hexdigest(), size)
+
+
+def _same(path: Path, snapshot: Snapshot) -> bool:
+    return path.stat().st_size == snapshot.size and sha256_of(path) == snapshot.sha256
+
+
+def _appended_part(staged: StagedFile, applied: Path) -> StagedFile | None:
+    """When the staged file is the applied content plus whole lines after it, those lines under the header, as
+    a staged file of their own; else None."""
+    size = applied.stat().st_size
+    with applied.open("rb") as done, staged.path.open("rb") as now:
+        header = done.readline()
+        done.seek(0)
+        while block := done.read(1 << 20):
+            if now.read(len(block)) != block:
+                return None
+        if size == 0 or not _ends_line(applied):
+            return None
+        stem, dot, suffix = staged.name.partition(".")
+        target = unique_path(staged.path.parent, f"{stem}.continued{dot}{suffix}")
+        with target.open("wb") as rest:
+            rest.write(header)
+            shutil.copyfileobj(now, rest, 1 << 20)
+    return StagedFile(target, target.name, staged.kind, f"{staged.location} (continued)", staged.origin)
+
+
+def _ends_line(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) in (b"\n", b"\r")
 
 
 def _read_events(
@@ -184,13 +348,23 @@ def _read_events(
     return events
 
 
-def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
-    while chunk := list(islice(records, size)):
+def _chunks(records: Iterator[Record]) -> Iterator[list[Record]]:
+    """Records in chunks of at most CHUNK rows and about CHUNK_CHARACTERS characters (a 15 MB row is a chunk
+    of its own, not one of thousands held at once)."""
+    chunk: list[Record] = []
+    characters = 0
+    for record in records:
+        chunk.append(record)
+        characters += sum(len(cell) for cell in record.raw)
+        if len(chunk) >= CHUNK or characters >= CHUNK_CHARACTERS:
+            yield chunk
+            chunk, characters = [], 0
+    if chunk:
         yield chunk
 
 
 def _summary(outcome: FileOutcome) -> str:
     return (
         f"rows={outcome.rows} changed={outcome.changed} unchanged={outcome.unchanged} "
-        f"no_contact={outcome.no_contact} rejected={outcome.rejected}"
+        f"no_contact={outcome.no_contact} rejected={outcome.rejected} warnings={outcome.warnings}"
     )

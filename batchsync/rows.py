@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
-from datetime import date
+from datetime import date, datetime
 from functools import cached_property
 from itertools import groupby
 from operator import attrgetter
@@ -36,6 +36,8 @@ class ProviderRow(NamedTuple):
     fingerprint: int
     from_provider: bool  # every contact's status was last set by the provider: it knows this row already
     source_digest: int | None = None  # the sum of its CRM rows' digests (db.digest), when read with them
+    provider_opt_out: datetime | None = None  # the provider's remembered opt-out of the address on the list
+    consent_at: datetime | None = None  # the earliest consent of its contacts; None when one has none
 
 
 def fingerprint(values: Iterable[str]) -> int:
@@ -71,10 +73,12 @@ class RowBuilder:
             if len(group) == 1:  # the common case, without the generators below
                 status = export_status(first.status, first.suppressed)
                 ids, statuses, from_provider = (first.contact_id,), (first.status,), first.source == "provider"
+                consent = first.consent_at
             else:
                 status = merge_statuses(export_status(s.status, s.suppressed) for s in group)
                 ids, statuses = tuple(s.contact_id for s in group), tuple(s.status for s in group)
                 from_provider = all(s.source == "provider" for s in group)
+                consent = _earliest_consent(group)
             if not self.sendable(status):
                 continue  # a status the provider has no value for (say, pending at MailUp) is not sent
             values = [cell(group, status) for cell in self.cells]
@@ -82,7 +86,17 @@ class RowBuilder:
             content = values if at is None else values[:at] + values[at + 1 :]
             digest = first.digest if len(group) == 1 else _digest_sum(group)
             yield ProviderRow(
-                key, first.email.strip(), ids, status, statuses, values, fingerprint(content), from_provider, digest
+                key,
+                first.email.strip(),
+                ids,
+                status,
+                statuses,
+                values,
+                fingerprint(content),
+                from_provider,
+                digest,
+                first.provider_opt_out,
+                consent,
             )
 
     @cached_property
@@ -162,6 +176,12 @@ class RowBuilder:
             if len(self._names_cache) < 10_000:
                 self._names_cache[codes] = names
         return names
+
+
+def _earliest_consent(group: list[ExportSource]) -> datetime | None:
+    """Consent for an address several contacts share: the earliest of theirs, none when one has none."""
+    moments = [source.consent_at for source in group]
+    return None if None in moments else min(moments)  # type: ignore[type-var]
 
 
 def _digest_sum(group: list[ExportSource]) -> int | None:

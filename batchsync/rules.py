@@ -1,4 +1,4 @@
-"""The sync rules of DESIGN section 3, as pure functions: (current state, event) -> decision.
+"""The sync rules (docs/architecture.md, "Sync rules"), as pure functions: (current state, event) -> decision.
 
 Nothing here touches a database, a file or the clock, so every rule can be checked in isolation::
 
@@ -6,8 +6,10 @@ Nothing here touches a database, a file or the clock, so every rule can be check
     # -> Decision(new_status="unsubscribed", rule="opt-out newer than CRM state")
 
 The surprising parts, written down: an opt-out for a list the contact has no row for still creates an
-unsubscribed row (an opt-out is never dropped), and a CRM re-subscription only stands against an older opt-out
-when it carries consent given after that opt-out.
+unsubscribed row (an opt-out is never dropped); a CRM re-subscription only stands against an older opt-out
+when it carries consent given after that opt-out; and an address the provider reported opted out is never
+exported as subscribed again (:func:`export_decision`), whatever the CRM says, until the provider itself
+reports a re-subscription.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def email_problem(email: str) -> str | None:
         return "empty email"
     if len(key) > 254:
         return "email longer than 254 characters"
+    if any(ord(char) < 32 or 127 <= ord(char) < 160 for char in key):
+        return f"email with a control character {email.strip()!r}"
     if not _EMAIL.match(key) or ".." in key:
         return f"invalid email {email.strip()!r}"
     return None
@@ -87,8 +91,31 @@ def decide_opt_out(current: Subscription | None, event: OptOut) -> Decision:
     return Decision(target, "opt-out newer than CRM state")
 
 
+def decide_later_in_file(current: Subscription, event: OptOut) -> Decision:
+    """A second opt-out for one contact and list in one file (``current`` is what the file's earlier row left):
+    the latest event in time stands, whatever the order of the rows, so the CRM keeps the time of the last
+    opt-out (a later consent is weighed against it)."""
+    if event.at > current.status_at:
+        return Decision(opt_out_status(event.kind), "a later opt-out in the same file")
+    return Decision(None, "an earlier opt-out than one this file already applied")
+
+
 def _has_consent_after(current: Subscription, moment: datetime) -> bool:
     return bool(current.consent_by) and current.consent_at is not None and current.consent_at > moment
+
+
+def export_decision(
+    status: Status, provider_opt_out: datetime | None, consent_at: datetime | None, pending_supported: bool
+) -> Status | None:
+    """What to send for an address's CRM status on a list, given the provider's last opt-out of it (remembered
+    for good) and the consent the CRM holds (the earliest of its contacts', None without): an address the
+    provider opted out is never sent as subscribed. With consent given after that opt-out it goes out as
+    pending (double opt-in) where the provider has a pending status; otherwise it is not sent at all."""
+    if provider_opt_out is None or status not in ("subscribed", "pending"):
+        return status
+    if consent_at is not None and consent_at > provider_opt_out and pending_supported:
+        return "pending"
+    return None
 
 
 def suppresses(kind: EventKind, hard_bounce_suppresses: bool) -> bool:
@@ -134,31 +161,33 @@ def email_change_conflict(contact_ids: Sequence[int], owners_of_new: Sequence[in
     return others[0] if others else None
 
 
-def consented_export(status: Status, known_to_provider: str | None, pending_supported: bool) -> Status | None:
-    """What to send for a CRM status, given what the provider last had from us or told us.
-
-    A re-subscription after an opt-out the provider knows goes out as pending (double opt-in) where the
-    provider has that status, and is not sent at all where it has not: never as subscribed.
-    """
-    if status == "subscribed" and known_to_provider in OPTED_OUT:
-        return "pending" if pending_supported else None
-    if status == "subscribed" and known_to_provider == "pending":
-        return "pending"  # sent as pending for consent: the provider's confirmation moves it, not the CRM
-    return status
-
-
 def safety_stop(
     opted_out: Mapping[str, int], subscribed: Mapping[str, int], max_share: float, minimum: int
 ) -> str | None:
     """Why a file may not be applied unasked: it opts out too large a share of a list's subscribed addresses
     (``opted_out`` per list, against ``subscribed`` before the file), or None."""
     for code, count in opted_out.items():
-        base = subscribed.get(code, 0)
-        share = count / max(base, 1)
-        if count >= minimum and share > max_share:
+        if over_share(count, subscribed.get(code, 0), max_share, minimum):
+            base = subscribed.get(code, 0)
             return (
                 f"safety stop: the file would opt out {count} of the {base} subscribed addresses of list {code} "
-                f"({share:.0%}, over the profile's {max_share:.0%}); nothing applied. Check the file, then import "
-                "it with --force"
+                f"({count / max(base, 1):.0%}, over the profile's {max_share:.0%}); nothing applied. Check the "
+                "file, then import it with --force"
             )
     return None
+
+
+def export_safety_stop(code: str, opted_out: int, subscribed: int, max_share: float, minimum: int) -> str | None:
+    """Why an export may not be uploaded unasked: it would take off (opt-outs and tombstones) too large a share of
+    the ``subscribed`` addresses a list has at the provider from us, or None. The provider may never undo it."""
+    if not over_share(opted_out, subscribed, max_share, minimum):
+        return None
+    return (
+        f"safety stop: the export would take {opted_out} of the {subscribed} addresses list {code} has at the "
+        f"provider off it ({opted_out / max(subscribed, 1):.0%}, over the profile's {max_share:.0%}); nothing "
+        "uploaded. Check the CRM (a table emptied, a list cleared?), then export with --force"
+    )
+
+
+def over_share(count: int, base: int, max_share: float, minimum: int) -> bool:
+    return count >= minimum and count / max(base, 1) > max_share

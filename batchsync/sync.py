@@ -23,7 +23,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from batchsync.clock import Clock
-from batchsync.collect import Collector, CollectReport, StagedFile
+from batchsync.collect import Collector, CollectReport, Origin, StagedFile
 from batchsync.config import Profile
 from batchsync.db import crm, ledger
 from batchsync.db.schema import create_all, make_engine, missing_tables
@@ -42,6 +42,7 @@ class ImportReport:
     files: list[FileOutcome] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
+    dry_run: bool = False
 
     @property
     def rejected(self) -> int:
@@ -61,6 +62,7 @@ class ImportReport:
             "rows": sum(item.rows for item in self.files),
             "changed": sum(item.changed for item in self.files),
             "rejected": self.rejected,
+            "warnings": sum(item.warnings for item in self.files),
             "refused_names": len(self.refused),
         }
 
@@ -113,27 +115,33 @@ class Sync:
         files: Sequence[Path] = (),
         *,
         kind: str | None = None,
+        origin: Origin | None = None,
         dry_run: bool = False,
         ready: Collection[str] = (),
         force: bool = False,
     ) -> ImportReport:
-        """Collect and reconcile; ``ready`` names inbox files known to be complete (their writer closed them)."""
+        """Collect and reconcile; ``ready`` names inbox files known to be complete (their writer closed them).
+        ``files`` are taken instead of the inboxes, as an admin's unless ``origin`` (or their kind) says
+        otherwise; every one is checked before any is staged."""
         with self._locked(dry_run), self._recorded("import", dry_run) as run:
-            report = self._import(run, files, kind, dry_run, ready, force)
+            report = self._import(run, _Ask(files, kind, origin, ready, force), dry_run)
             run.record_import(report)
         return report
 
-    def export(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
+    def export(self, mode: Mode | None = None, *, dry_run: bool = False, force: bool = False) -> ExportResult:
+        """Export; ``force`` uploads a list's file even past the export safety stop."""
         with self._locked(dry_run), self._recorded("export", dry_run) as run:
-            result = self._exporter().run(mode, dry_run=dry_run)
+            result = self._exporter(force).run(mode, dry_run=dry_run)
             run.record_export(result)
         return result
 
-    def run(self, mode: Mode | None = None, *, dry_run: bool = False, slot: str | None = None) -> RunReport | None:
+    def run(
+        self, mode: Mode | None = None, *, dry_run: bool = False, slot: str | None = None, force: bool = False
+    ) -> RunReport | None:
         """Import first, so that the export already carries what the provider reported.
 
         ``slot`` names a scheduled run (``nightly 2026-01-05T02:30``): a slot that any daemon has already run
-        is not run again, and None is returned.
+        is not run again, and None is returned. ``force`` passes both safety stops, inbound and outbound.
         """
         with self._locked(dry_run):
             if slot is not None:
@@ -141,37 +149,32 @@ class Sync:
                     if ledger.slot_taken(connection, self.profile.name, slot):
                         return None
             with self._recorded("run", dry_run, slot) as run:
-                imported = self._import(run, (), None, dry_run, ())
+                imported = self._import(run, _Ask(force=force), dry_run)
                 run.record_import(imported)
                 if self.stop.is_set():
                     return RunReport(run.id, imported, None)
-                exported = self._exporter().run(mode, dry_run=dry_run)
+                exported = self._exporter(force).run(mode, dry_run=dry_run)
                 run.record_export(exported)
         return RunReport(run.id, imported, exported)
 
-    def _exporter(self) -> Exporter:
-        return Exporter(self.profile, self.engine, self.clock, self.transport_factory, self.stop)
+    def _exporter(self, force: bool = False) -> Exporter:
+        return Exporter(self.profile, self.engine, self.clock, self.transport_factory, self.stop, force=force)
 
-    def _import(
-        self,
-        run: _Run,
-        files: Sequence[Path],
-        kind: str | None,
-        dry_run: bool,
-        ready: Collection[str],
-        force: bool = False,
-    ) -> ImportReport:
+    def _import(self, run: _Run, ask: _Ask, dry_run: bool) -> ImportReport:
         collector = Collector(self.profile, self.clock, dry_run=dry_run)
-        reconciler = Reconciler(self.profile, self.engine, self.clock, run.id, force=force)
-        report = ImportReport()
-        if files:
-            collected = CollectReport(staged=[collector.from_path(path, kind) for path in files])
+        reconciler = Reconciler(self.profile, self.engine, self.clock, run.id, force=ask.force)
+        report = ImportReport(dry_run=dry_run)
+        if not dry_run:
+            reconciler.finish_interrupted()
+        if ask.files:
+            named = collector.resolve(ask.files, ask.kind)  # every file checked before any is staged
+            collected = CollectReport(staged=[collector.from_path(path, entry, ask.origin) for path, entry in named])
             for staged in collected.staged:
                 report.files += self._apply_one(reconciler, collector, None, staged, dry_run, collected)
             report.refused = collected.refused
             return report
         collected = CollectReport(staged=collector.left_in_staging())
-        collector.from_local_inbox(collected, ready)
+        collector.from_local_inbox(collected, ask.ready)
         transport = None
         try:
             if any(entry.remote_dir for entry in self.profile.inbound):
@@ -204,11 +207,18 @@ class Sync:
             members = collector.expand(staged, collected)
             if transport is not None and staged.remote_path is not None:
                 collector.finish_remote(transport, staged)  # its members are staged: the zip is safe here
-            return [reconciler.apply(member, dry_run=dry_run) for member in members]
-        outcome = reconciler.apply(staged, dry_run=dry_run)
+            return [outcome for member in members for outcome in self._reconcile(reconciler, member, dry_run)]
+        outcomes = self._reconcile(reconciler, staged, dry_run)
         if transport is not None and staged.remote_path is not None:
             collector.finish_remote(transport, staged)
-        return [outcome]
+        return outcomes
+
+    def _reconcile(self, reconciler: Reconciler, staged: StagedFile, dry_run: bool) -> list[FileOutcome]:
+        """Apply a file, then what was appended to it while it was applied (a file of its own)."""
+        outcomes = [reconciler.apply(staged, dry_run=dry_run)]
+        for follow_up in outcomes[0].follow_up:
+            outcomes += self._reconcile(reconciler, follow_up, dry_run)
+        return outcomes
 
     def _require_schema(self) -> None:
         """Refuse a database that lacks batchsync's tables or columns; checked once per Sync, not on every
@@ -251,6 +261,9 @@ class Sync:
         except BaseException as exc:
             self._finish(run, "failed", f"{type(exc).__name__}: {exc}")
             raise
+        if run.stopped:
+            self._finish(run, "stopped", "; ".join(run.stopped))
+            return
         outcome = "rejected" if run.counts.get("rejected") or run.counts.get("quarantined") else "ok"
         self._finish(run, outcome, None)
 
@@ -261,10 +274,22 @@ class Sync:
 
 
 @dataclass
+class _Ask:
+    """What an import was asked to take: named files (of a kind, an origin) or the inboxes."""
+
+    files: Sequence[Path] = ()
+    kind: str | None = None
+    origin: Origin | None = None
+    ready: Collection[str] = ()
+    force: bool = False
+
+
+@dataclass
 class _Run:
     id: int | None = None
     counts: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
 
     def record_import(self, report: ImportReport) -> None:
         self.counts.update(report.counts())
@@ -279,6 +304,8 @@ class _Run:
                 "exported_files": sum(item.uploaded for item in result.files),
                 "duplicate_emails": sum(item.duplicates for item in result.files),
                 "invalid_emails": sum(item.invalid for item in result.files),
+                "export_stopped": len(result.stopped),
             }
         )
+        self.stopped += result.stopped
         self.files += [f"out:{item.remote_path}" for item in result.files if item.uploaded]

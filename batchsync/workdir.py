@@ -1,4 +1,4 @@
-"""The local folders of one profile: inbox, staging, archive, quarantine, outbox, sent and dry-run.
+"""The local folders of one profile: inbox, staging, archive, quarantine, outbox, sent, held, reports, dry-run.
 
 Files are moved between them with ``os.replace`` on one file system, so a file is always whole wherever it is.
 A name already taken in the target folder gets a numbered suffix rather than overwriting anything.
@@ -27,6 +27,8 @@ class WorkDir:
         self.quarantine = root / "quarantine"
         self.outbox = root / "outbox"
         self.sent = root / "sent"
+        self.held = root / "held"  # export files the safety stop held back, each with a .reason.txt
+        self.reports = root / "reports"  # the latest duplicates and skipped reports of a list nothing was sent for
         self.dry_run = root / "dry-run"
 
     @classmethod
@@ -41,6 +43,22 @@ class WorkDir:
     def keep_sent(self, files: Iterable[Path]) -> list[Path]:
         """Move sent files and their reports from the outbox into ``sent/``; returns their new paths."""
         return [move_unique(path, self.sent) for path in files if path.exists()]
+
+    def keep_report(self, report: Path, list_code: str) -> Path:
+        """A report (``NAME.duplicates.csv``, ``NAME.skipped.csv``) of an export that sent nothing for a list: it
+        replaces the list's earlier one in ``reports/`` (every export reports the duplicates again; ``sent/``
+        keeps only the reports that went with a file)."""
+        self.reports.mkdir(parents=True, exist_ok=True)
+        kind = report.name.rsplit(".", 2)[-2]
+        target = self.reports / f"{list_code}.{kind}.csv"
+        os.replace(report, target)
+        return target
+
+    def hold(self, path: Path, reason: str) -> Path:
+        """Move an export file the safety stop held back into ``held/``, with a ``.reason.txt`` beside it."""
+        kept = move_unique(path, self.held)
+        kept.with_name(kept.name + ".reason.txt").write_text(reason + "\n", encoding="utf-8")
+        return kept
 
     def quarantine_file(self, path: Path, name: str, reason: str) -> Path:
         """Move a file into quarantine with a ``.reason.txt`` beside it."""

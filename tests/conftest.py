@@ -146,7 +146,19 @@ def mailup_profile(tmp_path: Path, db_url: str, transport: dict[str, Any] | None
         "transport": transport or local_transport(tmp_path),
     }
     values.update(overrides)
-    return load_profile(ROOT / "profiles" / "mailup.toml", overrides=values)
+    return with_remote_inboxes(load_profile(ROOT / "profiles" / "mailup.toml", overrides=values), tmp_path / "provider")
+
+
+def with_remote_inboxes(profile: Profile, root: Path, user: str | None = None) -> Profile:
+    """Make the profile's remote inbox folders under the provider's root, as a provider's account has them
+    (batchsync never makes an inbox folder: a missing one is an error)."""
+    for entry in profile.inbound:
+        if entry.remote_dir is not None:
+            folder = root / entry.remote_dir
+            folder.mkdir(parents=True, exist_ok=True)
+            if user is not None:
+                give_to(folder, user)
+    return profile
 
 
 @pytest.fixture(scope="session")

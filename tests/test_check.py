@@ -9,7 +9,7 @@ import pytest
 from batchsync.cli import main
 
 from .conftest import ROOT, own_folder
-from .peers import PASSPHRASE, SshServer
+from .peers import PASSPHRASE, SshServer, give_to
 
 
 def sftp_profile(tmp_path: Path, server: SshServer, folder: Path, known_hosts: Path) -> Path:
@@ -40,6 +40,12 @@ def profile(tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch) ->
 def test_check_passes_on_a_ready_profile(profile: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["init", "-p", str(profile)]) == 0
     capsys.readouterr()
+    assert main(["check", "-p", str(profile)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL remote export/: the inbound folder of kind unsubscribers does not exist" in out
+    assert not (Path(_transport_path(profile)) / "export").exists()  # check never creates an inbound folder
+    (Path(_transport_path(profile)) / "export").mkdir()
+    give_to(Path(_transport_path(profile)) / "export", _user(profile))
     assert main(["check", "-p", str(profile)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert all(line.startswith("ok ") for line in lines), lines
@@ -47,6 +53,15 @@ def test_check_passes_on_a_ready_profile(profile: Path, capsys: pytest.CaptureFi
     for folder in ("import/1/", "import/2/", "import/3/", "export/", "export/processed/", "inbox", "sent"):
         assert folder in names
     assert "login accepted" in names
+    assert "datasync" in names  # MailUp applies optout 0 to existing recipients only with it set
+
+
+def _user(profile: Path) -> str:
+    return next(line for line in profile.read_text().splitlines() if line.startswith("user = ")).split('"')[1]
+
+
+def _transport_path(profile: Path) -> str:
+    return next(line for line in profile.read_text().splitlines() if line.startswith("path = ")).split('"')[1]
 
 
 def test_check_names_each_fault_and_how_to_fix_it(

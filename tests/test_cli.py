@@ -79,6 +79,9 @@ def test_init_samples_run_and_import_with_rejected_rows_exit_3(tmp_path: Path) -
     sampled = batchsync("samples", "-p", profile, "--contacts", "300", "--files-to", str(tmp_path / "s"), cwd=tmp_path)
     assert sampled.returncode == 0, sampled.stderr
     assert "300 contacts" in sampled.stdout
+    missing = batchsync("run", "-p", profile, "--full", cwd=tmp_path)  # the provider's inbox folder is not there
+    assert missing.returncode == 2 and "the remote folder 'export' does not exist" in missing.stderr
+    (tmp_path / "provider" / "export").mkdir(parents=True)
     ran = batchsync("run", "-p", profile, "--full", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     assert "export full newsletter" in ran.stdout
@@ -98,7 +101,7 @@ def test_init_samples_run_and_import_with_rejected_rows_exit_3(tmp_path: Path) -
         kinds = [row[0] for row in connection.execute(select(bs_runs.c.kind, bs_runs.c.outcome))]
         outcomes = [row[1] for row in connection.execute(select(bs_runs.c.kind, bs_runs.c.outcome))]
     engine.dispose()
-    assert kinds == ["run", "import"] and outcomes == ["ok", "rejected"]
+    assert kinds == ["run", "run", "import"] and outcomes == ["failed", "ok", "rejected"]
 
 
 def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None:

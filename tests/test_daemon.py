@@ -33,6 +33,7 @@ def write_profile(folder: Path, db_url: str, *, extra: str = "", name: str = "ma
     text = text.replace('kind = "ftp"', f'kind = "local"\npath = "{folder}/provider"')
     text += f'\n[schedule]\nnightly = "02:30"\ntimezone = "Europe/Rome"\n{extra}'
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "provider" / "export").mkdir(parents=True, exist_ok=True)  # MailUp's inbox folder, as it has it
     path = folder / "profile.toml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -188,7 +189,7 @@ def _big_file(inbox: Path, rows: int) -> Path:
 
 def _wait_until_importing(tmp_path: Path, log: Path) -> None:
     deadline = time.monotonic() + 30
-    staged = tmp_path / "work" / "staging" / "unsubscribers" / "unsubscribers_big.csv"
+    staged = tmp_path / "work" / "staging" / "admin" / "unsubscribers" / "unsubscribers_big.csv"
     while not staged.exists():
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.02)

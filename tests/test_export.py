@@ -97,7 +97,14 @@ def test_diff_holds_exactly_the_changes_and_a_tombstone_then_nothing(
     assert again.rows == 0
     assert all(f.local_path is None for f in again.files)
     newsletter = next(f for f in again.files if f.list_code == "newsletter")
-    assert [p.parent.name for p in newsletter.reports] == ["sent", "sent"]  # reported in every export
+    # reported in every export; with nothing sent, the list's latest reports replace the earlier ones in reports/
+    assert [p.name for p in newsletter.reports] == ["newsletter.duplicates.csv", "newsletter.skipped.csv"]
+    assert all(p.parent.name == "reports" and p.exists() for p in newsletter.reports)
+    clock.advance(3600)
+    sync.export("diff")
+    assert len(list((tmp_path / "work" / "reports").iterdir())) == 2
+    assert [p.name for p in (tmp_path / "work" / "sent").glob("*.csv.*.csv")] != []  # those sent with a file
+    assert not [p for p in (tmp_path / "work" / "sent").glob("*.csv.*.csv") if "_diff-" in p.name]
     assert len(uploaded(tmp_path)["1"]) == 2
 
 
@@ -284,7 +291,7 @@ def test_a_change_reported_by_the_provider_is_not_echoed_back(tmp_path: Path, db
     sync.export("full")
     stamp = (clock.now() - timedelta(hours=1)).strftime("%Y%m%dT%H%M%S")
     write_csv(
-        tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
+        tmp_path / "provider" / "export" / "unsubscribers_1.csv",  # MailUp's own inbox: its reports
         [
             UNSUB_HEADER,
             unsub_row("bob@example.com", "1", stamp, "2"),

@@ -18,7 +18,7 @@ from batchsync.formats.exportfile import read_export
 from batchsync.rules import email_key, email_problem, export_status, merge_statuses
 from batchsync.sync import Sync
 
-from .conftest import ROOT
+from .conftest import ROOT, with_remote_inboxes
 from .crmdata import build_tiny_crm, status_of, suppressed
 
 PROVIDERS = ["mailup", "mailchimp", "sfmc", "acoustic", "flexmail", "generic"]
@@ -31,7 +31,7 @@ def profile_for(tmp_path: Path, source: Path, **overrides: Any) -> Profile:
         "transport": {"kind": "local", "path": str(tmp_path / "provider")},
         **overrides,
     }
-    return load_profile(source, overrides=values)
+    return with_remote_inboxes(load_profile(source, overrides=values), tmp_path / "provider")
 
 
 def ready(profile: Profile, clock: ManualClock) -> Sync:
@@ -265,10 +265,9 @@ def test_a_resubscription_after_the_provider_s_opt_out_goes_out_as_pending(tmp_p
     profile = profile_for(tmp_path, ROOT / "profiles" / "generic.toml")
     sync = ready(profile, clock)
     sync.export("full")
-    (tmp_path / "work" / "inbox" / "events_1.csv").write_text(
-        "email,list,when,event,new_email\r\nbob@example.com,NL,2026-01-05T10:00:00,unsubscribe,\r\n"
-    )
-    sync.import_files()
+    fetched = tmp_path / "events_1.csv"  # the provider's file, fetched by hand
+    fetched.write_text("email,list,when,event,new_email\r\nbob@example.com,NL,2026-01-05T10:00:00,unsubscribe,\r\n")
+    sync.import_files([fetched], origin="provider")
     clock.advance(60)
     from .crmdata import set_status
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from batchsync.clock import ManualClock
-from batchsync.errors import TransportError
+from batchsync.errors import RemoteFolderMissing, TransportError
 from batchsync.sync import Sync
 from batchsync.transport import open_transport
 from batchsync.transport.ftp import FtpsTransport
@@ -72,7 +72,8 @@ def test_a_missing_known_hosts_file_refuses_too(tmp_path: Path, sshd: SshServer)
 @pytest.mark.parametrize("kind", ["ed25519", "ecdsa", "rsa"])
 def test_key_authentication(sshd: SshServer, kind: str) -> None:
     with sftp(sshd, sshd.known_hosts, key_file=sshd.keys[kind]) as client:
-        assert client.list("no-such-folder") == []
+        with pytest.raises(RemoteFolderMissing):
+            client.list("no-such-folder")
         if kind == "rsa":  # OpenSSH 8.8+ refuses SHA-1 "ssh-rsa" signatures: this login used rsa-sha2
             assert client._ssh is not None
             assert client._ssh.auth_handler is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batchsync.errors import TransportError, UnsafeRemoteName
+from batchsync.errors import RemoteFolderMissing, TransportError, UnsafeRemoteName
 from batchsync.ftpserver import LoopbackFtpServer
 from batchsync.transport import Transport, check_remote_name, upload_confirmed
 from batchsync.transport.ftp import FtpsTransport, FtpTransport
@@ -72,9 +72,16 @@ def test_upload_creates_folders_and_lists_plain_files(transport: tuple[Transport
     assert (root / "import" / "1" / "a.csv").read_bytes() == b"x;y\r\n"
 
 
-def test_a_missing_folder_lists_as_empty(transport: tuple[Transport, Path]) -> None:
+def test_a_missing_folder_is_an_error_and_an_empty_one_lists_as_empty(
+    transport: tuple[Transport, Path], tmp_path: Path
+) -> None:
     client, _ = transport
-    assert client.list("no/such/folder") == []
+    with pytest.raises(RemoteFolderMissing, match="no/such/folder") as caught:
+        client.list("no/such/folder")
+    assert not caught.value.retryable
+    client.upload(_file(tmp_path, "a.csv", b"x"), "empty/a.csv")
+    client.delete("empty/a.csv")
+    assert client.list("empty") == []
 
 
 def test_download_size_rename_move_delete(transport: tuple[Transport, Path], tmp_path: Path) -> None:

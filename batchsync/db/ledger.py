@@ -111,8 +111,13 @@ def applied_file(connection: Connection, profile: str, sha256: str) -> dict[str,
     return dict(row._mapping) if row else None
 
 
-def record_file(connection: Connection, **values: Any) -> None:
-    connection.execute(insert(bs_files).values(**values))
+def record_file(connection: Connection, **values: Any) -> int:
+    result = connection.execute(insert(bs_files).values(**values))
+    return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+
+def describe_file(connection: Connection, file_id: int, detail: str) -> None:
+    connection.execute(update(bs_files).where(bs_files.c.id == file_id).values(detail=detail))
 
 
 # --- export ledger ----------------------------------------------------------------------------------------
@@ -275,8 +280,14 @@ def note_provider_status(connection: Connection, profile: str, changes: Sequence
 
 
 def rename_exported(connection: Connection, profile: str, old_key: str, new_key: str, new_email: str) -> None:
-    """The provider changed an address: its ledger rows follow, so the old one is not sent as a tombstone."""
+    """The provider changed an address: its ledger rows follow, so the old one is not sent as a tombstone. A
+    change of letter case alone keeps the rows (their key is the same) and their digests."""
     e = bs_exported.c
+    if old_key == new_key:
+        connection.execute(
+            update(bs_exported).where(e.profile == profile, e.email_key == old_key).values(email=new_email)
+        )
+        return
     connection.execute(delete(bs_exported).where(e.profile == profile, e.email_key == new_key))
     connection.execute(
         update(bs_exported)
@@ -285,11 +296,108 @@ def rename_exported(connection: Connection, profile: str, old_key: str, new_key:
     )
 
 
+def subscribed_count(connection: Connection, profile: str, list_code: str) -> int:
+    """The addresses the provider has from us as subscribed (or pending) on a list: the export safety stop's base."""
+    e = bs_exported.c
+    query = select(func.count()).select_from(bs_exported)
+    query = query.where(e.profile == profile, e.list_code == list_code, e.status.in_(("subscribed", "pending")))
+    return int(connection.scalar(query) or 0)
+
+
 def exported_count(connection: Connection, profile: str, list_code: str | None = None) -> int:
     query = select(func.count()).select_from(bs_exported).where(bs_exported.c.profile == profile)
     if list_code is not None:
         query = query.where(bs_exported.c.list_code == list_code)
     return int(connection.scalar(query) or 0)
+
+
+# --- the provider's opt-outs, kept for good ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProviderReport:
+    email: str
+    kind: str
+    at: datetime
+    reason: str
+    source: str
+
+
+OPT_OUT_COLUMNS = ("email", "kind", "at", "reason", "source", "recorded_at", "profile", "list_code", "email_key")
+
+
+class ProviderOptOuts:
+    """The opt-outs the provider reported for some addresses, per list: read once per chunk of a file, changed in
+    memory by its rows (each list and address keeps the latest; a later re-subscription the provider reports
+    clears it), and written back by :meth:`save` in the chunk's transaction."""
+
+    def __init__(self, connection: Connection, profile: str, keys: set[str]) -> None:
+        self.connection, self.profile = connection, profile
+        self.known: dict[tuple[str, str], ProviderReport] = {}
+        if keys:
+            condition, values = driver.one_of(connection, "email_key", sorted(keys))
+            statement = (
+                "SELECT list_code, email_key, email, kind, at, reason, source FROM bs_provider_optouts "
+                f"WHERE profile = ? AND {condition}"
+            )
+            for code, key, email, kind, at, reason, source in driver.query(connection, statement, [profile, *values]):
+                self.known[(code, key)] = ProviderReport(email, kind, driver.read_time(at), reason, source)  # type: ignore[arg-type]
+        self.stored = set(self.known)
+        self.dirty: set[tuple[str, str]] = set()
+        self.gone: set[tuple[str, str]] = set()
+
+    def remember(self, code: str, key: str, email: str, kind: str, at: datetime, reason: str, source: str) -> None:
+        earlier = self.known.get((code, key))
+        if earlier is None or at > earlier.at:
+            self.known[(code, key)] = ProviderReport(email, kind, at, reason, source)
+            self.dirty.add((code, key))
+            self.gone.discard((code, key))
+
+    def forget(self, code: str, key: str, at: datetime) -> bool:
+        """A re-subscription the provider reported at ``at``: it clears an older opt-out; True when it did."""
+        earlier = self.known.get((code, key))
+        if earlier is None or earlier.at >= at:
+            return False
+        del self.known[(code, key)]
+        self.dirty.discard((code, key))
+        self.gone.add((code, key))
+        return True
+
+    def carry(self, old_key: str, new_key: str, new_email: str) -> None:
+        """An email change the provider reported: its opt-outs of the old address hold for the new one too."""
+        for (code, key), report in list(self.known.items()):
+            if key == old_key:
+                self.remember(code, new_key, new_email, report.kind, report.at, report.reason, report.source)
+
+    def save(self, now: datetime) -> None:
+        gone = [(self.profile, code, key) for code, key in self.gone if (code, key) in self.stored]
+        driver.execute_many(
+            self.connection,
+            "DELETE FROM bs_provider_optouts WHERE profile = ? AND list_code = ? AND email_key = ?",
+            gone,
+        )
+        recorded = driver.stored_time(self.connection, now)
+        rows = {
+            (code, key): (
+                self.known[(code, key)].email,
+                self.known[(code, key)].kind,
+                driver.stored_time(self.connection, self.known[(code, key)].at),
+                self.known[(code, key)].reason[:100],
+                self.known[(code, key)].source[:600],
+                recorded,
+                self.profile,
+                code,
+                key,
+            )
+            for code, key in self.dirty
+        }
+        table, keys = "bs_provider_optouts", ("profile", "list_code", "email_key")
+        driver.update_many(
+            self.connection, table, OPT_OUT_COLUMNS[:6], keys, [r for k, r in rows.items() if k in self.stored]
+        )
+        driver.insert_many(
+            self.connection, table, OPT_OUT_COLUMNS, [r for k, r in rows.items() if k not in self.stored]
+        )
 
 
 # --- audit trail ------------------------------------------------------------------------------------------
@@ -304,6 +412,7 @@ CHANGE_COLUMNS = (
     "rule",
     "source_file",
     "source_line",
+    "origin",
     "at",
 )
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
     create_engine,
     event,
     inspect,
+    text,
 )
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -165,7 +166,18 @@ bs_files = Table(
     Column("run_id", Integer),
     Column("at", UtcDateTime, nullable=False),
     Column("detail", Text),
+    Column("kept", String(1000)),  # where the applied file was archived (a crash before the move is finished later)
     Index("ix_bs_files_hash", "profile", "sha256"),
+    # The same content is applied at most once, whatever the locks: two processes past them (two hosts on one
+    # SQLite file, an admin importing from another work folder) meet here, in the applying transaction.
+    Index(
+        "ux_bs_files_applied",
+        "profile",
+        "sha256",
+        unique=True,
+        sqlite_where=text("outcome = 'applied'"),
+        postgresql_where=text("outcome = 'applied'"),
+    ),
 )
 
 exported_columns = (
@@ -210,7 +222,29 @@ bs_changes = Table(
     Column("source_file", String(500)),
     Column("source_line", Integer),
     Column("at", UtcDateTime, nullable=False),
+    # Who made the change: "provider" (its report, not echoed back), "admin" (a file an admin dropped or named:
+    # a CRM-side change, sent in the next export), "callback", or "crm".
+    Column("origin", String(16)),
     Index("ix_bs_changes_contact", "contact_id"),
+)
+
+# The provider's opt-outs, remembered for good: per profile, list and address, the latest opt-out the provider
+# reported. No export, tombstone, list change, deletion or email change removes a row (an email change the
+# provider reports copies it to the new address); only a re-subscription the provider itself reports clears it.
+# Every export reads it: such an address is never sent as subscribed.
+bs_provider_optouts = Table(
+    "bs_provider_optouts",
+    metadata,
+    Column("profile", String(100), primary_key=True),
+    Column("list_code", String(100), primary_key=True),
+    Column("email_key", EMAIL, primary_key=True),
+    Column("email", EMAIL, nullable=False),
+    Column("kind", String(20), nullable=False),  # unsubscribe | hard_bounce | complaint | clean
+    Column("at", UtcDateTime, nullable=False),  # when the provider says it happened
+    Column("reason", String(100)),
+    Column("source", String(600), nullable=False),  # the file and line (or callback) that reported it
+    Column("recorded_at", UtcDateTime, nullable=False),
+    sqlite_with_rowid=False,
 )
 
 
@@ -248,16 +282,23 @@ def _redact(url: str) -> str:
 
 
 def missing_tables(engine: Engine) -> list[str]:
-    """The tables (and, as ``table.column``, the columns of existing tables) that the database lacks."""
+    """What the database lacks: tables, columns of existing tables (``table.column``), and the unique indexes
+    batchsync's guarantees rest on (``index name``)."""
     try:
         found = inspect(engine)
         present = set(found.get_table_names())
         columns = {name: {c["name"] for c in found.get_columns(name)} for name in metadata.tables if name in present}
+        indexes = {
+            name: {str(i["name"]) for i in found.get_indexes(name)} for name in metadata.tables if name in present
+        }
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot read the database: {exc}") from None
     missing = [name for name in metadata.tables if name not in present]
     for name, have in columns.items():
         missing += [f"{name}.{column.name}" for column in metadata.tables[name].columns if column.name not in have]
+    for name, have in indexes.items():
+        unique = [index.name for index in metadata.tables[name].indexes if index.unique]
+        missing += [f"index {index}" for index in unique if index not in have]
     return missing
 
 
@@ -267,15 +308,28 @@ def create_all(engine: Engine) -> None:
     try:
         metadata.create_all(engine)
         with engine.begin() as connection:
+            for name in missing_tables(engine):
+                if "." in name and not name.startswith("index "):
+                    table, column = name.split(".")
+                    definition = _column_sql(metadata.tables[table].c[column], engine)
+                    connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {definition}")
+            _mark_files_applied_twice(connection)
             for index in (index for table in metadata.sorted_tables for index in table.indexes):
                 index.create(connection, checkfirst=True)  # create_all adds indexes to new tables only
-            for name in missing_tables(engine):
-                table, column = name.split(".")
-                connection.exec_driver_sql(
-                    f"ALTER TABLE {table} ADD COLUMN {_column_sql(metadata.tables[table].c[column], engine)}"
-                )
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot create tables: {exc}") from None
+
+
+def _mark_files_applied_twice(connection: Any) -> None:
+    """Before the unique index on applied files exists, a version without it may have applied one content twice
+    (two processes past the locks): the later entries become 'applied twice', so the history stays and the
+    index can be made."""
+    if "ux_bs_files_applied" in {index["name"] for index in inspect(connection).get_indexes("bs_files")}:
+        return
+    connection.exec_driver_sql(
+        "UPDATE bs_files SET outcome = 'applied twice' WHERE outcome = 'applied' AND id NOT IN "
+        "(SELECT MIN(id) FROM bs_files WHERE outcome = 'applied' GROUP BY profile, sha256)"
+    )
 
 
 def _column_sql(column: Column[Any], engine: Engine) -> str:

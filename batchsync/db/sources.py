@@ -4,15 +4,18 @@ Streams are ordered by ``email_key`` in code-point order on every backend, so th
 with the ledger in Python. A diff first fills this session's ``bs_contact_digests`` once
 (:func:`fill_contact_digests`), then asks each list's digests of it (:func:`export_digests`)::
 
+    place = ListPlace(profile, code, list_id)
     fill_contact_digests(connection)
-    digests = export_digests(connection, list_id, builder.salt, builder.sendable_statuses, with_groups=True)
+    digests = export_digests(connection, place, builder.salt, builder.sendable_statuses, with_groups=True)
     keys = ledger.changed_keys(connection, profile, code, digests)
-    rows = stream_export_sources(connection, list_id, chunk, salt=builder.salt, only_keys=keys)
+    rows = stream_export_sources(connection, place, chunk, salt=builder.salt, only_keys=keys)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, NamedTuple, cast, get_args
 
 from sqlalchemy import (
@@ -36,11 +39,12 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from batchsync.db import driver
 from batchsync.db.crm import ordered_key
 from batchsync.db.digest import joined, row_digest, text_digest, value_digest
-from batchsync.db.schema import contacts, group_members, groups, subscriptions, suppressions
+from batchsync.db.schema import bs_provider_optouts, contacts, group_members, groups, subscriptions, suppressions
 from batchsync.rules import OPTED_OUT, Status
 
 GROUP_SEP = "\x1f"
 SOURCES = ("crm", "provider", "admin")
+OPT_OUTS = bs_provider_optouts
 CONTACT_DIGESTS = table("bs_contact_digests", column("id"), column("email_key"), column("digest"), column("suppressed"))
 
 
@@ -58,11 +62,13 @@ class ExportSource(NamedTuple):
     suppressed: bool
     group_codes: tuple[str, ...]
     digest: int | None = None  # of the row's inputs (db.digest), when the export asked for it
+    consent_at: datetime | None = None  # when the subscription's consent was given (None: no consent recorded)
+    provider_opt_out: datetime | None = None  # the provider's remembered opt-out of the address on the list
 
 
 def stream_export_sources(
     connection: Connection,
-    list_id: int,
+    place: ListPlace,
     chunk: int,
     *,
     with_custom: bool = True,
@@ -70,12 +76,14 @@ def stream_export_sources(
     salt: str | None = None,
     only_keys: Select[Any] | None = None,
 ) -> Iterator[ExportSource]:
-    """Live contacts on one list with their status, suppression and groups, by email_key then contact id.
+    """Live contacts on one list with their status, suppression, groups, consent and the provider's remembered
+    opt-out of their address, by email_key then contact id.
 
     Custom fields and groups are read only when asked for: decoding JSON and joining the group table cost
     more than the rest of a row. With a ``salt``, each row carries its digest (see :func:`export_digests`);
     with ``only_keys``, only the contacts whose email_key that query returns are read.
     """
+    list_id = place.list_id
     by_contact = only_keys is not None
     on_list = subscriptions.c.list_id == list_id
     if by_contact and connection.dialect.name == "sqlite":
@@ -93,16 +101,39 @@ def stream_export_sources(
         c.last_name,
         c.custom if with_custom else null(),
     ]
-    columns += [subscriptions.c.status, subscriptions.c.source, suppressed, codes]
+    columns += [subscriptions.c.status, subscriptions.c.source, suppressed, codes, _consent(), OPT_OUTS.c.at]
     if salt is not None:
         columns.append(_row_digest(salt, contact_digest(suppressed), groups_digest))
-    query = select(*columns).select_from(_on_list(on_list, groups_table)).where(c.deleted.is_(False))
+    rows = _on_list(on_list, groups_table).outerjoin(OPT_OUTS, place.opted_out(c.email_key))
+    query = select(*columns).select_from(rows).where(c.deleted.is_(False))
     if only_keys is not None:
         query = query.where(c.email_key.in_(only_keys))
     query = query.order_by(ordered_key(c.email_key, connection), c.id)
     for row in connection.execute(query.execution_options(stream_results=True, yield_per=chunk)):
         group_codes = tuple(sorted(row[9].split(GROUP_SEP))) if row[9] else ()
-        yield _source(row, cast(Status, row[6]), row[7], group_codes, row[10] if salt is not None else None)
+        digest = row[12] if salt is not None else None
+        yield _source(row, cast(Status, row[6]), row[7], group_codes, digest, row[10], row[11])
+
+
+@dataclass(frozen=True)
+class ListPlace:
+    """A list as one profile exports it: the CRM list's id, and the profile and code its provider opt-outs are
+    remembered under."""
+
+    profile: str
+    code: str
+    list_id: int
+
+    def opted_out(self, email_key: ColumnElement[str]) -> ColumnElement[bool]:
+        """The join condition of the provider's remembered opt-out of ``email_key`` on this list."""
+        o = OPT_OUTS.c
+        return and_(o.profile == self.profile, o.list_code == self.code, o.email_key == email_key)
+
+
+def _consent() -> ColumnElement[Any]:
+    """When consent was given, where the subscription names who gave it."""
+    s = subscriptions.c
+    return case((and_(s.consent_by.is_not(None), s.consent_by != ""), s.consent_at), else_=null())
 
 
 def _on_list(on_list: ColumnElement[bool], groups_table: FromClause | None) -> FromClause:
@@ -124,7 +155,15 @@ def contact_digest(suppressed: ColumnElement[bool]) -> ColumnElement[int]:
 def _row_digest(salt: str, contact: ColumnElement[int], groups_digest: ColumnElement[Any]) -> ColumnElement[int]:
     status = value_digest("status", subscriptions.c.status, get_args(Status))
     source = value_digest("source", subscriptions.c.source, SOURCES)
-    return row_digest(salt, contact, status, source, func.coalesce(groups_digest, 0))
+    return row_digest(salt, contact, status, source, func.coalesce(groups_digest, 0), _opt_out_digest())
+
+
+def _opt_out_digest() -> ColumnElement[int]:
+    """Where the provider's opt-out of the address is remembered: its time and the row's consent, which decide
+    what may be sent (rules.export_decision); 0 elsewhere, so most rows cost no hash for it."""
+    s = subscriptions.c
+    consent = text_digest(joined(OPT_OUTS.c.at, s.consent_at, s.consent_by))
+    return case((OPT_OUTS.c.at.is_not(None), consent), else_=literal(0, BigInteger))
 
 
 _NO_GROUPS: tuple[ColumnElement[Any], ColumnElement[Any], None] = (null(), literal(0), None)
@@ -202,14 +241,14 @@ def fill_contact_digests(connection: Connection) -> None:
 
 
 def export_digests(
-    connection: Connection, list_id: int, salt: str, sendable: Sequence[str], *, with_groups: bool
+    connection: Connection, place: ListPlace, salt: str, sendable: Sequence[str], *, with_groups: bool
 ) -> Select[Any]:
     """(email_key, digest, sendable) for every contact on one list: the digest of its row (the digest
     :func:`stream_export_sources` reads with this salt) and 1 when its status, as exported, is one of
     ``sendable`` (a suppressed address goes out as unsubscribed: rules.export_status). An address's digest in
     the ledger is the sum of its contacts' (``ledger.changed_keys`` adds them up, or not: see there). Reads
     ``bs_contact_digests``: see :func:`fill_contact_digests`."""
-    known = CONTACT_DIGESTS.c
+    known, list_id = CONTACT_DIGESTS.c, place.list_id
     group_parts = _groups(connection, list_id, False, with_codes=False) if with_groups else _NO_GROUPS
     _, groups_digest, groups_table = group_parts
     status = subscriptions.c.status
@@ -217,7 +256,7 @@ def export_digests(
     opted_in = and_(*(status != value for value in sorted(OPTED_OUT)))
     exported = case((and_(known.suppressed == 1, opted_in), "unsubscribed"), else_=status)
     on_list = and_(subscriptions.c.contact_id == known.id, subscriptions.c.list_id == list_id)
-    rows = CONTACT_DIGESTS.join(subscriptions, on_list)
+    rows = CONTACT_DIGESTS.join(subscriptions, on_list).outerjoin(OPT_OUTS, place.opted_out(known.email_key))
     if groups_table is not None:
         rows = rows.outerjoin(groups_table, groups_table.c.contact_id == known.id)
     sendable_status = case((or_(*(exported == value for value in sendable)), 1), else_=0)
@@ -226,7 +265,7 @@ def export_digests(
 
 
 def stream_segment_sources(
-    connection: Connection, list_id: int, field: str, equals: str | None, chunk: int
+    connection: Connection, place: ListPlace, field: str, equals: str | None, chunk: int
 ) -> Iterator[ExportSource]:
     """Live contacts whose ``field`` equals ``equals`` (or is set, when None): a list defined by a filter.
 
@@ -245,22 +284,36 @@ def stream_segment_sources(
             s.status,
             s.source,
             suppressions.c.email_key.is_not(None),
+            _consent(),
+            OPT_OUTS.c.at,
         )
-        .outerjoin(subscriptions, and_(s.contact_id == c.id, s.list_id == list_id))
+        .outerjoin(subscriptions, and_(s.contact_id == c.id, s.list_id == place.list_id))
         .outerjoin(suppressions, suppressions.c.email_key == c.email_key)
+        .outerjoin(OPT_OUTS, place.opted_out(c.email_key))
         .where(c.deleted.is_(False))
         .order_by(ordered_key(c.email_key, connection), c.id)
     )
     for row in connection.execute(query.execution_options(stream_results=True, yield_per=chunk)):
         status = cast(Status, row[6] or "subscribed")
-        source = _source(row, status, row[7] or "segment", ())
+        source = _source(row, status, row[7] or "segment", (), None, row[9], row[10])
         if _matches(source, field, equals):
             yield source
 
 
-def _source(row: Any, status: Status, origin: str, groups: tuple[str, ...], digest: int | None = None) -> ExportSource:
+def _source(
+    row: Any,
+    status: Status,
+    origin: str,
+    groups: tuple[str, ...],
+    digest: int | None,
+    consent_at: Any,
+    opted_out_at: Any,
+) -> ExportSource:
     """An ExportSource from a row of (id, email, email_key, first, last, custom, status, source, suppressed)."""
-    return ExportSource(row[0], row[1], row[2], row[3], row[4], row[5], status, origin, bool(row[8]), groups, digest)
+    consent, opted_out = driver.read_time(consent_at), driver.read_time(opted_out_at)
+    return ExportSource(
+        row[0], row[1], row[2], row[3], row[4], row[5], status, origin, bool(row[8]), groups, digest, consent, opted_out
+    )
 
 
 def _matches(source: ExportSource, field: str, equals: str | None) -> bool:

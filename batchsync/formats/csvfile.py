@@ -11,6 +11,7 @@ fields with embedded newlines.
 
 from __future__ import annotations
 
+import codecs
 import csv
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,10 @@ def _open(path: Path, dialect: Dialect) -> IO[str]:
     return path.open("r", encoding=_python_encoding(dialect), errors="strict", newline="")
 
 
+def _reader(handle: IO[str], dialect: Dialect, *, strict: bool = False) -> Any:
+    return csv.reader(handle, delimiter=dialect.delimiter, quotechar=dialect.quote, strict=strict)
+
+
 def inspect_csv(path: Path, dialect: Dialect, required: Sequence[str], max_bytes: int) -> FileShape:
     """Check a whole file before anything of it is applied; raise BadFile when it cannot be trusted."""
     size = path.stat().st_size
@@ -53,12 +58,12 @@ def inspect_csv(path: Path, dialect: Dialect, required: Sequence[str], max_bytes
         raise BadFile(path.name, "empty file")
     if size > max_bytes:
         raise BadFile(path.name, f"file of {size} bytes is over the limit of {max_bytes} bytes")
-    _check_text(path, dialect)
+    ends_with_newline = _check_text(path, dialect)
     records, line, header = 0, 1, None
     last: list[str] = []
     try:
         with _open(path, dialect) as handle:
-            reader = csv.reader(handle, delimiter=dialect.delimiter, strict=True)
+            reader = _reader(handle, dialect, strict=True)
             for row in reader:
                 if header is None:
                     header = _check_header(path, row, required)
@@ -66,7 +71,6 @@ def inspect_csv(path: Path, dialect: Dialect, required: Sequence[str], max_bytes
                     records += 1
                     last = row
                 line = reader.line_num + 1
-            ends_with_newline = _ends_with_newline(path)
     except csv.Error as exc:
         raise BadFile(path.name, f"truncated or malformed CSV at line {line}: {exc}") from None
     if header is None:
@@ -76,22 +80,37 @@ def inspect_csv(path: Path, dialect: Dialect, required: Sequence[str], max_bytes
     return FileShape(header, records)
 
 
-def _check_text(path: Path, dialect: Dialect) -> None:
-    """Decode line by line, so an undecodable byte is reported with its line. Splitting on b"\n" is safe: no
-    multi-byte UTF-8 sequence holds that byte, and the other encodings allowed are single-byte."""
-    encoding = _python_encoding(dialect)
+def _check_text(path: Path, dialect: Dialect) -> bool:
+    """Decode the whole file in blocks, so an undecodable byte is reported with its line (counted in the text
+    decoded before it), whatever the encoding (UTF-16 included); returns whether the text ends a line."""
+    decoder = codecs.getincrementaldecoder(_python_encoding(dialect))(errors="strict")
+    lines, offset, last = 1, 0, ""
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        while True:
+            block = handle.read(1 << 20)
             try:
-                raw.decode("utf-8" if encoding == "utf-8-sig" and number > 1 else encoding)
+                text = decoder.decode(block, final=not block)
             except UnicodeDecodeError as exc:
+                before = codecs.decode(block[: exc.start], _python_encoding(dialect), errors="ignore")
                 raise BadFile(
-                    path.name, f"not valid {dialect.encoding} text at line {number}, byte {exc.start + 1}: {exc.reason}"
+                    path.name,
+                    f"not valid {dialect.encoding} text at line {lines + before.count(chr(10))}, "
+                    f"byte {offset + exc.start + 1}: {exc.reason}",
                 ) from None
+            lines += text.count("\n")
+            last = text[-1:] or last
+            offset += len(block)
+            if not block:
+                return last in ("\n", "\r")
+
+
+def _header(row: list[str]) -> list[str]:
+    """Header names, trimmed; a byte order mark a UTF-16 file carries (utf-16-le, -be) is not part of the name."""
+    return [cell.strip().lstrip("\ufeff") for cell in row]
 
 
 def _check_header(path: Path, row: list[str], required: Sequence[str]) -> list[str]:
-    header = [cell.strip() for cell in row]
+    header = _header(row)
     missing = [name for name in required if name not in header]
     if missing:
         raise BadFile(
@@ -103,17 +122,11 @@ def _check_header(path: Path, row: list[str], required: Sequence[str]) -> list[s
     return header
 
 
-def _ends_with_newline(path: Path) -> bool:
-    with path.open("rb") as handle:
-        handle.seek(-1, 2)
-        return handle.read(1) in (b"\n", b"\r")
-
-
 def read_records(path: Path, dialect: Dialect) -> Iterator[Record]:
     """The data rows of an inspected file, with their starting line numbers."""
     with _open(path, dialect) as handle:
-        reader = csv.reader(handle, delimiter=dialect.delimiter)
-        header = [cell.strip() for cell in next(reader)]
+        reader = _reader(handle, dialect)
+        header = _header(next(reader))
         start = reader.line_num + 1
         for row in reader:
             if row:
@@ -128,7 +141,9 @@ class CsvWriter:
         self.path = path
         # Characters the encoding cannot hold (a Chinese name in cp1252) become "?" rather than failing the file.
         self._handle = path.open("w", encoding=dialect.encoding, errors="replace", newline="")
-        self._writer = csv.writer(self._handle, delimiter=dialect.delimiter, lineterminator="\r\n")
+        self._writer = csv.writer(
+            self._handle, delimiter=dialect.delimiter, quotechar=dialect.quote, lineterminator="\r\n"
+        )
         self._writer.writerow(header)
         self.rows = 0
 
@@ -148,3 +163,27 @@ class CsvWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# A cell a spreadsheet would take for a formula: OWASP ASVS 1.2.10 and its CSV injection page name =, +, -, @,
+# tab, carriage return and NUL as first characters, and a leading single quote as the escape.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\0")
+
+
+def neutralised(cell: Any) -> Any:
+    """A text cell that would start a formula, with a single quote before it; anything else as it is."""
+    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) else cell
+
+
+def restored(cell: str) -> str:
+    """A cell read back from a file batchsync wrote (an errors file fixed and dropped in again): the quote
+    :func:`neutralised` put before a formula character comes off."""
+    return cell[1:] if cell[:1] == "'" and cell[1:2] in FORMULA_STARTS and cell[1:2] else cell
+
+
+class ReportWriter(CsvWriter):
+    """A CSV a person opens in a spreadsheet (result, errors, duplicates and skipped reports): every cell copied
+    from outside (a name, an address, a provider's row) is written so that no spreadsheet runs it."""
+
+    def write(self, row: Sequence[Any]) -> None:
+        super().write([neutralised(cell) for cell in row])

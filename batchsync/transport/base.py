@@ -18,10 +18,11 @@ from types import TracebackType
 from typing import TypeVar
 
 from batchsync.clock import Clock
-from batchsync.errors import TransportError, UnsafeRemoteName
+from batchsync.errors import RemoteFolderMissing, TransportError, UnsafeRemoteName
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+__all__ = ["RemoteEntry", "RemoteFolderMissing", "Transport", "check_remote_name", "upload_confirmed", "with_retries"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class Transport(ABC):
 
     @abstractmethod
     def list(self, folder: str) -> list[RemoteEntry]:
-        """The plain files in ``folder`` (not folders); an empty list when the folder does not exist."""
+        """The plain files in ``folder`` (not folders); :class:`RemoteFolderMissing` when the folder does not
+        exist: an inbox that is not there is a mistake to report, never an empty inbox."""
 
     @abstractmethod
     def upload(self, local: Path, remote: str) -> None:

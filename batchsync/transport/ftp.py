@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
-from batchsync.errors import TransportError
+from batchsync.errors import RemoteFolderMissing, TransportError
 from batchsync.transport.base import RemoteEntry, Transport
 
 BLOCK = 256 * 1024
@@ -65,8 +65,10 @@ class FtpTransport(Transport):
                 entries = _mlsd(ftp, path) if self._has_mlsd else _nlst(ftp, path)
         except TransportError:
             if not self._is_folder(path):
-                return []  # servers answer a missing folder with 550 or 501; a missing inbox is an empty one
+                raise RemoteFolderMissing(folder) from None  # servers answer a missing folder with 550 or 501
             raise
+        if not entries and not self._is_folder(path):  # vsftpd lists a missing folder as an empty one
+            raise RemoteFolderMissing(folder)
         return sorted(entries, key=lambda entry: entry.name)
 
     def _is_folder(self, path: str) -> bool:

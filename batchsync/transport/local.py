@@ -7,7 +7,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
-from batchsync.errors import TransportError
+from batchsync.errors import RemoteFolderMissing, TransportError
 from batchsync.transport.base import RemoteEntry, Transport
 
 
@@ -25,7 +25,7 @@ class LocalTransport(Transport):
     def list(self, folder: str) -> list[RemoteEntry]:
         base = self._path(folder)
         if not base.is_dir():
-            return []
+            raise RemoteFolderMissing(folder)
         with _os_errors(folder):
             entries = []
             for item in os.scandir(base):

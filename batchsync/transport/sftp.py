@@ -22,7 +22,7 @@ from pathlib import Path
 
 import paramiko
 
-from batchsync.errors import TransportError
+from batchsync.errors import RemoteFolderMissing, TransportError
 from batchsync.transport.base import RemoteEntry, Transport
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class SftpTransport(Transport):
                 attributes = client.listdir_attr(self._full(folder))
         except TransportError as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
-                return []
+                raise RemoteFolderMissing(folder) from None
             raise
         entries = [
             RemoteEntry(item.filename, item.st_size or 0, _mtime(item.st_mtime))

@@ -1,0 +1,123 @@
+"""Getting an export's files to the provider whole, keeping a copy of each one sent, and tidying up after a
+process that was stopped halfway.
+
+Each file goes up under ``NAME.part``, its size is checked, and it is renamed to ``NAME`` (the provider never
+sees half a file). Before it goes up, a note beside it in the outbox (``.NAME.remote``) says where to, so that
+a process stopped between the remote rename and the move into ``sent/`` loses no copy: the next export finds
+the note, asks the server, and keeps the file in ``sent/`` when the provider has it whole::
+
+    delivery = Delivery(profile, clock, work)
+    delivery.recover(transport_factory)           # before an export writes its files
+    delivery.remove_partial_uploads(transport, folders)
+    kept = delivery.send(transport, files, folder)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import posixpath
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+
+from batchsync.clock import Clock
+from batchsync.config import Profile
+from batchsync.errors import RemoteFolderMissing, TransportError
+from batchsync.transport import Transport, upload_confirmed
+from batchsync.transport.base import with_retries
+from batchsync.workdir import WorkDir
+
+log = logging.getLogger(__name__)
+PART = ".part"
+
+
+class Delivery:
+    def __init__(self, profile: Profile, clock: Clock, work: WorkDir) -> None:
+        self.profile, self.clock, self.work = profile, clock, work
+
+    def send(self, transport: Transport, files: list[Path], folder: str) -> list[Path]:
+        """Upload ``files`` into the remote ``folder`` in order, each confirmed whole; returns their copies in
+        ``sent/``."""
+        for local in files:
+            remote = f"{folder}/{local.name}"
+            _note(local).write_text(remote, encoding="utf-8")
+            with_retries(
+                partial(upload_confirmed, transport, local, remote, PART),
+                attempts=self.profile.transport.retries,
+                clock=self.clock,
+                what=f"upload of {remote}",
+            )
+            log.info("sent %s to %s", local.name, remote)
+        kept = self.work.keep_sent(files)
+        for local in files:
+            _note(local).unlink(missing_ok=True)
+        return kept
+
+    def recover(self, transport_factory: Callable[[Profile], Transport]) -> None:
+        """Empty the outbox a stopped export left: a file the provider has whole under its final name was sent,
+        so its copy goes to ``sent/``; any other is dropped (the ledger did not move: its rows go out again)."""
+        notes = sorted(self.work.outbox.glob(".*.remote")) if self.work.outbox.is_dir() else []
+        if notes:
+            transport = transport_factory(self.profile)
+            try:
+                for note in notes:
+                    self._recover_one(transport, note)
+            finally:
+                transport.close()
+        self.work.clear(self.work.outbox)
+
+    def _recover_one(self, transport: Transport, note: Path) -> None:
+        local = note.with_name(note.name[1 : -len(".remote")])
+        remote = note.read_text(encoding="utf-8").strip()
+        if local.exists():
+            try:
+                delivered = transport.size(remote) == local.stat().st_size
+            except TransportError:
+                delivered = False
+            if delivered:
+                [kept] = self.work.keep_sent([local])
+                log.warning(
+                    "%s reached the provider before the last export stopped: its copy is kept as %s", remote, kept
+                )
+        note.unlink()
+
+    def remove_partial_uploads(self, transport: Transport, folders: Iterable[str]) -> None:
+        """Remove the ``NAME.part`` files an export stopped mid-upload left in the export folders (only names
+        this profile's file-name template can make: another sender's files are not ours to remove)."""
+        pattern = partial_upload_pattern(self.profile)
+        for folder in dict.fromkeys(folders):
+            try:
+                listing = transport.list(folder)
+            except RemoteFolderMissing:
+                continue
+            except TransportError as exc:  # tidying up is no reason to hold back tonight's files
+                log.warning("could not look for partial uploads in %s: %s", folder, exc)
+                return
+            for entry in listing:
+                if fnmatch.fnmatchcase(entry.name, pattern):
+                    try:
+                        transport.delete(posixpath.join(folder, entry.name))
+                        log.warning("removed %s/%s, left by an upload that was stopped", folder, entry.name)
+                    except TransportError as exc:
+                        log.warning("could not remove the partial upload %s/%s: %s", folder, entry.name, exc)
+
+
+def _note(local: Path) -> Path:
+    return local.with_name(f".{local.name}.remote")
+
+
+def partial_upload_pattern(profile: Profile) -> str:
+    """The names of this profile's partial uploads: its file-name template with the parts that change from one
+    export to the next (stamp, mode, list) as wildcards, anything after its stem (a zip, an opt-out file, a
+    map, a numbered name), and ``.part``."""
+    template = profile.export.file_name
+    stem = template.split(".", 1)[0]
+    fixed = {"profile": fnmatch_escape(profile.name)}
+    for name in ("list", "list_id", "stamp", "mode", "mailup_stamp"):
+        fixed[name] = "*"
+    return stem.format(**fixed) + "*" + PART
+
+
+def fnmatch_escape(text: str) -> str:
+    return "".join(f"[{char}]" if char in "*?[]" else char for char in text)
