@@ -20,7 +20,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
@@ -165,9 +165,7 @@ class Exporter:
     def _write_list(
         self, connection: Connection, code: str, list_id: int, mode: Mode, now: datetime, dry_run: bool
     ) -> ExportedFile:
-        folder = self.work.dry_run if dry_run else self.work.outbox
-        # Never reuse the name of a file sent before: the provider may not have taken it yet.
-        path = unique_path(folder, self._file_name(code, mode, now), also_in=(self.work.sent,))
+        path = self._free_path(self.work.dry_run if dry_run else self.work.outbox, code, mode, now)
         staged = ExportedFile(code, remote_path=self._remote_dir(code) + "/" + path.name)
         with connection.begin() as transaction:
             driver.tune_for_bulk(connection)
@@ -362,6 +360,16 @@ class Exporter:
     def _remove_partial_uploads(self, transport: Transport) -> None:
         self.delivery.remove_partial_uploads(transport, [self._remote_dir(code) for code in self.profile.lists])
 
+    def _free_path(self, folder: Path, code: str, mode: Mode, now: datetime) -> Path:
+        """Never reuse the name of a file sent before: the provider may not have taken it yet. A name that is
+        taken is made again a tenth of a millisecond later (a provider may accept only names of its own
+        pattern, as MailUp does), and numbered when that does not change it."""
+        for tick in range(10):
+            name = self._file_name(code, mode, now + timedelta(microseconds=100 * tick))
+            if not (folder / name).exists() and not (self.work.sent / name).exists():
+                return folder / name
+        return unique_path(folder, self._file_name(code, mode, now), also_in=(self.work.sent,))
+
     def _file_name(self, code: str, mode: Mode, now: datetime) -> str:
         return _fill(self.profile.export.file_name, "export.file_name", placeholders(self.profile, code, mode, now))
 
@@ -370,11 +378,13 @@ class Exporter:
 
 
 def placeholders(profile: Profile, code: str, mode: Mode, now: datetime) -> dict[str, str]:
+    utc = now.astimezone(UTC)
     return {
         "profile": profile.name,
         "list": code,
         "list_id": profile.lists[code].id,
         "stamp": utc_stamp(now),
+        "mailup_stamp": f"{utc:%Y%m%d%H%M%S}{utc.microsecond // 100:04d}",  # yyyyMMddhhmmssffff, 24-hour, UTC
         "mode": mode,
     }
 

@@ -98,8 +98,10 @@ DOMAINS = ["example.com", "example.org", "example.net", "mail.example.it"]
 BROKEN = ["{u}@", "{u}.example.com", "{u}@@example.com", "{u} x@example.com", "@example.com", ""]
 # share of (contact, list) rows per status; the rest are not on the list at all
 STATUS_WEIGHTS = {"subscribed": 70, "unsubscribed": 14, "pending": 5, "cleaned": 3, None: 8}
-# MailUp optout_type codes (DESIGN section 5): admin, admin, own link, imported as unsubscribed, bounce, complaint
-OPTOUT_TYPES = ("0", "1", "2", "4", "8", "16")
+# MailUp optout_type codes, one of each documented group (profiles/mailup.toml lists them all): admin, own link,
+# the mail client's link and mail, imported as unsubscribed, right to be forgotten, inactive, blocked, repeated
+# soft bounces, hard bounces, spam complaints.
+OPTOUT_TYPES = ("0", "01", "2", "21", "32", "640", "4", "41", "1024", "128", "2561", "512", "8", "82", "16", "161")
 
 
 @dataclass
@@ -121,7 +123,8 @@ def write_sample_crm(
     with engine.begin() as connection:
         if crm.count_contacts(connection):
             raise ValueError("the CRM already holds contacts; samples go into an empty CRM")
-        list_ids = crm.list_ids(connection, profile.lists)
+        found = crm.list_ids(connection, profile.lists)
+        list_ids = {code: found[code] for code in profile.lists}  # the profile's order, whatever the database's
         group_ids = crm.group_ids(connection, list_ids.values())
     for start in range(1, contacts + 1, chunk):
         rows = _chunk_rows(rng, start, min(start + chunk, contacts + 1), list_ids, group_ids, summary)
@@ -243,13 +246,14 @@ def _subscription(
             summary.picks.append((email.strip(), code))
 
 
+# The columns of MailUp's export of unsubscribers, by the header names it documents
+# (https://help.mailup.com/display/mailupapi/Export+of+email+unsubscribers).
 UNSUBSCRIBERS_HEADER = [
     "email",
-    "mobile",
+    "Phone Number",
     "idList",
     "OptOut_Date",
-    "Name",
-    "Surname",
+    "Subscription Date",
     "optout_nl",
     "optout_type",
     "optout_subtype",
@@ -263,7 +267,8 @@ def unsubscriber_rows(picks: list[tuple[str, str]], profile: Profile, seed: int)
     for index, (email, code) in enumerate(picks):
         kind = OPTOUT_TYPES[index % len(OPTOUT_TYPES)]
         moment = (EPOCH + timedelta(days=3, seconds=rng.randrange(86_400))).astimezone(zone)
-        yield [email, "", profile.lists[code].id, moment.strftime("%Y%m%dT%H%M%S"), "", "", "1", kind, ""]
+        since = (moment - timedelta(days=rng.randrange(30, 700))).strftime("%Y%m%dT%H%M%S")
+        yield [email, "", profile.lists[code].id, moment.strftime("%Y%m%dT%H%M%S"), since, "161", kind, ""]
 
 
 def write_unsubscribers_file(path: Path, picks: list[tuple[str, str]], profile: Profile, seed: int = 1) -> int:

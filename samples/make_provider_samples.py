@@ -43,6 +43,15 @@ def mailchimp() -> None:
         "unsubscribed_members_export_sample.csv": csv_text(unsubscribed),
         "cleaned_members_export_sample.csv": csv_text(cleaned),
     })
+    # Today's names: a folder inside the zip, and "email_audience" in every member's name.
+    nonsubscribed = [[*common, "LAST_CHANGED", "TAGS"],
+                     ["heidi@example.com", "Heidi", "Leaving", "", "1", "", "15", "h1", "2026-01-05 09:00:00", ""]]
+    write_zip(HERE / "mailchimp" / "audience_export_sample.zip", {
+        "audience_export_sample/subscribed_email_audience_export_sample.csv": csv_text(subscribed),
+        "audience_export_sample/unsubscribed_email_audience_export_sample.csv": csv_text(unsubscribed),
+        "audience_export_sample/cleaned_email_audience_export_sample.csv": csv_text(cleaned),
+        "audience_export_sample/nonsubscribed_email_audience_export_sample.csv": csv_text(nonsubscribed),
+    })
 
 
 def sfmc() -> None:
@@ -58,7 +67,9 @@ def sfmc() -> None:
                  "Soft bounce", "452", "4.2.2 mailbox full"] for i in range(3)]
     status = [["ClientID", "SubscriberKey", "EmailAddress", "SubscriberID", "OldStatus", "NewStatus", "DateChanged"],
               ["100", "alice@example.com", "alice@example.com", "1", "Active", "Unsubscribed", stamp],
-              ["100", "judy@example.com", "judy@example.com", "12", "Unsubscribed", "Active", stamp]]
+              ["100", "judy@example.com", "judy@example.com", "12", "Unsubscribed", "Active", stamp],
+              ["100", "grace@example.com", "grace@example.com", "9", "Active", "Deleted", stamp],
+              ["100", "heidi@example.com", "heidi@example.com", "10", "Active", "Archived", stamp]]  # not listed
     opens = [head, ["100", "5", "judy@example.com", "judy@example.com", "12", "1001", stamp, "Open"]]
     clicks = [[*head, "URL"], ["100", "5", "judy@example.com", "judy@example.com", "12", "1001", stamp, "Click",
                               "https://example.com/offer"]]

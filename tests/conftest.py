@@ -100,7 +100,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty CRM database: a SQLite file, or a new database on the real PostgreSQL."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'crm.sqlite'}"
-    base = request.getfixturevalue("pg_server")
+    return make_database(request.getfixturevalue("pg_server"))
+
+
+def make_database(base: str) -> str:
+    """A new, empty database on the test PostgreSQL server; its URL."""
     name = f"crm_{os.getpid()}_{next(_db_counter)}"
     admin = make_engine(f"{base}/postgres").execution_options(isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:

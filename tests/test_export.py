@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from batchsync.sync import Sync
 from .conftest import ftp_transport, mailup_profile
 from .crmdata import UNSUB_HEADER, build_tiny_crm, delete_contact, read_csv, set_status, unsub_row, write_csv
 
-HEADER = b"111;1;2;idList;ExternalGroupName;optout\r\n"
+HEADER = b"111|1|2|idList|ExternalGroupName|optout\r\n"
 
 
 def make_sync(tmp_path: Path, db_url: str, clock: ManualClock, **overrides: object) -> Sync:
@@ -44,7 +45,7 @@ def uploaded(tmp_path: Path) -> dict[str, list[Path]]:
 
 
 def data_rows(path: Path) -> list[list[str]]:
-    return read_csv(path)[1:]
+    return read_csv(path, delimiter="|")[1:]
 
 
 def test_full_export_writes_mailup_header_dialect_and_rows(tmp_path: Path, db_url: str, clock: ManualClock) -> None:
@@ -54,7 +55,8 @@ def test_full_export_writes_mailup_header_dialect_and_rows(tmp_path: Path, db_ur
     assert sorted(files) == ["1", "2"]  # events holds only a pending row: MailUp has no value for it
     newsletter = files["1"][0]
     raw = newsletter.read_bytes()
-    assert raw.startswith(HEADER)  # UTF-8 without BOM, ";" and CRLF
+    assert raw.startswith(HEADER)  # UTF-8 without BOM, MailUp's "|" and CRLF
+    assert re.fullmatch(r"1_\d{18}\.csv", newsletter.name)  # <list number>_<yyyyMMddhhmmssffff>.csv
     rows = {row[0]: row for row in data_rows(newsletter)}
     assert rows["alice@example.com"] == ["alice@example.com", "Alice", "Ädler", "1", "", "1"]
     assert rows["dave@example.com"][4] == "VIP"
@@ -65,7 +67,7 @@ def test_full_export_writes_mailup_header_dialect_and_rows(tmp_path: Path, db_ur
     assert "Иван" in raw.decode("utf-8")
     item = next(f for f in result.files if f.list_code == "newsletter")
     assert (item.duplicates, item.invalid) == (1, 1)
-    reports = {p.name.rsplit(".", 2)[-2]: read_csv(p) for p in item.reports}
+    reports = {p.name.rsplit(".", 2)[-2]: read_csv(p, delimiter="|") for p in item.reports}
     assert reports["duplicates"][1][2] == "5,6"
     assert reports["skipped"][1][1] == "not-an-email"
     assert all(p.exists() for p in item.reports) and item.local_path and item.local_path.exists()
@@ -367,4 +369,4 @@ def test_two_exports_in_one_second_never_reuse_a_remote_name(tmp_path: Path, db_
     sync.export("full")
     sync.export("full")
     names = [p.name for p in uploaded(tmp_path)["1"]]
-    assert len(names) == 2 and names[0].endswith("_full-1.csv")  # sorted: "-" before "."
+    assert len(names) == 2 and all(re.fullmatch(r"1_\d{18}\.csv", name) for name in names)  # MailUp's names still

@@ -16,7 +16,8 @@ from .conftest import ROOT
 @pytest.mark.parametrize("name", ["mailup", "demo"])
 def test_shipped_profiles_load(name: str) -> None:
     profile = load_profile(ROOT / "profiles" / f"{name}.toml")
-    assert profile.export.delimiter == ";"
+    assert profile.export.delimiter == "|"  # MailUp's documented separator
+    assert profile.export.file_name == "{list_id}_{mailup_stamp}.csv"  # MailUp's accepted file names
     assert [c.header for c in profile.export.columns] == ["111", "1", "2", "idList", "ExternalGroupName", "optout"]
     assert profile.export.status_values["subscribed"] == "1"
     assert profile.export.status_values["unsubscribed"] == "0"
@@ -32,7 +33,7 @@ def _broken(tmp_path: Path, old: str, new: str) -> Path:
 
 
 def test_a_misspelt_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
-    path = _broken(tmp_path, 'delimiter = ";"', 'delimter = ";"')
+    path = _broken(tmp_path, 'delimiter = "|"', 'delimter = "|"')
     with pytest.raises(ConfigError) as caught:
         load_profile(path)
     message = str(caught.value)

@@ -116,7 +116,7 @@ def round_trip(sync: Sync, profile: Profile, tmp_path: Path) -> None:
 def _ingest(tmp_path: Path, clock: ManualClock, provider: str, *files: str) -> Sync:
     profile = profile_for(tmp_path, ROOT / "profiles" / f"{provider}.toml")
     sync = ready(profile, clock)
-    report = sync.import_files([ROOT / "samples" / provider / name for name in files])
+    report = sync.import_files([ROOT / "samples" / provider / name for name in files], origin="provider")
     assert report.files and all(item.outcome == "applied" for item in report.files), report
     return sync
 
@@ -145,6 +145,17 @@ def test_mailchimp_audience_export_zip(tmp_path: Path, clock: ManualClock) -> No
     assert reason == "unsubscribe: No longer interested"  # UNSUB_REASON kept with the opt-out
 
 
+def test_mailchimp_audience_export_under_today_s_names(tmp_path: Path, clock: ManualClock) -> None:
+    sync = _ingest(tmp_path, clock, "mailchimp", "audience_export_sample.zip")
+    engine = sync.engine
+    assert contact(engine, 1).first_name == "Alicia"  # subscribed_email_audience_export_*, in a folder in the zip
+    assert status_of(engine, 2, "newsletter") == "unsubscribed"
+    assert status_of(engine, 4, "newsletter") == "cleaned"
+    assert status_of(engine, 10, "newsletter") == "subscribed"  # nonsubscribed at Mailchimp: nothing changes
+    names = sorted(path.name for path in (tmp_path / "work" / "archive").glob("*.csv"))
+    assert "audience_export_sample__nonsubscribed_email_audience_export_sample.csv" in names
+
+
 def test_sfmc_tracking_extract(tmp_path: Path, clock: ManualClock) -> None:
     sync = _ingest(tmp_path, clock, "sfmc", "TrackingExtract_sample.zip")
     engine = sync.engine
@@ -153,8 +164,44 @@ def test_sfmc_tracking_extract(tmp_path: Path, clock: ManualClock) -> None:
     assert [status_of(engine, 11, code) for code in ("newsletter", "offers")] == ["cleaned", "cleaned"]  # 3 soft
     assert [status_of(engine, 1, code) for code in ("newsletter", "offers")] == ["unsubscribed"] * 2
     assert status_of(engine, 12, "newsletter") == "subscribed"  # "Active" at SFMC re-subscribes nobody
-    assert activity_kinds(engine, 12) == ["click", "open"]
+    assert activity_kinds(engine, 12) == ["click", "open", "subscribe"]
     assert activity_kinds(engine, 11).count("soft_bounce") == 3
+    assert status_of(engine, 9, "newsletter") == "unsubscribed"  # "Deleted" is an opt-out, not an error
+    assert status_of(engine, 10, "newsletter") == "unsubscribed"  # a status no one listed: an opt-out still
+    results = (tmp_path / "work" / "archive" / "TrackingExtract_sample__StatusChange.csv.result.csv").read_text()
+    assert "warning: unknown code 'Archived' in column NewStatus: taken as an unsubscribe" in results
+
+
+def test_sfmc_times_are_central_standard_time_all_year(tmp_path: Path, clock: ManualClock) -> None:
+    """SFMC does not observe daylight saving: 7/1/2026 4:00:00 AM is 10:00 UTC, not 09:00 (America/Chicago)."""
+    sync = ready(profile_for(tmp_path, ROOT / "profiles" / "sfmc.toml"), clock)
+    dropped = tmp_path / "Unsubs_july.csv"
+    dropped.write_text(
+        "ClientID,SendID,SubscriberKey,EmailAddress,SubscriberID,ListID,EventDate,EventType\r\n"
+        "100,5,bob@example.com,bob@example.com,2,1001,7/1/2026 4:00:00 AM,Unsubscribe\r\n"
+    )
+    clock.advance(400 * 86400)  # the event is in the past
+    sync.import_files([dropped], origin="provider")
+    with sync.engine.connect() as connection:
+        at = connection.scalar(select(subscriptions.c.status_at).where(subscriptions.c.contact_id == 2))
+    assert at.isoformat() == "2026-07-01T10:00:00+00:00"
+
+
+def test_an_sfmc_extract_in_utf16_is_read(tmp_path: Path, clock: ManualClock) -> None:
+    sync = ready(profile_for(tmp_path, ROOT / "profiles" / "sfmc.toml", **{"inbound.1.encoding": "utf-16"}), clock)
+    dropped = tmp_path / "Unsubs_unicode.csv"
+    text = (
+        "ClientID,SendID,SubscriberKey,EmailAddress,SubscriberID,ListID,EventDate,EventType\r\n"
+        "100,5,Иван,ivan@example.com,11,1001,1/5/2026 4:00:00 AM,Unsubscribe\r\n"
+    )
+    dropped.write_bytes(text.encode("utf-16"))  # with its byte order mark, as Windows tools write it
+    [outcome] = sync.import_files([dropped], origin="provider").files
+    assert (outcome.outcome, outcome.changed) == ("applied", 1)
+    assert status_of(sync.engine, 11, "newsletter") == "unsubscribed"
+    broken = tmp_path / "Unsubs_broken.csv"
+    broken.write_bytes(text.encode("utf-16")[:-1])  # half a character at the end
+    [outcome] = sync.import_files([broken], origin="provider").files
+    assert outcome.outcome == "quarantined" and "not valid utf-16 text at line 2" in (outcome.reason or "")
 
 
 def test_acoustic_opt_out_export(tmp_path: Path, clock: ManualClock) -> None:

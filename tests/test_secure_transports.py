@@ -116,7 +116,7 @@ def _flow(tmp_path: Path, db_url: str, clock: ManualClock, transport: dict[str, 
     result = sync.export("full")
     assert [item.uploaded for item in result.files if item.rows] == [True, True]
     [newsletter] = list((folder / "import" / "1").iterdir())
-    assert newsletter.read_bytes().startswith(b"111;1;2;idList;ExternalGroupName;optout\r\n")
+    assert newsletter.read_bytes().startswith(b"111|1|2|idList|ExternalGroupName|optout\r\n")
     returned = write_csv(
         folder / "export" / "unsubscribers_20260105.csv",
         [
