@@ -116,13 +116,17 @@ class Collector:
         write_whole(target, partial(shutil.copyfile, path))
         return StagedFile(target, path.name, entry, f"file:{path.resolve()}", chosen)
 
-    def from_local_inbox(self, report: CollectReport, ready: Collection[str] = ()) -> None:
-        """Stage inbox files; a name in ``ready`` (its writer closed it) skips the minimum age."""
+    def from_local_inbox(self, report: CollectReport, ready: Collection[str] = (), busy: Collection[str] = ()) -> None:
+        """Stage inbox files; a name in ``ready`` (its writer closed it) skips the minimum age, a name in
+        ``busy`` (still open somewhere) waits whatever its age."""
         inbox = self.work.inbox
         if not inbox.is_dir():
             return
         for path in sorted(inbox.iterdir()):
             if not path.is_file() or path.name.startswith(".") or path.name.endswith(IGNORED_SUFFIXES):
+                continue
+            if path.name in busy and path.name not in ready:
+                report.waiting.append(f"inbox/{path.name}")
                 continue
             entry = self.kind_for(path.name)
             mtime = datetime.fromtimestamp(path.stat().st_mtime, UTC)

@@ -21,6 +21,7 @@ import logging
 import signal
 import threading
 import types
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,13 +52,19 @@ def profile_paths(arguments: list[Path]) -> list[Path]:
 
 
 class InboxWatcher(FileSystemEventHandler):
-    """Remembers which inbox files changed when, and which were closed after writing (inotify close-write)."""
+    """Remembers which inbox files changed when, which are open, and which were closed after writing.
+
+    Where the platform reports opens and closes (Linux's inotify), a file is complete when its writer closes
+    it, and a file still open is never taken, however long its writer pauses. Elsewhere a file counts as
+    complete once unchanged for SETTLE_SECONDS.
+    """
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._lock = threading.Lock()
         self._changed: dict[str, float] = {}
         self._closed: set[str] = set()
+        self._open: Counter[str] = Counter()  # opens not yet closed (a reader's too: it may be the writer's)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
@@ -65,14 +72,19 @@ class InboxWatcher(FileSystemEventHandler):
         path = event.dest_path if event.event_type == "moved" else event.src_path
         name = Path(str(path)).name
         with self._lock:
-            if event.event_type == "closed":
-                self._closed.add(name)
+            if event.event_type == "opened":
+                self._open[name] += 1
+            elif event.event_type in ("closed", "closed_no_write"):
+                self._open[name] = max(self._open[name] - 1, 0)
+                if event.event_type == "closed":
+                    self._closed.add(name)
             elif event.event_type in ("created", "modified", "moved"):
                 self._changed[name] = self.clock.monotonic()
                 self._closed.discard(name)
 
     def ready(self, inbox: Path) -> set[str]:
-        """Names of inbox files that are complete: closed after writing, or unchanged for a few seconds."""
+        """Names of inbox files that are complete: closed after writing, or unchanged for a few seconds and
+        open nowhere."""
         now = self.clock.monotonic()
         with self._lock:
             present = {p.name for p in inbox.iterdir() if p.is_file()} if inbox.is_dir() else set()
@@ -80,12 +92,18 @@ class InboxWatcher(FileSystemEventHandler):
                 if name not in present:
                     del self._changed[name]
             self._closed &= present
+            self._open = Counter({name: count for name, count in self._open.items() if count and name in present})
             settled = {name for name, at in self._changed.items() if now - at >= SETTLE_SECONDS}
-            return self._closed | settled
+            return (self._closed | settled) - {name for name, count in self._open.items() if count}
 
     def pending(self) -> bool:
         with self._lock:
             return bool(self._changed or self._closed)
+
+    def busy(self) -> set[str]:
+        """Names of inbox files some process still has open: no import takes them, whatever their age."""
+        with self._lock:
+            return {name for name, count in self._open.items() if count}
 
 
 @dataclass
@@ -163,9 +181,10 @@ class Daemon:
     # --- jobs -------------------------------------------------------------------------------------------
 
     def _runtime(self, profile: Profile) -> ProfileRuntime:
-        sync = Sync(profile, clock=self.clock, stop=self.stop)
+        watcher = InboxWatcher(self.clock)
+        sync = Sync(profile, clock=self.clock, stop=self.stop, inbox_busy=watcher.busy)
         sync.init()
-        runtime = ProfileRuntime(sync)
+        runtime = ProfileRuntime(sync, watcher=watcher)
         config = profile.schedule
         if config.nightly:
             runtime.scheduler.every().day.at(config.nightly, config.timezone).do(self._nightly, runtime)
@@ -173,9 +192,8 @@ class Daemon:
             runtime.scheduler.every(config.poll_minutes).minutes.do(
                 lambda: self._guarded(runtime, "inbox poll", runtime.sync.import_files)
             )
-        runtime.watcher = InboxWatcher(self.clock)
         runtime.observer = Observer()
-        runtime.observer.schedule(runtime.watcher, str(sync.work.inbox), recursive=False)
+        runtime.observer.schedule(watcher, str(sync.work.inbox), recursive=False)
         runtime.observer.start()
         return runtime
 

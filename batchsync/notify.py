@@ -34,7 +34,8 @@ def summary_message(profile: Profile, report: RunReport | ImportReport) -> Email
             f"{counts['quarantined']} quarantined"
         )
         lines += [
-            f"  {item.name}: {item.outcome}, {item.rows} rows, {item.rejected} rejected"
+            f"  {item.name} ({item.origin}): {item.outcome}, {item.rows} rows, {item.rejected} rejected"
+            + (f", {item.warnings} warnings" if item.warnings else "")
             + (f" ({item.reason})" if item.reason else "")
             for item in files
         ]
@@ -43,6 +44,7 @@ def summary_message(profile: Profile, report: RunReport | ImportReport) -> Email
             f"Exported ({exported.mode}): {exported.rows} rows in "
             f"{sum(1 for item in exported.files if item.uploaded)} files"
         )
+        lines += [f"  HELD BACK, list {item.list_code}: {item.stopped}" for item in exported.files if item.stopped]
     bounced = [email for item in files for email in item.bounced]
     if bounced:
         lines += ["", f"Hard bounces ({len(bounced)}):", *(f"  {email}" for email in bounced)]
@@ -51,8 +53,11 @@ def summary_message(profile: Profile, report: RunReport | ImportReport) -> Email
     rejected = counts.get("rejected", 0)
     quarantined = counts.get("quarantined", 0)
     message = EmailMessage()
-    message["Subject"] = f"batchsync {profile.name}: {counts.get('changed', 0)} changes, {rejected} rows rejected" + (
-        f", {quarantined} files quarantined" if quarantined else ""
+    held = len(exported.stopped) if exported is not None else 0
+    message["Subject"] = (
+        f"batchsync {profile.name}: {counts.get('changed', 0)} changes, {rejected} rows rejected"
+        + (f", {quarantined} files quarantined" if quarantined else "")
+        + (f", {held} exports held back by the safety stop" if held else "")
     )
     message.set_content("\n".join(lines) + "\n")
     for item in [item for item in files if item.rejected and item.errors_path][:MAX_ATTACHMENTS]:

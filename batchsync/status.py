@@ -1,5 +1,6 @@
 """What happened and what is next, per profile: the last runs, the next nightly run, the files waiting in the
-inboxes, the files in quarantine, and the rows rejected in the last run::
+inboxes, the files in quarantine (and the export files the safety stop held back in held/), and the rows
+rejected in the last run::
 
     print(as_table([profile_status(profile, Clock())]))
 """
@@ -41,10 +42,10 @@ def profile_status(profile: Profile, clock: Clock, runs: int = 5) -> ProfileStat
     finally:
         engine.dispose()
     work = WorkDir.of(profile)
-    waiting = _files(work.inbox, "inbox") + [
-        f"staging/{path.parent.name}/{path.name}" for path in sorted(work.staging.glob("*/*")) if path.is_file()
-    ]
+    staged = sorted(path for path in work.staging.rglob("*") if path.is_file() and not path.name.startswith("."))
+    waiting = _files(work.inbox, "inbox") + [f"staging/{path.relative_to(work.staging)}" for path in staged]
     quarantined = [name for name in _files(work.quarantine, "quarantine") if not name.endswith(".reason.txt")]
+    quarantined += [name for name in _files(work.held, "held") if not name.endswith(".reason.txt")]
     rejected = int((last[0].get("counts") or {}).get("rejected", 0)) if last else 0
     return ProfileStatus(profile.name, next_nightly(profile, clock.now()), last, waiting, quarantined, rejected)
 

@@ -89,8 +89,10 @@ class Sync:
         engine: Engine | None = None,
         transport_factory: Callable[[Profile], Transport] = open_transport,
         stop: threading.Event | None = None,
+        inbox_busy: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         self.profile = profile
+        self.inbox_busy = inbox_busy  # names of inbox files still open somewhere (the daemon's watcher knows)
         self.clock = clock or Clock()
         self.engine = engine or make_engine(profile.database_url())
         self.transport_factory = transport_factory
@@ -174,7 +176,7 @@ class Sync:
             report.refused = collected.refused
             return report
         collected = CollectReport(staged=collector.left_in_staging())
-        collector.from_local_inbox(collected, ask.ready)
+        collector.from_local_inbox(collected, ask.ready, self.inbox_busy())
         transport = None
         try:
             if any(entry.remote_dir for entry in self.profile.inbound):
