@@ -139,7 +139,7 @@ class Exporter:
                     log.info("stopping: the export of %s and later lists is left for the next run", code)
                     break
                 staged = self._write_list(connection, code, ids[code], mode, now, dry_run)
-                if staged.uploads and not dry_run:
+                if staged.uploads and not dry_run and staged.stopped is None:
                     if transport is None:
                         transport = self.transport_factory(self.profile)
                         self._remove_partial_uploads(transport)

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 
 from batchsync.db import crm
 from batchsync.db.schema import bs_changes, contacts, groups, lists, subscriptions, suppressions
@@ -101,6 +101,42 @@ def set_status(
         )
 
 
+def leave_list(engine: Engine, contact_id: int, code: str) -> None:
+    """The contact's subscription row on the list removed, as a CRM does when someone is taken off a list."""
+    with engine.begin() as connection:
+        list_id = crm.list_ids(connection, [code])[code]
+        connection.execute(
+            delete(subscriptions).where(subscriptions.c.contact_id == contact_id, subscriptions.c.list_id == list_id)
+        )
+
+
+def join_list(
+    engine: Engine, contact_id: int, code: str, status: str, at: datetime, consent_by: str | None = None
+) -> None:
+    with engine.begin() as connection:
+        list_id = crm.list_ids(connection, [code])[code]
+        connection.execute(
+            insert(subscriptions).values(
+                contact_id=contact_id,
+                list_id=list_id,
+                status=status,
+                status_at=at,
+                source="crm",
+                consent_by=consent_by,
+                consent_at=at if consent_by else None,
+            )
+        )
+
+
+def set_email(engine: Engine, contact_id: int, email: str, at: datetime) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            update(contacts)
+            .where(contacts.c.id == contact_id)
+            .values(email=email, email_key=email_key(email), updated_at=at)
+        )
+
+
 def delete_contact(engine: Engine, contact_id: int) -> None:
     with engine.begin() as connection:
         connection.execute(update(contacts).where(contacts.c.id == contact_id).values(deleted=True))
@@ -139,7 +175,8 @@ def write_csv(
     return path
 
 
-UNSUB_HEADER = ["email", "mobile", "idList", "OptOut_Date", "optout_nl", "optout_type", "optout_subtype"]
+# MailUp's export of unsubscribers, by its documented header names (all but the address are optional)
+UNSUB_HEADER = ["email", "Phone Number", "idList", "OptOut_Date", "optout_nl", "optout_type", "optout_subtype"]
 
 
 def unsub_row(email: str, list_id: str, stamp: str, kind: str) -> list[str]:
