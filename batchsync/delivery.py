@@ -14,10 +14,10 @@ the note, asks the server, and keeps the file in ``sent/`` when the provider has
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import posixpath
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -82,11 +82,12 @@ class Delivery:
                 )
         note.unlink()
 
-    def remove_partial_uploads(self, transport: Transport, folders: Iterable[str]) -> None:
-        """Remove the ``NAME.part`` files an export stopped mid-upload left in the export folders (only names
-        this profile's file-name template can make: another sender's files are not ours to remove)."""
-        pattern = partial_upload_pattern(self.profile)
-        for folder in dict.fromkeys(folders):
+    def remove_partial_uploads(self, transport: Transport, folders: Mapping[str, str]) -> None:
+        """Remove the ``NAME.part`` files an export stopped mid-upload left in the export folders (``folders``:
+        list code -> remote folder). Only names this profile's file-name template makes for the list are
+        touched: another sender's files are not ours to remove."""
+        for code, folder in folders.items():
+            pattern = partial_upload_pattern(self.profile, code)
             try:
                 listing = transport.list(folder)
             except RemoteFolderMissing:
@@ -95,7 +96,7 @@ class Delivery:
                 log.warning("could not look for partial uploads in %s: %s", folder, exc)
                 return
             for entry in listing:
-                if fnmatch.fnmatchcase(entry.name, pattern):
+                if pattern.fullmatch(entry.name):
                     try:
                         transport.delete(posixpath.join(folder, entry.name))
                         log.warning("removed %s/%s, left by an upload that was stopped", folder, entry.name)
@@ -107,17 +108,18 @@ def _note(local: Path) -> Path:
     return local.with_name(f".{local.name}.remote")
 
 
-def partial_upload_pattern(profile: Profile) -> str:
-    """The names of this profile's partial uploads: its file-name template with the parts that change from one
-    export to the next (stamp, mode, list) as wildcards, anything after its stem (a zip, an opt-out file, a
-    map, a numbered name), and ``.part``."""
-    template = profile.export.file_name
-    stem = template.split(".", 1)[0]
-    fixed = {"profile": fnmatch_escape(profile.name)}
-    for name in ("list", "list_id", "stamp", "mode", "mailup_stamp"):
-        fixed[name] = "*"
-    return stem.format(**fixed) + "*" + PART
+# What each placeholder of a file-name template can become (export.placeholders).
+VARYING = {"stamp": r"\d{8}T\d{6}Z", "mailup_stamp": r"\d{18}", "mode": r"(?:full|diff)"}
 
 
-def fnmatch_escape(text: str) -> str:
-    return "".join(f"[{char}]" if char in "*?[]" else char for char in text)
+def partial_upload_pattern(profile: Profile, code: str) -> re.Pattern[str]:
+    """The names of a list's partial uploads: its file-name template's stem with the stamp and mode as what they
+    can be, then anything (an opt-out file, a zip, a map, a numbered name), then ``.part``."""
+    stem = profile.export.file_name.split(".", 1)[0]
+    fixed = {"profile": profile.name, "list": code, "list_id": profile.lists[code].id}
+    parts = re.split(r"\{(\w+)\}", stem)  # text, name, text, name, ... text
+    pattern = "".join(
+        re.escape(part) if index % 2 == 0 else VARYING.get(part, re.escape(fixed.get(part, part)))
+        for index, part in enumerate(parts)
+    )
+    return re.compile(pattern + r"(?:[-_.].*)?" + re.escape(PART))

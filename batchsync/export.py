@@ -358,7 +358,7 @@ class Exporter:
         self.delivery.recover(self.transport_factory)
 
     def _remove_partial_uploads(self, transport: Transport) -> None:
-        self.delivery.remove_partial_uploads(transport, [self._remote_dir(code) for code in self.profile.lists])
+        self.delivery.remove_partial_uploads(transport, {code: self._remote_dir(code) for code in self.profile.lists})
 
     def _free_path(self, folder: Path, code: str, mode: Mode, now: datetime) -> Path:
         """Never reuse the name of a file sent before: the provider may not have taken it yet. A name that is

@@ -76,11 +76,20 @@ class Reconciler:
     def apply(self, staged: StagedFile, *, dry_run: bool = False) -> FileOutcome:
         snapshot = _snapshot(staged, dry_run)
         try:
-            outcome = self._apply(staged, snapshot, dry_run)
-        finally:
-            if not dry_run:
+            return self._apply(staged, snapshot, dry_run)
+        except BaseException:
+            # Before its commit, the snapshot is no use: the staged file is applied again next run. After it, it
+            # is what was applied, and the next run archives it (finish_interrupted).
+            if not dry_run and not self._committed(snapshot):
                 snapshot.path.unlink(missing_ok=True)
-        return outcome
+            raise
+
+    def _committed(self, snapshot: Snapshot) -> bool:
+        try:
+            with self.engine.connect() as connection:
+                return ledger.applied_file(connection, self.profile.name, snapshot.sha256) is not None
+        except Exception:  # cannot tell (the database is gone): keep it; the next run asks again
+            return True
 
     def _apply(self, staged: StagedFile, snapshot: Snapshot, dry_run: bool) -> FileOutcome:
         with self.engine.connect() as connection:

@@ -5,14 +5,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from batchsync.clock import ManualClock
+from batchsync.config import load_profile
+from batchsync.db import crm
 from batchsync.db.schema import activities, bs_files, subscriptions
 from batchsync.sync import Sync
 
-from .conftest import ftp_transport, mailup_profile
+from .conftest import ROOT, ftp_transport, mailup_profile
 from .crmdata import (
+    T0,
     UNSUB_HEADER,
     build_tiny_crm,
     change_count,
@@ -22,6 +26,7 @@ from .crmdata import (
     unsub_row,
     write_csv,
 )
+from .usercli import User, hours_ago, mailup_time
 
 # MailUp writes local (Europe/Rome) time: 20260105T100000 is 09:00 UTC, before judy's re-subscription on the 10th.
 EARLY = "20260105T100000"
@@ -329,3 +334,61 @@ def test_an_inbox_on_another_file_system_is_taken_whole(tmp_path: Path, clock: M
     [outcome] = sync.import_files().files
     assert outcome.changed == 1 and list(other.iterdir()) == []
     other.rmdir()
+
+
+UNDOCUMENTED = ["3", "99", "2564", "5122", "x", ""]
+
+
+def test_every_mailup_optout_type_documented_or_not_applies_an_opt_out(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """MailUp's table of unsubscribe types, and codes no one documented: every row with a valid address and
+    list is an opt-out. Hard bounces and complaints leave every list and suppress; an unknown code is an
+    unsubscribe, reported as a warning, never a rejected row."""
+    user = User(tmp_path, db_url, capsys).start()
+    codes = load_profile(ROOT / "profiles" / "mailup.toml").inbound[0].codes
+    every = [*codes, *UNDOCUMENTED]
+    people = {code: f"code{index}@example.com" for index, code in enumerate(every)}
+    with user.engine.begin() as connection:
+        ids = crm.list_ids(connection, ["newsletter", "offers"])
+        for index, email in enumerate(people.values(), start=100):
+            crm.insert_rows(connection, "contacts", [_contact(index, email)])
+            for list_id in ids.values():
+                crm.insert_rows(connection, "subscriptions", [_subscribed(index, list_id)])
+    stamp = mailup_time(hours_ago(2))
+    user.provider_file([unsub_row(email, "1", stamp, code) for code, email in people.items()])
+    done = user.batchsync("import")
+    assert done.code == 0 and f"{len(UNDOCUMENTED)} warnings" in done.out, done.out + done.err
+    for index, code in enumerate(every, start=100):
+        kind = codes[code].event if code in codes else "unsubscribe"
+        expected = {"hard_bounce": "cleaned", "clean": "cleaned"}.get(kind, "unsubscribed")
+        assert status_of(user.engine, index, "newsletter") == expected, code
+        everywhere = kind in ("hard_bounce", "complaint", "clean")
+        assert status_of(user.engine, index, "offers") == (expected if everywhere else "subscribed"), code
+        assert (people[code] in suppressed(user.engine)) == everywhere, code
+    assert (
+        len(user.provider_optouts())
+        == len(every) + sum(codes[code].event in ("hard_bounce", "complaint", "clean") for code in codes) * 2
+    )  # bounces and complaints: every list of the profile
+    [results] = list((tmp_path / "work" / "archive").glob("unsubscribers_*.result.csv"))
+    warned = [row for row in read_csv(results)[1:] if row[5].startswith("warning: unknown code")]
+    assert len(warned) == len(UNDOCUMENTED) and all(row[4] == "applied" for row in warned)
+    user.close()
+
+
+def _contact(contact_id: int, email: str) -> dict[str, object]:
+    return {
+        "id": contact_id,
+        "email": email,
+        "email_key": email,
+        "first_name": "Code",
+        "last_name": str(contact_id),
+        "custom": {},
+        "created_at": T0,
+        "updated_at": T0,
+        "deleted": False,
+    }
+
+
+def _subscribed(contact_id: int, list_id: int) -> dict[str, object]:
+    return {"contact_id": contact_id, "list_id": list_id, "status": "subscribed", "status_at": T0, "source": "crm"}
