@@ -1,7 +1,9 @@
 """From CRM rows to the provider's rows: one row per email and list, with a fingerprint of its content.
 
 Several CRM contacts with one email become one row whose status is merged (an opt-out wins), and a suppressed
-address is never written as subscribed. The fingerprint covers every column but the status, which the ledger
+address is never written as subscribed. The row's other cells (the address as entered, names, custom fields)
+are those of the contact with the lowest id (the oldest record, a choice no later change can move; the
+sources arrive ordered by address, then id); its groups are all of theirs. The fingerprint covers every column but the status, which the ledger
 keeps on its own so that a status the provider reported is not echoed back.
 """
 

@@ -370,3 +370,25 @@ def test_two_exports_in_one_second_never_reuse_a_remote_name(tmp_path: Path, db_
     sync.export("full")
     names = [p.name for p in uploaded(tmp_path)["1"]]
     assert len(names) == 2 and all(re.fullmatch(r"1_\d{18}\.csv", name) for name in names)  # MailUp's names still
+
+
+def test_an_address_several_contacts_share_is_sent_with_its_lowest_id_contact_s_fields(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    """eve's two contacts (5: " Eve@Example.com ", Eve One; 6: eve@example.com, Eve Two): the row is made from
+    the contact with the lowest id, whatever their statuses or which one changed; an opt-out of either wins."""
+    sync = make_sync(tmp_path, db_url, clock)
+    sync.export("full")
+    [row] = [r for r in data_rows(max(uploaded(tmp_path)["1"])) if r[0].lower() == "eve@example.com"]
+    assert row == ["Eve@Example.com", "Eve", "One", "1", "", "0"]
+    with sync.engine.begin() as connection:
+        connection.execute(update(contacts).where(contacts.c.id == 6).values(first_name="Evelyn"))
+    set_status(sync.engine, 5, "newsletter", "unsubscribed", clock.now())
+    set_status(sync.engine, 6, "newsletter", "subscribed", clock.now(), consent_by="form")
+    clock.advance(60)
+    assert sync.export("diff").rows == 0  # the other contact's change and a swap of statuses change no cell
+    delete_contact(sync.engine, 5)
+    clock.advance(60)
+    sync.export("diff")
+    [row] = data_rows(max(uploaded(tmp_path)["1"]))
+    assert row == ["eve@example.com", "Evelyn", "Two", "1", "", "1"]  # the one left

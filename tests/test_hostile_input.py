@@ -10,6 +10,7 @@ import pytest
 
 from batchsync.formats.csvfile import Record
 from batchsync.reconcile import CHUNK_CHARACTERS, _chunks
+from batchsync.samples import UNSUBSCRIBERS_HEADER
 
 from .conftest import ROOT
 from .crmdata import read_csv, set_email, status_of, suppressed, unsub_row, write_csv
@@ -107,16 +108,7 @@ def test_mailup_s_unsubscribers_export_with_its_documented_headers_optional_colu
     try:
         text = user.profile.read_text().replace("quote = '\"'", 'quote = "\'"')
         user.profile.write_text(text)
-        header = [
-            "email",
-            "Phone Number",
-            "idList",
-            "OptOut_Date",
-            "Subscription Date",
-            "optout_nl",
-            "optout_type",
-            "optout_subtype",
-        ]
+        header = UNSUBSCRIBERS_HEADER  # every column MailUp's export documents
         stamp = mailup_time(hours_ago(2))
         documented = user.provider / "export" / "unsubscribers_documented.csv"
         documented.write_text(
