@@ -121,6 +121,10 @@ class EventApplier:
             self._note_suppression(event, event.kind)  # type: ignore[arg-type]
             if self.origin == "provider":
                 self._remember_report(event)
+        if event.kind == "email_change" and self.origin == "provider":
+            # The provider has the new address now, whatever the CRM makes of the change: its opt-outs follow.
+            assert event.new_email is not None
+            self.reports.carry(event.email_key, email_key(event.new_email), event.new_email)
         if event.kind == "subscribe":
             self._on_subscribe(event, lists, tally)
             return
@@ -176,9 +180,8 @@ class EventApplier:
         if new_key != event.email_key:  # the next rows of the file see the address taken
             self.contacts[new_key] = sorted({*self.contacts.get(new_key, []), *contact_ids})
             del self.contacts[event.email_key]
-        if self.origin == "provider":  # the provider has the new address: its ledger rows and opt-outs follow
+        if self.origin == "provider":  # the provider has the new address: the ledger's rows follow
             ledger.rename_exported(self.connection, self.profile.name, event.email_key, new_key, event.new_email)
-            self.reports.carry(event.email_key, new_key, event.new_email)
         self._result(event, lists, "applied", f"email changed to {event.new_email}", tally)
 
     def _on_subscribe(self, event: InboundEvent, lists: list[str], tally: Tally) -> None:

@@ -405,9 +405,10 @@ def _origin(row: ProviderRow, sent: ProviderRow, known: ledger.ExportedRow | Non
 
 
 def _known_to_provider(row: ProviderRow, known: ledger.ExportedRow | None) -> bool:
-    """An opt-out the provider itself reported (remembered, or set by its report alone for an address it never
-    had from us): no need to send it back."""
-    if row.status not in OPTED_OUT:
+    """An opt-out the provider itself reported (remembered, or set by its report alone) for an address it does
+    not have from us as subscribed: no need to send it back. Where our ledger says it has it as subscribed, the
+    opt-out goes out all the same: an echo is harmless, a missing opt-out is not."""
+    if row.status not in OPTED_OUT or _subscribed_at_provider(known):
         return False
     return row.provider_opt_out is not None or (known is None and row.from_provider)
 

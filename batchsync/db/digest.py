@@ -1,5 +1,5 @@
 """Digests of the CRM rows an export is made of, computed inside the database, so that a diff export can find
-the changed rows without sending every row through Python (DESIGN section 9).
+the changed rows without sending every row through Python (docs/architecture.md, "Scale").
 
 A row's digest is a sum of 48-bit parts, modulo 2**48, and an address's digest the sum of its contacts' rows::
 

@@ -1,4 +1,4 @@
-"""The canonical CRM tables and batchsync's own ``bs_`` tables (DESIGN section 2), in SQLAlchemy Core.
+"""The canonical CRM tables and batchsync's own ``bs_`` tables (docs/architecture.md, "Data"), in SQLAlchemy Core.
 
 ``create_all`` is idempotent: ``batchsync init`` may run any number of times.
 """
