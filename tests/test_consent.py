@@ -209,3 +209,15 @@ def test_a_latest_opt_out_in_one_file_is_the_one_kept(user: User) -> None:
     # A consent given between the two opt-outs does not beat the later one.
     set_status(user.engine, 2, "newsletter", "subscribed", later - timedelta(hours=1), consent_by="phone")
     assert "bob@example.com" not in user.export("--full").get("1", {})
+
+
+def test_a_remote_inbox_folder_that_does_not_exist_is_an_error_not_an_empty_inbox(user: User) -> None:
+    (user.provider / "export").rmdir()  # a mistyped inbound.remote_dir would look the same
+    user.admin_file([opt_out("bob@example.com")])
+    done = user.batchsync("import")
+    assert done.code == 2
+    assert "inbound unsubscribers: the remote folder 'export' does not exist on the server" in done.err
+    assert "import: no new files" not in done.out
+    (user.provider / "export").mkdir()
+    assert user.batchsync("import").code == 0  # the admin's file waited in staging: nothing lost
+    assert status_of(user.engine, 2, "newsletter") == "unsubscribed"

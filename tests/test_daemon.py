@@ -287,3 +287,16 @@ def test_the_remote_inbox_is_polled_during_the_day(tmp_path: Path) -> None:
         daemon.close()
     assert not (tmp_path / "provider" / "export" / "unsubscribers_noon.csv").exists()
     assert [row[0] for row in runs(db_url)] == ["import", "import"]  # the start-up catch-up, then the poll
+
+
+def test_the_daemon_reports_a_remote_inbox_folder_that_does_not_exist(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'crm.sqlite'}"
+    profile = prepared(tmp_path, db_url)
+    (tmp_path / "provider" / "export").rmdir()
+    daemon = Daemon([profile], clock=ManualClock(datetime(2026, 1, 2, 23, 0, tzinfo=UTC)))
+    with caplog.at_level("ERROR"):
+        daemon.start()
+    daemon.close()
+    assert "the remote folder 'export' does not exist on the server" in caplog.text
