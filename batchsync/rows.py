@@ -3,8 +3,8 @@
 Several CRM contacts with one email become one row whose status is merged (an opt-out wins), and a suppressed
 address is never written as subscribed. The row's other cells (the address as entered, names, custom fields)
 are those of the contact with the lowest id (the oldest record, a choice no later change can move; the
-sources arrive ordered by address, then id); its groups are all of theirs. The fingerprint covers every column but the status, which the ledger
-keeps on its own so that a status the provider reported is not echoed back.
+sources arrive ordered by address, then id); its groups are all of theirs. The fingerprint covers every column
+but the status, which the ledger keeps on its own so that a status the provider reported is not echoed back.
 """
 
 from __future__ import annotations
