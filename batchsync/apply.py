@@ -25,7 +25,7 @@ from batchsync.collect import StagedFile
 from batchsync.config import Profile
 from batchsync.db import crm, ledger
 from batchsync.events import InboundEvent
-from batchsync.formats.csvfile import CsvWriter
+from batchsync.formats.csvfile import CsvWriter, ErrorsWriter, restored
 from batchsync.rules import (
     OPT_OUT_KINDS,
     OPTED_OUT,
@@ -77,7 +77,7 @@ class EventApplier:
         run_id: int | None,
         now: datetime,
         results: CsvWriter,
-        errors: CsvWriter,
+        errors: ErrorsWriter,
         list_ids: dict[str, int],
     ) -> None:
         self.profile, self.connection, self.run_id, self.now = profile, connection, run_id, now
@@ -209,7 +209,7 @@ class EventApplier:
         for column in self.profile.export.columns:
             if column.direction in ("in", "both") and column.header in event.values:
                 reverse = {provider: crm_value for crm_value, provider in column.values.items()}
-                value = event.values[column.header].strip()
+                value = restored(event.values[column.header].strip())
                 fields[column.field] = reverse.get(value, value)
         for contact_id in contact_ids:
             crm.update_fields(self.connection, contact_id, fields, self.now)
@@ -315,5 +315,5 @@ class EventApplier:
 
     def _reject(self, event: InboundEvent, reason: str, tally: Tally) -> None:
         tally.rejected += 1
-        self.errors.write([*event.raw, str(event.line), reason])
+        self.errors.write(event.raw, event.line, reason)
         self.results.write([event.line, event.email, "", event.kind, "rejected", reason])

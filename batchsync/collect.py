@@ -48,6 +48,7 @@ class StagedFile:
     location: str  # where it came from: remote:PATH, inbox:NAME, file:PATH, or a zip's location!MEMBER
     origin: Origin  # who reported its events (see the module docstring)
     remote_path: str | None = None
+    origin_given: bool = False  # said by a person (import --origin), not by the kind or the file's place
 
 
 @dataclass
@@ -114,7 +115,7 @@ class Collector:
         chosen = origin or self.origin_of(entry, "admin")
         target = self._stage_path(entry, path.name, chosen)
         write_whole(target, partial(shutil.copyfile, path))
-        return StagedFile(target, path.name, entry, f"file:{path.resolve()}", chosen)
+        return StagedFile(target, path.name, entry, f"file:{path.resolve()}", chosen, origin_given=origin is not None)
 
     def from_local_inbox(self, report: CollectReport, ready: Collection[str] = (), busy: Collection[str] = ()) -> None:
         """Stage inbox files; a name in ``ready`` (its writer closed it) skips the minimum age, a name in

@@ -206,15 +206,15 @@ DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(value: str) -> timedelta:
-    """``"90s"``, ``"30m"``, ``"12h"`` or ``"1d"`` as a timedelta."""
+    """``"90s"``, ``"30m"``, ``"12h"`` or ``"1d"`` as a timedelta (at most 10,000 days)."""
     number, unit = value.strip()[:-1], value.strip()[-1:]
     try:
-        amount = float(number)
+        amount = float(number) * DURATION_UNITS.get(unit, 0)
     except ValueError:
         amount = -1.0
-    if unit not in DURATION_UNITS or amount < 0:
+    if unit not in DURATION_UNITS or not 0 <= amount <= 10_000 * 86400:
         raise ValueError(f"expected a duration such as '1d', '12h', '30m' or '90s', got {value!r}")
-    return timedelta(seconds=amount * DURATION_UNITS[unit])
+    return timedelta(seconds=amount)
 
 
 class InboundConfig(Dialect):
@@ -235,7 +235,7 @@ class InboundConfig(Dialect):
     columns: InboundColumns
     event: EventKind | None = None
     codes: dict[str, EventCode] = Field(default_factory=dict)
-    # A reason code the table does not know: "unsubscribe" (the default where the codes hold an opt-out: a file of
+    # A reason code the table does not know: "unsubscribe" (the default where every code is an opt-out: a file of
     # opt-outs fails safe, the row is an unsubscribe with a warning) or "reject" (the row goes to the errors file).
     unknown_codes: Literal["unsubscribe", "reject"] | None = None
     # Mapped columns a file may leave out (MailUp's unsubscribers export: all but the address are optional).
@@ -275,11 +275,12 @@ class InboundConfig(Dialect):
 
     @property
     def unknown_code_event(self) -> EventKind | None:
-        """The event of a row whose reason code the table lacks, or None: the row is rejected."""
-        if self.unknown_codes == "reject":
-            return None
-        opt_outs = any(code.event in OPT_OUT_EVENTS for code in self.codes.values())
-        return "unsubscribe" if self.unknown_codes == "unsubscribe" or opt_outs else None
+        """The event of a row whose reason code the table lacks, or None: the row is rejected. By default a file of
+        opt-outs (every code an opt-out) fails safe; a file of other events (bounces counted, statuses) rejects."""
+        if self.unknown_codes is not None:
+            return "unsubscribe" if self.unknown_codes == "unsubscribe" else None
+        every = bool(self.codes) and all(code.event in OPT_OUT_EVENTS for code in self.codes.values())
+        return "unsubscribe" if every else None
 
     @model_validator(mode="after")
     def _event_source(self) -> InboundConfig:

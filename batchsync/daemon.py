@@ -39,6 +39,7 @@ from batchsync.sync import ImportReport, Sync
 
 log = logging.getLogger(__name__)
 SETTLE_SECONDS = 3.0  # an inbox file whose size has not changed this long counts as complete
+OPEN_GIVE_UP_SECONDS = 6 * 3600  # open this long with no event: its close was missed (an inotify overflow)
 
 
 def profile_paths(arguments: list[Path]) -> list[Path]:
@@ -65,6 +66,7 @@ class InboxWatcher(FileSystemEventHandler):
         self._changed: dict[str, float] = {}
         self._closed: set[str] = set()
         self._open: Counter[str] = Counter()  # opens not yet closed (a reader's too: it may be the writer's)
+        self._touched: dict[str, float] = {}  # when each file's last event came
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
@@ -72,6 +74,7 @@ class InboxWatcher(FileSystemEventHandler):
         path = event.dest_path if event.event_type == "moved" else event.src_path
         name = Path(str(path)).name
         with self._lock:
+            self._touched[name] = self.clock.monotonic()
             if event.event_type == "opened":
                 self._open[name] += 1
             elif event.event_type in ("closed", "closed_no_write"):
@@ -101,8 +104,13 @@ class InboxWatcher(FileSystemEventHandler):
             return bool(self._changed or self._closed)
 
     def busy(self) -> set[str]:
-        """Names of inbox files some process still has open: no import takes them, whatever their age."""
+        """Names of inbox files some process still has open: no import takes them, whatever their age; after
+        OPEN_GIVE_UP_SECONDS without an event, a close is taken to have been missed and the minimum age rules."""
+        now = self.clock.monotonic()
         with self._lock:
+            for name in [name for name in self._open if now - self._touched.get(name, now) >= OPEN_GIVE_UP_SECONDS]:
+                log.warning("inbox file %s open for hours with nothing heard of it: taken as closed", name)
+                del self._open[name]
             return {name for name, count in self._open.items() if count}
 
 

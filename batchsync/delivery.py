@@ -68,18 +68,19 @@ class Delivery:
         self.work.clear(self.work.outbox)
 
     def _recover_one(self, transport: Transport, note: Path) -> None:
+        """One file a stopped export was sending: the server holds it whole under its final name (sent), or still
+        as ``NAME.part`` or not at all as it was (not sent: dropped, its rows go out again); when neither name is
+        there the provider may have taken it already, so its copy is kept, marked unconfirmed."""
         local = note.with_name(note.name[1 : -len(".remote")])
         remote = note.read_text(encoding="utf-8").strip()
         if local.exists():
-            try:
-                delivered = transport.size(remote) == local.stat().st_size
-            except TransportError:
-                delivered = False
-            if delivered:
+            final, partial = _size(transport, remote), _size(transport, remote + PART)
+            if final == local.stat().st_size:
                 [kept] = self.work.keep_sent([local])
-                log.warning(
-                    "%s reached the provider before the last export stopped: its copy is kept as %s", remote, kept
-                )
+                log.warning("%s reached the provider before the last export stopped: kept as %s", remote, kept)
+            elif final is None and partial is None:
+                [kept] = self.work.keep_sent([local.rename(local.with_name(local.name + ".unconfirmed"))])
+                log.warning("%s may have reached the provider before the last export stopped: kept as %s", remote, kept)
         note.unlink()
 
     def remove_partial_uploads(self, transport: Transport, folders: Mapping[str, str]) -> None:
@@ -102,6 +103,13 @@ class Delivery:
                         log.warning("removed %s/%s, left by an upload that was stopped", folder, entry.name)
                     except TransportError as exc:
                         log.warning("could not remove the partial upload %s/%s: %s", folder, entry.name, exc)
+
+
+def _size(transport: Transport, remote: str) -> int | None:
+    try:
+        return transport.size(remote)
+    except TransportError:
+        return None
 
 
 def _note(local: Path) -> Path:

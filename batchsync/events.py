@@ -3,11 +3,12 @@
 Timestamps are read in the profile's time zone and turned into UTC. A row is rejected (not the file) for an
 invalid email, an unknown list id, an unparsable date, or a date later than now plus the kind's tolerance.
 
-Opt-outs fail safe: in a file whose reason codes hold an opt-out, a code the table lacks is still an opt-out (an
+Opt-outs fail safe: in a file whose reason codes are all opt-outs, a code the table lacks is still an opt-out (an
 unsubscribe, its reason "unknown code N", with a warning in the result file); elsewhere, or with
 ``unknown_codes = "reject"``, such a row is rejected. The columns a kind names as optional (MailUp lets the
 unsubscribers export leave out all but the address) may be missing from a file: without a list, a row concerns
-every list; without a time, it happened when the file arrived; without a reason, it is the kind's ``event``.
+every list; without a time, it counts as happening when the file is applied; without a reason, it is the
+kind's ``event``.
 """
 
 from __future__ import annotations

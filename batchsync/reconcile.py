@@ -17,10 +17,7 @@ not a plain append, the changed file goes to quarantine with that reason: never 
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,33 +33,26 @@ from batchsync.config import Profile
 from batchsync.db import crm, ledger
 from batchsync.errors import BadFile, ConfigError
 from batchsync.events import EventReader, InboundEvent, RowError
-from batchsync.formats.csvfile import CsvWriter, Record, ReportWriter, inspect_csv, read_records
+from batchsync.formats.csvfile import CsvWriter, ErrorsWriter, Record, ReportWriter, inspect_csv, read_records
 from batchsync.rules import safety_stop
-from batchsync.workdir import WorkDir, move_unique, sha256_of, unique_path
+from batchsync.snapshot import Snapshot, archive, settle
+from batchsync.workdir import WorkDir, unique_path
 
 log = logging.getLogger(__name__)
 CHUNK = 5000  # rows applied per batch of statements...
-CHUNK_CHARACTERS = 8_000_000  # ...or fewer, when their cells hold this much: memory is bounded by bytes, not rows
-SNAPSHOT = ".{name}.applying"
+CHUNK_CHARACTERS = 8_000_000  # ...or fewer, when their cells hold this many characters: memory is bounded by size
 
 
 @dataclass(kw_only=True)
 class FileOutcome(Tally):
     name: str
-    outcome: str  # applied | duplicate | quarantined
+    outcome: str  # applied | duplicate | quarantined | waiting (still being written: next run)
     origin: str = "provider"
     reason: str | None = None
     kept_at: Path | None = None
     result_path: Path | None = None
     errors_path: Path | None = None
     follow_up: list[StagedFile] = field(default_factory=list)  # content added while the file was being applied
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    path: Path
-    sha256: str
-    size: int
 
 
 class Reconciler:
@@ -74,12 +64,12 @@ class Reconciler:
         self.work = WorkDir.of(profile)
 
     def apply(self, staged: StagedFile, *, dry_run: bool = False) -> FileOutcome:
-        snapshot = _snapshot(staged, dry_run)
+        snapshot = Snapshot.of(staged.path) if dry_run else Snapshot.take(staged)
         try:
             return self._apply(staged, snapshot, dry_run)
         except BaseException:
             # Before its commit, the snapshot is no use: the staged file is applied again next run. After it, it
-            # is what was applied, and the next run archives it (finish_interrupted).
+            # is what was applied, and the next run finishes the file with it (finish_interrupted).
             if not dry_run and not self._committed(snapshot):
                 snapshot.path.unlink(missing_ok=True)
             raise
@@ -102,6 +92,7 @@ class Reconciler:
         except BadFile as exc:
             return self._quarantine(staged, snapshot, exc.reason, dry_run)
         reader.use_header(shape.header)
+        self._origin_by_content(staged, snapshot, shape.header)
         folder = self.work.dry_run if dry_run else self.work.archive
         kept = unique_path(folder, staged.name)
         outcome = FileOutcome(name=staged.name, outcome="applied", origin=staged.origin, kept_at=kept)
@@ -110,6 +101,8 @@ class Reconciler:
                 file_id = self._claim(connection, staged, snapshot, kept)
                 self._apply_rows(connection, staged, snapshot.path, reader, shape.header, kept, outcome)
                 ledger.describe_file(connection, file_id, _summary(outcome))
+                if not dry_run and not snapshot.ends_line() and not snapshot.matches(staged.path):
+                    raise _StillWritten()  # its last line may be cut: apply none of it yet
                 if dry_run:
                     transaction.rollback()
         except BaseException as exc:
@@ -117,17 +110,43 @@ class Reconciler:
             for report in (outcome.result_path, outcome.errors_path):
                 if report is not None:
                     report.unlink(missing_ok=True)
-            if isinstance(exc, _SafetyStop):
-                return self._quarantine(staged, snapshot, str(exc), dry_run)
-            if isinstance(exc, _Taken):
-                with self.engine.connect() as connection:
-                    earlier = ledger.applied_file(connection, self.profile.name, snapshot.sha256)
-                return self._duplicate(staged, snapshot, earlier or {"name": "?", "at": "?"}, dry_run)
-            raise
+            return self._not_applied(staged, snapshot, exc, dry_run)
         if not dry_run:
-            outcome.follow_up = self._archive_applied(staged, snapshot, kept)
+            outcome.follow_up = settle(staged, snapshot, self.work, applied=True)
+            archive(snapshot, kept)
         log.info("%s: applied (%s); %s", staged.name, staged.origin, _summary(outcome))
         return outcome
+
+    def _not_applied(self, staged: StagedFile, snapshot: Snapshot, exc: BaseException, dry_run: bool) -> FileOutcome:
+        """A file whose transaction rolled back: quarantined past the safety stop, a duplicate when another
+        process applied it first, left staged while it is still being written; any other error goes on up."""
+        if isinstance(exc, _SafetyStop):
+            return self._quarantine(staged, snapshot, str(exc), dry_run)
+        if isinstance(exc, _Taken):
+            with self.engine.connect() as connection:
+                earlier = ledger.applied_file(connection, self.profile.name, snapshot.sha256)
+            return self._duplicate(staged, snapshot, earlier or {"name": "?", "at": "?"}, dry_run)
+        if isinstance(exc, _StillWritten):
+            snapshot.path.unlink(missing_ok=True)
+            reason = "still being written (it changed while it was read, and its last line may be cut): next run"
+            log.warning("%s: %s", staged.name, reason)
+            return FileOutcome(name=staged.name, outcome="waiting", origin=staged.origin, reason=reason)
+        raise exc
+
+    def _origin_by_content(self, staged: StagedFile, snapshot: Snapshot, header: list[str]) -> None:
+        """A file taken as an admin's only by where it was dropped, that is the provider's report all the same:
+        content collected from the provider's inbox before (a quarantined file imported again with --force), or
+        an errors file of one of its files, fixed and dropped back in (its ``bs_origin`` column)."""
+        if staged.origin != "admin" or staged.kind.origin is not None or staged.origin_given:
+            return
+        with self.engine.connect() as connection:
+            seen = ledger.collected_from_provider(connection, self.profile.name, snapshot.sha256)
+        if not seen and "bs_origin" in header:
+            first = next(read_records(snapshot.path, staged.kind), None)
+            seen = first is not None and first.values.get("bs_origin") == "provider"
+        if seen:
+            staged.origin = "provider"
+            log.info("%s: the provider's report (its content came from the provider's inbox)", staged.name)
 
     def _claim(self, connection: Connection, staged: StagedFile, snapshot: Snapshot, kept: Path) -> int:
         """The file's ledger entry, first thing in its transaction: the unique key on applied content makes a
@@ -154,7 +173,7 @@ class Reconciler:
             ReportWriter(
                 outcome.result_path, staged.kind, ["line", "email", "list", "event", "outcome", "detail"]
             ) as results,
-            ReportWriter(outcome.errors_path, staged.kind, [*header, "bs_line", "bs_reason"]) as errors,
+            ErrorsWriter(outcome.errors_path, staged.kind, header, staged.origin) as errors,
         ):
             ids = self._list_ids(connection)
             subscribed = crm.subscribed_counts(connection, ids)  # before the file: the safety stop's base
@@ -185,8 +204,8 @@ class Reconciler:
         if not dry_run:
             with self.engine.begin() as connection:
                 self._record(connection, staged, snapshot, "duplicate", reason)
-            outcome.kept_at = move_unique(snapshot.path, self.work.archive, staged.name + ".duplicate")
-            self._leave_or_drop(staged, snapshot)
+            outcome.follow_up = settle(staged, snapshot, self.work, applied=True)  # its content is applied
+            outcome.kept_at = archive(snapshot, unique_path(self.work.archive, staged.name + ".duplicate"))
         log.info("%s: duplicate, nothing applied (%s)", staged.name, reason)
         return outcome
 
@@ -195,73 +214,34 @@ class Reconciler:
         if not dry_run:
             with self.engine.begin() as connection:
                 self._record(connection, staged, snapshot, "quarantined", reason)
+            settle(staged, snapshot, self.work, applied=False)
             outcome.kept_at = self.work.quarantine_file(snapshot.path, staged.name, f"{staged.location}: {reason}")
-            self._leave_or_drop(staged, snapshot)
         log.warning("%s quarantined: %s", staged.name, reason)
         return outcome
 
-    def _leave_or_drop(self, staged: StagedFile, snapshot: Snapshot) -> None:
-        """After a file that applied nothing: the staged file goes, unless it changed since its snapshot (a
-        writer was still at it); then its new content is a file of its own, taken up by the next run."""
-        if _same(staged.path, snapshot):
-            staged.path.unlink(missing_ok=True)
-        else:
-            log.warning("%s changed while it was read: its new content stays staged for the next run", staged.name)
-
-    def _archive_applied(self, staged: StagedFile, snapshot: Snapshot, kept: Path) -> list[StagedFile]:
-        """Archive what was applied (the snapshot); deal with the staged file if it changed meanwhile."""
-        os.replace(snapshot.path, kept)
-        if not staged.path.exists() or _same(staged.path, snapshot):
-            staged.path.unlink(missing_ok=True)
-            return []
-        rest = _appended_part(staged, kept)
-        if rest is not None:
-            log.warning(
-                "%s grew while it was applied: the first %d bytes were applied and archived; the %d bytes added "
-                "after them are taken as a file of their own, %s",
-                staged.name,
-                snapshot.size,
-                rest.path.stat().st_size,
-                rest.name,
-            )
-            staged.path.unlink()
-            return [rest]
-        reason = (
-            f"the file changed while it was being applied (a writer still had it open): its first {snapshot.size} "
-            f"bytes (sha256 {snapshot.sha256[:12]}) were applied and archived as {kept.name}; this is the file as "
-            "it is now, and none of it beyond that was applied. Take out the rows already applied and drop the "
-            "rest back into the inbox"
-        )
-        self.work.quarantine_file(staged.path, staged.name, f"{staged.location}: {reason}")
-        log.warning("%s: %s", staged.name, reason)
-        return []
-
     def finish_interrupted(self) -> list[str]:
         """Snapshots a stopped process left in staging: one whose content the ledger holds as applied was
-        committed but not yet archived, so it is archived now (its staged file handled as after any apply);
-        any other was never committed and is dropped (the staged file beside it is applied again)."""
+        committed (or found a duplicate) but not finished, so it is finished now, as after any apply; any other
+        was never committed and is dropped (the staged file beside it is applied again)."""
         finished = []
         kinds = {entry.kind: entry for entry in self.profile.inbound}
-        for snapshot_path in sorted(self.work.staging.glob("*/*/.*.applying")):
-            name = snapshot_path.name[1 : -len(".applying")]
-            kind, origin = kinds.get(snapshot_path.parent.name), snapshot_path.parent.parent.name
+        for path in sorted(self.work.staging.glob("*/*/.*.applying")):
+            name = path.name[1 : -len(".applying")]
+            kind, origin = kinds.get(path.parent.name), path.parent.parent.name
             if kind is None or origin not in ORIGINS:
                 continue
-            snapshot = Snapshot(snapshot_path, sha256_of(snapshot_path), snapshot_path.stat().st_size)
+            snapshot = Snapshot.of(path)
             with self.engine.connect() as connection:
                 entry = ledger.applied_file(connection, self.profile.name, snapshot.sha256)
             if entry is None:
-                snapshot_path.unlink()
+                path.unlink()
                 continue
-            live = snapshot_path.with_name(name)
-            kept = Path(str(entry["kept"])) if entry.get("kept") else unique_path(self.work.archive, name)
-            if kept.exists():
-                kept = unique_path(kept.parent, kept.name)
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            staged = StagedFile(live, name, kind, f"staging:{name}", origin)
-            self._archive_applied(staged, snapshot, kept)
+            kept = Path(str(entry["kept"])) if entry.get("kept") else self.work.archive / name
+            staged = StagedFile(path.with_name(name), name, kind, f"staging:{name}", origin)
+            settle(staged, snapshot, self.work, applied=True)
+            archive(snapshot, kept if not kept.exists() else unique_path(kept.parent, kept.name))
             finished.append(name)
-            log.warning("%s: applied before the process stopped; archived now as %s", name, kept.name)
+            log.warning("%s: applied before the process stopped; finished now", name)
         return finished
 
     def _record(
@@ -296,53 +276,12 @@ class _Taken(Exception):
     """Another process applied the same content first."""
 
 
-def _snapshot(staged: StagedFile, dry_run: bool) -> Snapshot:
-    """A private copy of the staged file, hashed while it is copied; in a dry run, the staged copy itself."""
-    if dry_run:
-        return Snapshot(staged.path, sha256_of(staged.path), staged.path.stat().st_size)
-    target = staged.path.with_name(SNAPSHOT.format(name=staged.name))
-    digest = hashlib.sha256()
-    size = 0
-    with staged.path.open("rb") as source, target.open("wb") as sink:
-        while block := source.read(1 << 20):
-            digest.update(block)
-            sink.write(block)
-            size += len(block)
-    return Snapshot(target, digest.hexdigest(), size)
-
-
-def _same(path: Path, snapshot: Snapshot) -> bool:
-    return path.stat().st_size == snapshot.size and sha256_of(path) == snapshot.sha256
-
-
-def _appended_part(staged: StagedFile, applied: Path) -> StagedFile | None:
-    """When the staged file is the applied content plus whole lines after it, those lines under the header, as
-    a staged file of their own; else None."""
-    size = applied.stat().st_size
-    with applied.open("rb") as done, staged.path.open("rb") as now:
-        header = done.readline()
-        done.seek(0)
-        while block := done.read(1 << 20):
-            if now.read(len(block)) != block:
-                return None
-        if size == 0 or not _ends_line(applied):
-            return None
-        stem, dot, suffix = staged.name.partition(".")
-        target = unique_path(staged.path.parent, f"{stem}.continued{dot}{suffix}")
-        with target.open("wb") as rest:
-            rest.write(header)
-            shutil.copyfileobj(now, rest, 1 << 20)
-    return StagedFile(target, target.name, staged.kind, f"{staged.location} (continued)", staged.origin)
-
-
-def _ends_line(path: Path) -> bool:
-    with path.open("rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) in (b"\n", b"\r")
+class _StillWritten(Exception):
+    """The file changed while it was read and its snapshot ends in the middle of a line."""
 
 
 def _read_events(
-    records: list[Record], reader: EventReader, outcome: FileOutcome, results: CsvWriter, errors: CsvWriter
+    records: list[Record], reader: EventReader, outcome: FileOutcome, results: CsvWriter, errors: ErrorsWriter
 ) -> list[InboundEvent]:
     """The chunk's rows as events; a row that cannot be read goes to the errors file with its line and reason."""
     events: list[InboundEvent] = []
@@ -352,7 +291,7 @@ def _read_events(
             events.append(reader.read(record))
         except RowError as exc:
             outcome.rejected += 1
-            errors.write([*record.raw, str(record.line), str(exc)])
+            errors.write(record.raw, record.line, str(exc))
             results.write([record.line, record.values.get(reader.columns.email, ""), "", "", "rejected", str(exc)])
     return events
 

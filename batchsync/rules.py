@@ -94,9 +94,10 @@ def decide_opt_out(current: Subscription | None, event: OptOut) -> Decision:
 def decide_later_in_file(current: Subscription, event: OptOut) -> Decision:
     """A second opt-out for one contact and list in one file (``current`` is what the file's earlier row left):
     the latest event in time stands, whatever the order of the rows, so the CRM keeps the time of the last
-    opt-out (a later consent is weighed against it)."""
+    opt-out (a later consent is weighed against it); cleaned stays cleaned."""
     if event.at > current.status_at:
-        return Decision(opt_out_status(event.kind), "a later opt-out in the same file")
+        stronger: Status = "cleaned" if "cleaned" in (current.status, opt_out_status(event.kind)) else "unsubscribed"
+        return Decision(stronger, "a later opt-out in the same file")  # a bounce is not undone by an unsubscribe
     return Decision(None, "an earlier opt-out than one this file already applied")
 
 

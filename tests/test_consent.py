@@ -102,7 +102,7 @@ def test_two_email_changes_to_one_address_in_one_file_the_second_is_refused(user
         emails = {row[0]: row[1] for row in connection.execute(query)}
     assert emails == {2: "new@example.com", 3: "carol@example.com"}
     [errors] = list((user.tmp_path / "work" / "archive").glob("changes_*.errors.csv"))
-    line, reason = read_csv(errors)[1][-2:]
+    line, reason = read_csv(errors)[1][-3:-1]
     assert line == "3" and "belongs to another contact (2)" in reason
 
 
@@ -184,7 +184,7 @@ def test_an_opt_out_from_the_future_is_a_rejected_row(user: User) -> None:
     assert status_of(user.engine, 12, "newsletter") == "subscribed"  # judy's consented re-subscription stands
     assert status_of(user.engine, 2, "newsletter") == "unsubscribed"
     [errors] = list((user.tmp_path / "work" / "archive").glob("unsubscribers_*.errors.csv"))
-    line, reason = read_csv(errors)[1][-2:]
+    line, reason = read_csv(errors)[1][-3:-1]
     assert line == "2" and "is in the future, beyond the tolerance of 1d (inbound.future_tolerance)" in reason
     assert ("newsletter", "judy@example.com") not in user.provider_optouts()
 
@@ -197,8 +197,11 @@ def test_a_latest_opt_out_in_one_file_is_the_one_kept(user: User) -> None:
         unsub_row("alice@example.com", "1", mailup_time(earlier), "2"),
         unsub_row("alice@example.com", "1", mailup_time(later), "8"),  # then a later hard bounce
     ]
+    rows.append(unsub_row("dave@example.com", "1", mailup_time(earlier), "8"))  # a hard bounce, then...
+    rows.append(unsub_row("dave@example.com", "1", mailup_time(later), "2"))  # ...a later unsubscribe
     user.provider_file(rows)
     assert user.batchsync("import").code == 0
+    assert status_of(user.engine, 4, "newsletter") == "cleaned"  # an unsubscribe does not undo a bounce
     with user.engine.connect() as connection:
         s = subscriptions.c
         query = select(s.contact_id, s.status_at).where(s.list_id == 1, s.contact_id.in_((1, 2)))
@@ -221,3 +224,31 @@ def test_a_remote_inbox_folder_that_does_not_exist_is_an_error_not_an_empty_inbo
     (user.provider / "export").mkdir()
     assert user.batchsync("import").code == 0  # the admin's file waited in staging: nothing lost
     assert status_of(user.engine, 2, "newsletter") == "unsubscribed"
+
+
+def test_a_provider_s_file_imported_again_by_hand_is_still_the_provider_s(
+    tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A provider's file the safety stop quarantined, imported again with --file --force, and the errors file of
+    a provider's file, fixed and dropped into the local inbox: both are the provider's reports, remembered."""
+    user = User(tmp_path, db_url, capsys, policy="safety_min_unsubscribes = 2").start()
+    try:
+        user.export("--full")
+        user.provider_file([opt_out(email) for email in ("alice@example.com", "bob@example.com", "dave@example.com")])
+        assert user.batchsync("import").code == 3  # 3 of 8: the safety stop
+        [held] = [p for p in (tmp_path / "work" / "quarantine").glob("*.csv")]
+        assert user.batchsync("import", "--file", str(held), "--force").code == 0
+        assert ("newsletter", "alice@example.com") in user.provider_optouts()
+        assert user.export("--diff") == {}  # the provider's own: not echoed
+        user.provider_file([opt_out("ivan@example.com"), unsub_row("judy@example.com", "1", "not a date", "2")])
+        assert user.batchsync("import").code == 3
+        [errors] = [p for p in (tmp_path / "work" / "archive").glob("*.errors.csv") if len(read_csv(p)) > 1]
+        header, row = read_csv(errors)
+        assert header[-3:] == ["bs_line", "bs_reason", "bs_origin"] and row[-1] == "provider"
+        row[3] = mailup_time(hours_ago(1))
+        write_csv(user.inbox / "unsubscribers_fixed.csv", [header, row])
+        assert user.batchsync("import").code == 0
+        assert ("newsletter", "judy@example.com") in user.provider_optouts()
+        assert user.export("--diff") == {}
+    finally:
+        user.close()

@@ -46,7 +46,7 @@ def test_cells_a_spreadsheet_would_run_are_neutralised_in_reports_and_read_back(
     assert not [cell for cell in cells if cell[:1] in ("=", "+", "-", "@", "\t", "\r")]
     assert "'-2+3@example.com" in cells
     # The errors file, fixed and dropped back in, is read as the original was: the quotes come off.
-    fixed = [read_csv(errors)[0][:-2], [*error_rows[1][:3], stamp, *error_rows[1][4:-2]]]
+    fixed = [read_csv(errors)[0][:-3], [*error_rows[1][:3], stamp, *error_rows[1][4:-3]]]
     write_csv(user.inbox / "unsubscribers_fixed.csv", fixed)
     assert user.batchsync("import").code == 0
     assert status_of(user.engine, 2, "newsletter") == "unsubscribed"
@@ -67,7 +67,7 @@ def test_an_address_with_a_control_character_is_a_rejected_row(user: User) -> No
     done = user.batchsync("import")
     assert done.code == 3 and "2 rejected" in done.out
     [errors] = list((user.tmp_path / "work" / "archive").glob("*.errors.csv"))
-    assert all("email with a control character" in row[-1] for row in read_csv(errors)[1:])
+    assert all("email with a control character" in row[-2] for row in read_csv(errors)[1:])
     assert status_of(user.engine, 2, "newsletter") == "subscribed"
 
 
@@ -124,7 +124,7 @@ def test_mailup_s_unsubscribers_export_with_its_documented_headers_optional_colu
         assert status_of(user.engine, 2, "newsletter") == "unsubscribed"
         assert [status_of(user.engine, 4, code) for code in ("newsletter", "offers")] == ["cleaned", "cleaned"]
         assert "dave@example.com" in suppressed(user.engine)
-        # No list: every list; no time: when the file came; no code: the kind's event, an unsubscribe.
+        # No list: every list; no time: when the file is applied; no code: the kind's event, an unsubscribe.
         assert [status_of(user.engine, 1, code) for code in ("newsletter", "offers")] == ["unsubscribed"] * 2
     finally:
         user.close()

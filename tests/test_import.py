@@ -91,7 +91,7 @@ def test_mailup_unsubscribers_apply_every_optout_type_by_the_rules(
     assert results["judy@example.com"] == "unchanged"
     assert results["stranger@example.com"] == "no_contact"
     assert results["dave@example.com"] == "applied"
-    assert read_csv(outcome.errors_path) == [[*UNSUB_HEADER, "bs_line", "bs_reason"]]  # type: ignore[arg-type]
+    assert read_csv(outcome.errors_path) == [[*UNSUB_HEADER, "bs_line", "bs_reason", "bs_origin"]]  # type: ignore[arg-type]
     assert outcome.kept_at is not None and outcome.kept_at.parent.name == "archive" and outcome.kept_at.exists()
     assert not any((tmp_path / "work" / "inbox").iterdir())
 
@@ -197,8 +197,9 @@ def test_bad_rows_go_to_the_errors_file_and_the_rest_applies(tmp_path: Path, db_
     [outcome] = sync.import_files().files
     assert (outcome.outcome, outcome.changed, outcome.rejected) == ("applied", 2, 3)
     errors = read_csv(outcome.errors_path)  # type: ignore[arg-type]
-    assert [row[-2] for row in errors[1:]] == ["3", "4", "5"]
-    reasons = [row[-1] for row in errors[1:]]
+    assert [row[-3] for row in errors[1:]] == ["3", "4", "5"]
+    assert {row[-1] for row in errors[1:]} == {"admin"}  # dropped into the inbox: an admin's file
+    reasons = [row[-2] for row in errors[1:]]
     assert "invalid email" in reasons[0]
     assert "unknown list id '99'" in reasons[1]
     assert "unparsable date 'yesterday'" in reasons[2]

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 import batchsync.reconcile
+import batchsync.snapshot
 import batchsync.sync
 from batchsync.apply import EventApplier
 from batchsync.clock import Clock, ManualClock
@@ -149,30 +150,100 @@ def test_a_writer_that_keeps_the_file_open_is_waited_for_however_long_it_pauses(
     engine.dispose()
 
 
+@pytest.mark.parametrize("grown", [False, True])
 def test_a_stop_between_the_commit_and_the_archive_is_finished_by_the_next_run(
+    tmp_path: Path, db_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch, grown: bool
+) -> None:
+    """Killed after the commit: before anything of the staged file was dealt with, or (``grown``) halfway
+    through writing the lines a slow writer appended as a file of their own. The next run finishes the file
+    from its snapshot; nothing is applied twice."""
+    sync = _sync(tmp_path, db_url, clock)
+    build_tiny_crm(sync.engine)
+    inbox = tmp_path / "work" / "inbox"
+    write_csv(inbox / "unsubscribers_1.csv", [UNSUB_HEADER, unsub_row("bob@example.com", "1", STAMP, "2")])
+    applying, writing = EventApplier.apply, batchsync.snapshot.write_whole
+
+    def writer_still_at_it(self: EventApplier, events: list[object], tally: object) -> None:
+        staged = next((tmp_path / "work" / "staging").rglob("unsubscribers_1.csv"))
+        with staged.open("a", newline="") as handle:
+            handle.write(";".join(unsub_row("alice@example.com", "1", STAMP, "2")) + "\r\n")
+        applying(self, events, tally)  # type: ignore[arg-type]
+
+    def killed(target: Path, write: object) -> None:
+        if grown:
+            target.with_name(target.name + ".part").write_text("half of it")
+        raise KeyboardInterrupt("killed after the commit")
+
+    if grown:
+        monkeypatch.setattr(EventApplier, "apply", writer_still_at_it)
+        monkeypatch.setattr(batchsync.snapshot, "write_whole", killed)
+    else:
+        monkeypatch.setattr(batchsync.reconcile, "settle", lambda *args, **kwargs: killed(tmp_path, None))
+    with pytest.raises(KeyboardInterrupt):
+        sync.import_files()
+    monkeypatch.setattr(EventApplier, "apply", applying)
+    monkeypatch.setattr(batchsync.snapshot, "write_whole", writing)
+    monkeypatch.undo()
+    assert _files(sync.engine) == [("unsubscribers_1.csv", "applied")]
+    report = Sync(sync.profile, clock=clock, engine=sync.engine).import_files()
+    expected = [("unsubscribers_1.continued.csv", "applied")] if grown else []
+    assert [(item.name, item.outcome) for item in report.files] == expected
+    assert _files(sync.engine) == [("unsubscribers_1.csv", "applied"), *expected]  # no duplicate entry
+    archive = tmp_path / "work" / "archive"
+    assert read_csv(archive / "unsubscribers_1.csv")[1][0] == "bob@example.com"
+    assert not list(archive.glob("*.duplicate"))
+    assert not [path for path in (tmp_path / "work" / "staging").rglob("*.csv") if path.is_file()]
+    assert _activities(sync.engine) == (2 if grown else 1)  # bob once, and alice once
+
+
+def test_a_duplicate_whose_file_grows_applies_only_what_was_added(
     tmp_path: Path, db_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sync = _sync(tmp_path, db_url, clock)
     build_tiny_crm(sync.engine)
-    write_csv(
-        tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
-        [UNSUB_HEADER, unsub_row("bob@example.com", "1", STAMP, "2")],
-    )
+    rows = [UNSUB_HEADER, unsub_row("bob@example.com", "1", STAMP, "2")]
+    sync.import_files([write_csv(tmp_path / "unsubscribers_a.csv", rows)])
+    recording = batchsync.reconcile.Reconciler._record
 
-    def killed(*args: object) -> None:
-        raise KeyboardInterrupt("killed after the commit")
+    def writer_still_at_it(self: Reconciler, connection: object, staged: object, *args: object, **kw: object) -> int:
+        if args[1] == "duplicate":
+            with staged.path.open("a", newline="") as handle:  # type: ignore[attr-defined]
+                handle.write(";".join(unsub_row("alice@example.com", "1", STAMP, "2")) + "\r\n")
+        return recording(self, connection, staged, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(Reconciler, "_archive_applied", killed)
-    with pytest.raises(KeyboardInterrupt):
-        sync.import_files()
+    monkeypatch.setattr(batchsync.reconcile.Reconciler, "_record", writer_still_at_it)
+    report = sync.import_files([write_csv(tmp_path / "unsubscribers_b.csv", rows)])
+    assert [(item.name, item.outcome, item.rows) for item in report.files] == [
+        ("unsubscribers_b.csv", "duplicate", 0),
+        ("unsubscribers_b.continued.csv", "applied", 1),
+    ]
+    assert _activities(sync.engine) == 2  # bob once, alice once
+
+
+def test_a_file_cut_in_the_middle_of_a_line_while_it_changes_waits_for_its_writer(
+    tmp_path: Path, db_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = _sync(tmp_path, db_url, clock)
+    build_tiny_crm(sync.engine)
+    whole = f"email;idList;OptOut_Date;optout_type\r\nbob@example.com;1;{STAMP};16\r\n"
+    staged_at = tmp_path / "work" / "inbox" / "unsubscribers_cut.csv"
+    staged_at.parent.mkdir(parents=True, exist_ok=True)
+    staged_at.write_text(whole[:-3])  # cut in the last column: optout_type "1", not the complaint "16" yet
+    applying = EventApplier.apply
+
+    def writer_finishes(self: EventApplier, events: list[object], tally: object) -> None:
+        staged = next((tmp_path / "work" / "staging").rglob("unsubscribers_cut.csv"))
+        staged.write_text(whole)
+        applying(self, events, tally)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EventApplier, "apply", writer_finishes)
+    [waiting] = sync.import_files().files
+    assert waiting.outcome == "waiting" and "still being written" in (waiting.reason or "")
+    assert status_of(sync.engine, 2, "newsletter") == "subscribed" and _files(sync.engine) == []
     monkeypatch.undo()
-    assert _files(sync.engine) == [("unsubscribers_1.csv", "applied")]
-    assert Sync(sync.profile, clock=clock, engine=sync.engine).import_files().files == []
-    assert _files(sync.engine) == [("unsubscribers_1.csv", "applied")]  # no duplicate entry
-    archive = tmp_path / "work" / "archive"
-    assert (archive / "unsubscribers_1.csv").exists() and not list(archive.glob("*.duplicate"))
-    assert not [path for path in (tmp_path / "work" / "staging").rglob("*") if path.is_file()]
-    assert _activities(sync.engine) == 1
+    [outcome] = sync.import_files().files
+    assert (outcome.outcome, outcome.rows) == ("applied", 1)
+    assert status_of(sync.engine, 2, "offers") == "unsubscribed"  # the whole code: a complaint, every list
 
 
 @pytest.mark.parametrize("concurrent", [False, True])
@@ -254,3 +325,15 @@ def test_a_stop_between_the_remote_rename_and_the_sent_copy_keeps_the_copy(
     user.export("--diff")
     assert (user.tmp_path / "work" / "sent" / delivered.name).read_bytes() == delivered.read_bytes()
     assert not list((user.tmp_path / "work" / "outbox").iterdir())
+
+
+def test_a_file_the_provider_may_have_taken_keeps_its_copy_marked_unconfirmed(user: User) -> None:
+    """A stopped export's note says a file went to import/1; the server has neither it nor its .part (MailUp
+    moves what it takes): its copy is kept in sent/, marked unconfirmed, never dropped."""
+    outbox = user.tmp_path / "work" / "outbox"
+    outbox.mkdir(parents=True, exist_ok=True)
+    (outbox / "1_202601050230000000.csv").write_text("111|1|2|idList|ExternalGroupName|optout\r\n")
+    (outbox / ".1_202601050230000000.csv.remote").write_text("import/1/1_202601050230000000.csv")
+    user.export("--diff")
+    assert (user.tmp_path / "work" / "sent" / "1_202601050230000000.csv.unconfirmed").exists()
+    assert not list(outbox.iterdir())

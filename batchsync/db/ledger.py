@@ -111,6 +111,13 @@ def applied_file(connection: Connection, profile: str, sha256: str) -> dict[str,
     return dict(row._mapping) if row else None
 
 
+def collected_from_provider(connection: Connection, profile: str, sha256: str) -> bool:
+    """Whether a file with this content was once collected from the provider's remote inbox."""
+    f = bs_files.c
+    query = select(f.id).where(f.profile == profile, f.sha256 == sha256, f.origin.like("remote:%")).limit(1)
+    return connection.execute(query).first() is not None
+
+
 def record_file(connection: Connection, **values: Any) -> int:
     result = connection.execute(insert(bs_files).values(**values))
     return int(result.inserted_primary_key[0])  # type: ignore[index]

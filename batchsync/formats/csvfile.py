@@ -181,6 +181,34 @@ def restored(cell: str) -> str:
     return cell[1:] if cell[:1] == "'" and cell[1:2] in FORMULA_STARTS and cell[1:2] else cell
 
 
+ERRORS_COLUMNS = ("bs_line", "bs_reason", "bs_origin")  # what an errors file adds to the input's own columns
+
+
+class ErrorsWriter:
+    """``NAME.errors.csv``: the rejected rows in the input's own columns, then their line, the reason and the
+    file's origin, so that a person can fix them and drop the file back in (read again, it is taken as from the
+    same origin). The columns an earlier errors file added are not repeated."""
+
+    def __init__(self, path: Path, dialect: Dialect, header: Sequence[str], origin: str) -> None:
+        self.keep = [index for index, name in enumerate(header) if name not in ERRORS_COLUMNS]
+        self.origin = origin
+        self._writer = ReportWriter(path, dialect, [*(header[index] for index in self.keep), *ERRORS_COLUMNS])
+        self.path = path
+
+    def write(self, raw: Sequence[str], line: int, reason: str) -> None:
+        cells = [raw[index] for index in self.keep if index < len(raw)]
+        self._writer.write([*cells, str(line), reason, self.origin])
+
+    def close(self) -> None:
+        self._writer.close()
+
+    def __enter__(self) -> ErrorsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class ReportWriter(CsvWriter):
     """A CSV a person opens in a spreadsheet (result, errors, duplicates and skipped reports): every cell copied
     from outside (a name, an address, a provider's row) is written so that no spreadsheet runs it."""
