@@ -82,7 +82,9 @@ def step(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         rows = write_unsubscribers(Sync(profile_for(folder, url, spec["ssh"])), folder / "unsubscribers.csv", 100_000)
     elif name == "import":
         sync = Sync(profile_for(folder, url, spec["ssh"]), clock=ManualClock(NOW))
-        rows = sum(item.rows for item in sync.import_files([folder / "unsubscribers.csv"], force=True).files)
+        rows = sum(
+            item.rows for item in sync.import_files([folder / "unsubscribers.csv"], force=True, origin="provider").files
+        )
     elif name == "floor":
         rows = floor(folder, url, spec["ssh"])
     elif name == "pandas":

@@ -64,7 +64,7 @@ def step(name: str, folder: Path, url: str, size: int) -> dict[str, Any]:
     elif name == "unsubs":
         rows = write_unsubscribers(sync, folder / "unsubscribers_bench.csv", 100_000)
     elif name == "import":
-        report = sync.import_files([folder / "unsubscribers_bench.csv"], force=True)
+        report = sync.import_files([folder / "unsubscribers_bench.csv"], force=True, origin="provider")
         rows = sum(item.rows for item in report.files)
     seconds = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
