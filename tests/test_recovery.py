@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 import batchsync.reconcile
 import batchsync.snapshot
@@ -19,6 +19,7 @@ from batchsync.apply import EventApplier
 from batchsync.clock import Clock, ManualClock
 from batchsync.daemon import Daemon
 from batchsync.db.schema import activities, bs_files, make_engine
+from batchsync.errors import DatabaseError
 from batchsync.reconcile import Reconciler
 from batchsync.sync import Sync
 from batchsync.workdir import WorkDir
@@ -337,3 +338,46 @@ def test_a_file_the_provider_may_have_taken_keeps_its_copy_marked_unconfirmed(us
     user.export("--diff")
     assert (user.tmp_path / "work" / "sent" / "1_202601050230000000.csv.unconfirmed").exists()
     assert not list(outbox.iterdir())
+
+
+def test_init_brings_an_older_database_up_to_the_unique_key_on_applied_files(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    """A database an older batchsync made: no unique key on applied content, and one file applied twice by two
+    processes past the locks. Commands refuse it until init, which keeps the history (the later entry becomes
+    'applied twice') and makes the key."""
+    sync = _sync(tmp_path, db_url, clock)
+    with sync.engine.begin() as connection:
+        connection.exec_driver_sql("DROP INDEX ux_bs_files_applied")
+        for name in ("a.csv", "b.csv"):
+            connection.execute(
+                insert(bs_files).values(
+                    profile="mailup",
+                    sha256="f" * 64,
+                    name=name,
+                    origin="remote:x",
+                    size=1,
+                    outcome="applied",
+                    at=clock.now(),
+                )
+            )
+    fresh = Sync(sync.profile, clock=clock, engine=sync.engine)
+    with pytest.raises(DatabaseError, match="lacks index ux_bs_files_applied: run `batchsync init"):
+        fresh.import_files()
+    fresh.init()
+    assert _files(sync.engine) == [("a.csv", "applied"), ("b.csv", "applied twice")]
+    assert fresh.import_files().files == []
+
+
+def test_a_file_an_older_version_left_in_staging_is_taken_up_as_the_provider_s(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = _sync(tmp_path, db_url, clock)
+    build_tiny_crm(sync.engine)
+    write_csv(
+        tmp_path / "work" / "staging" / "unsubscribers" / "unsubscribers_old.csv",  # staging/<kind>/, as it was
+        [UNSUB_HEADER, unsub_row("bob@example.com", "1", STAMP, "2")],
+    )
+    [outcome] = sync.import_files().files
+    assert (outcome.outcome, outcome.origin) == ("applied", "provider")
+    assert status_of(sync.engine, 2, "newsletter") == "unsubscribed"
