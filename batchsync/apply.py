@@ -98,7 +98,7 @@ class EventApplier:
         self.changes: dict[tuple[int, int], dict[str, Any]] = {}
         self.audit: list[dict[str, Any]] = []
         self.activities: list[dict[str, Any]] = []
-        self.echoes: list[dict[str, str]] = []
+        self.echoes: dict[tuple[str, str], dict[str, str]] = {}  # (list, address) -> the status the provider has
         self.suppress: dict[str, dict[str, Any]] = {}
         for event in events:
             self._apply_event(event, tally)
@@ -107,7 +107,7 @@ class EventApplier:
         crm.suppress(self.connection, self.suppress)
         crm.add_activities(self.connection, self.activities)
         ledger.record_changes(self.connection, self.audit)
-        ledger.note_provider_status(self.connection, self.profile.name, self.echoes)
+        ledger.note_provider_status(self.connection, self.profile.name, list(self.echoes.values()))
         self.reports.save(self.now)
 
     def _apply_event(self, event: InboundEvent, tally: Tally) -> None:
@@ -146,7 +146,9 @@ class EventApplier:
         for code in self._lists(event, False):
             where = f"{self.source}:{event.line}"
             self.reports.remember(code, event.email_key, event.email, event.kind, event.at, event.reason, where)
-            self.echoes.append({"list_code": code, "email_key": event.email_key, "status": status})
+            echo = {"list_code": code, "email_key": event.email_key, "status": status}
+            self.echoes.pop((code, event.email_key), None)  # the last row's status, written once
+            self.echoes[(code, event.email_key)] = echo
 
     # --- handlers: each writes the row's result -----------------------------------------------------------
 

@@ -27,6 +27,7 @@ OPT_OUT_KINDS: frozenset[str] = frozenset({"unsubscribe", "hard_bounce", "compla
 # Which status wins when several CRM contacts share one email: any opt-out beats any opt-in.
 PRECEDENCE: tuple[Status, ...] = ("cleaned", "unsubscribed", "pending", "subscribed")
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 and C1 control characters, NUL included
 _EMAIL = re.compile(r"^[^@\s\"(),:;<>\[\\\]]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+$")
 
 
@@ -42,7 +43,7 @@ def email_problem(email: str) -> str | None:
         return "empty email"
     if len(key) > 254:
         return "email longer than 254 characters"
-    if any(ord(char) < 32 or 127 <= ord(char) < 160 for char in key):
+    if _CONTROL.search(key):
         return f"email with a control character {email.strip()!r}"
     if not _EMAIL.match(key) or ".." in key:
         return f"invalid email {email.strip()!r}"

@@ -170,9 +170,12 @@ class CsvWriter:
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\0")
 
 
+FORMULA_FIRST = frozenset(FORMULA_STARTS)
+
+
 def neutralised(cell: Any) -> Any:
     """A text cell that would start a formula, with a single quote before it; anything else as it is."""
-    return "'" + cell if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) else cell
+    return "'" + cell if isinstance(cell, str) and cell[:1] in FORMULA_FIRST else cell
 
 
 def restored(cell: str) -> str:
