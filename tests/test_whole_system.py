@@ -15,7 +15,10 @@ moving on. The model keeps only what batchsync promises, worked out on its own:
   admin's opt-out of one, goes out as unsubscribed in the next export;
 - the same file twice changes nothing.
 
-It runs with a fixed seed (derandomize) so that CI runs the same examples every time.
+It runs with a fixed seed (derandomize), so that CI runs the same examples every time, and enough of them to
+find each way an opt-out was lost before the provider's opt-outs had a table of their own: with that fix taken
+out, or the carrying of opt-outs to a changed address, or the check of email changes against a file's earlier
+rows, it fails (checked; 1,000 examples were needed for an opt-out the CRM had already made).
 """
 
 from __future__ import annotations
@@ -120,7 +123,7 @@ def template() -> Path:
 
 rows = st.lists(
     st.tuples(
-        st.sampled_from([*TARGETS, "zed@example.com"]),
+        st.sampled_from([*TARGETS[:5], "zed@example.com"]),  # mostly the CRM's addresses
         st.sampled_from(["1", "2", ""]),
         st.sampled_from(list(CODES)),
         st.one_of(st.integers(1, 3000), st.just(FUTURE)),
@@ -222,6 +225,19 @@ class WholeSystem(RuleBasedStateMachine):
     @rule(contact=contact_ids, code=crm_lists, consent=st.booleans())
     def crm_subscribe(self, contact: int, code: str, consent: bool) -> None:
         self._set(contact, code, "subscribed", consent)
+
+    @rule(data=st.data(), consent=st.booleans())
+    def crm_resubscribe_after_an_opt_out(self, data: st.DataObject, consent: bool) -> None:
+        """A CRM user subscribes again someone whose subscription is opted out (by anyone): the step the
+        guarantees are about, drawn more often than chance would."""
+        live = self.live()
+        opted_out = sorted(
+            place for place, state in self.states().items() if state.status in OPTED_OUT and place[0] in live
+        )
+        if opted_out:
+            contact, code = data.draw(st.sampled_from(opted_out))
+            if code in ("newsletter", "offers"):
+                self._set(contact, code, "subscribed", consent)
 
     @rule(contact=contact_ids, code=crm_lists)
     def crm_unsubscribe(self, contact: int, code: str) -> None:
@@ -434,7 +450,7 @@ class WholeSystem(RuleBasedStateMachine):
 
 
 WholeSystem.TestCase.settings = settings(
-    max_examples=300,
+    max_examples=1000,  # 300 did not find an opt-out forgotten because the CRM had made it first
     stateful_step_count=30,
     deadline=None,
     derandomize=True,  # a fixed seed: CI runs the same examples every time
