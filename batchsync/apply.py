@@ -24,6 +24,7 @@ from sqlalchemy import Connection
 from batchsync.collect import StagedFile
 from batchsync.config import Profile
 from batchsync.db import crm, ledger
+from batchsync.db.optouts import ProviderOptOuts
 from batchsync.events import InboundEvent
 from batchsync.formats.csvfile import CsvWriter, ErrorsWriter, restored
 from batchsync.rules import (
@@ -94,7 +95,7 @@ class EventApplier:
         self.current: dict[tuple[int, int], Subscription] = {}  # as this chunk left them
         bouncing = [cid for e in events if e.kind == "soft_bounce" for cid in self.contacts.get(e.email_key, [])]
         self.soft_bounces: Counter[int] = Counter(crm.activity_counts(self.connection, bouncing, "soft_bounce"))
-        self.reports = ledger.ProviderOptOuts(self.connection, self.profile.name, keys)
+        self.reports = ProviderOptOuts(self.connection, self.profile.name, keys)
         self.changes: dict[tuple[int, int], dict[str, Any]] = {}
         self.audit: list[dict[str, Any]] = []
         self.activities: list[dict[str, Any]] = []

@@ -33,10 +33,10 @@ from batchsync.config import Profile
 from batchsync.db import crm, driver, ledger, sources
 from batchsync.delivery import Delivery
 from batchsync.errors import ConfigError
-from batchsync.formats.csvfile import CsvWriter, ReportWriter
 from batchsync.formats.package import package
+from batchsync.listwriter import ListWriter
 from batchsync.merge import merge_sorted
-from batchsync.rows import ProviderRow, RowBuilder, written_columns
+from batchsync.rows import ProviderRow, RowBuilder
 from batchsync.rules import OPTED_OUT, export_decision, export_safety_stop
 from batchsync.transport import Transport, open_transport
 from batchsync.workdir import WorkDir, unique_path
@@ -170,7 +170,7 @@ class Exporter:
         with connection.begin() as transaction:
             driver.tune_for_bulk(connection)
             ledger.clear_pending(connection, self.profile.name, code)
-            writer = _ListWriter(self.profile, code, path)
+            writer = ListWriter(self.profile, code, path)
             try:
                 self._merge(connection, code, list_id, mode, now, writer)
             finally:
@@ -215,7 +215,7 @@ class Exporter:
         log.error("list %s: %s", staged.list_code, staged.stopped)
 
     def _merge(
-        self, connection: Connection, code: str, list_id: int, mode: Mode, now: datetime, writer: _ListWriter
+        self, connection: Connection, code: str, list_id: int, mode: Mode, now: datetime, writer: ListWriter
     ) -> None:
         builder = RowBuilder(self.profile, code)
         chunk = self.profile.export.chunk_rows
@@ -300,7 +300,7 @@ class Exporter:
             return row, changed
         return None, changed
 
-    def _package(self, code: str, writer: _ListWriter) -> list[Path]:
+    def _package(self, code: str, writer: ListWriter) -> list[Path]:
         uploads: list[Path] = []
         for path, count, action in (
             (writer.path, writer.main_rows, "ADD_AND_UPDATE"),
@@ -429,61 +429,3 @@ def _fill(template: str, key: str, values: dict[str, str]) -> str:
     except (KeyError, IndexError, ValueError) as exc:
         known = ", ".join("{" + name + "}" for name in values)
         raise ConfigError(f"{key}: cannot fill {template!r} ({exc}); placeholders are {known}") from None
-
-
-class _ListWriter:
-    """The export files of one list (data, and opt-outs where the profile splits them) and the reports beside
-    them (duplicates, skipped rows)."""
-
-    def __init__(self, profile: Profile, code: str, path: Path) -> None:
-        self.profile, self.code, self.path = profile, code, path
-        self.opt_out_path = path.with_name(path.stem + "_optout" + path.suffix)
-        self.headers = [column.header for column in written_columns(profile)]
-        self._files: dict[Path, CsvWriter] = {}
-        self._duplicates: CsvWriter | None = None
-        self._invalid: CsvWriter | None = None
-        self.rows = self.main_rows = self.opt_out_rows = self.tombstones = self.duplicates = self.invalid = 0
-        self.taken_off = 0  # rows taking an address the provider has as subscribed off the list
-        self.reports: list[Path] = []
-
-    def write(self, values: list[str], opted_out: bool = False, takes_off: bool = False) -> None:
-        split = opted_out and self.profile.export.opt_out_file
-        target = self.opt_out_path if split else self.path
-        if target not in self._files:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self._files[target] = CsvWriter(target, self.profile.export, self.headers)
-        self._files[target].write(values)
-        self.rows += 1
-        self.taken_off += takes_off
-        if split:
-            self.opt_out_rows += 1
-        else:
-            self.main_rows += 1
-
-    def write_tombstone(self, values: list[str]) -> None:
-        self.write(values, opted_out=True, takes_off=True)
-        self.tombstones += 1
-
-    def report_duplicate(self, row: ProviderRow) -> None:
-        if self._duplicates is None:
-            self._duplicates = self._report("duplicates", ["email", "list", "contact_ids", "statuses", "exported"])
-        ids = ",".join(str(i) for i in row.contact_ids)
-        self._duplicates.write([row.email, self.code, ids, ",".join(row.source_statuses), row.status])
-        self.duplicates += 1
-
-    def report_invalid(self, contact_id: int, email: str, reason: str) -> None:
-        if self._invalid is None:
-            self._invalid = self._report("skipped", ["contact_id", "email", "list", "reason"])
-        self._invalid.write([str(contact_id), email, self.code, reason])
-        self.invalid += 1
-
-    def _report(self, kind: str, header: list[str]) -> CsvWriter:
-        path = self.path.with_name(f"{self.path.name}.{kind}.csv")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.reports.append(path)
-        return ReportWriter(path, self.profile.export, header)
-
-    def close(self) -> None:
-        for handle in (*self._files.values(), self._duplicates, self._invalid):
-            if handle is not None:
-                handle.close()
