@@ -19,7 +19,7 @@ from pathlib import Path
 
 from batchsync.clock import Clock
 from batchsync.config import Profile
-from batchsync.db.schema import make_engine, missing_tables
+from batchsync.db.mapping import mapped_problems, missing_tables, open_engine
 from batchsync.errors import BatchsyncError, RemoteFolderMissing
 from batchsync.export import remote_folder
 from batchsync.transport import Transport, open_transport
@@ -54,15 +54,20 @@ def run_checks(
 
 def _database(profile: Profile) -> Iterator[CheckResult]:
     try:
-        engine = make_engine(profile.database_url())
+        engine = open_engine(profile.database_url(), profile.database)
+        misfits = [str(problem) for problem in mapped_problems(engine)]
         missing = missing_tables(engine)
         engine.dispose()
     except BatchsyncError as exc:
         yield CheckResult("database", False, f"{exc}; check database.url or the variable it names")
         return
-    if missing:
-        yield CheckResult("database", False, f"tables missing ({', '.join(missing)}): run batchsync init")
-    else:
+    if misfits:
+        # Tables the profile maps onto the CRM's own: init never makes them, so it is no advice there.
+        yield CheckResult("database", False, f"{'; '.join(misfits)}: fix the table or view, or database.tables")
+    own = [name for name in missing if name not in misfits]
+    if own:
+        yield CheckResult("database", False, f"tables missing ({', '.join(own)}): run batchsync init")
+    if not missing:
         yield CheckResult("database", True, "reachable, every table present")
 
 

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from batchsync.dbconfig import DatabaseConfig
+from batchsync.dbconfig import FrozenModel as _Model
 from batchsync.errors import ConfigError
 
 EventKind = Literal[
@@ -51,23 +53,6 @@ def known_zone(value: str) -> str:
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'Europe/Rome')") from None
     return value
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-class DatabaseConfig(_Model):
-    url: str | None = None
-    url_env: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DatabaseConfig:
-        if (self.url is None) == (self.url_env is None):
-            raise ValueError("give exactly one of 'url' or 'url_env'")
-        if self.url and "@" in self.url and ":" in self.url.split("://", 1)[-1].split("@", 1)[0]:
-            raise ValueError("the URL holds a password: put the URL in an environment variable (url_env)")
-        return self
 
 
 class WorkConfig(_Model):
@@ -465,7 +450,8 @@ def _suggestion(loc: tuple[int | str, ...]) -> str:
             model = _model_of_annotation(model.model_fields[part].annotation)
     if model is None:
         return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    keys = [field.alias or name for name, field in model.model_fields.items()]  # as written in a profile
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 

@@ -17,7 +17,7 @@ from batchsync.clock import Clock
 from batchsync.config import Profile
 from batchsync.daemon import next_nightly
 from batchsync.db import ledger
-from batchsync.db.schema import make_engine, missing_tables
+from batchsync.db.mapping import missing_tables, open_engine
 from batchsync.workdir import WorkDir
 
 
@@ -32,7 +32,7 @@ class ProfileStatus:
 
 
 def profile_status(profile: Profile, clock: Clock, runs: int = 5) -> ProfileStatus:
-    engine = make_engine(profile.database_url())
+    engine = open_engine(profile.database_url(), profile.database)
     try:
         if missing_tables(engine):
             last: list[dict[str, Any]] = []

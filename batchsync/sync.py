@@ -26,7 +26,8 @@ from batchsync.clock import Clock
 from batchsync.collect import Collector, CollectReport, Origin, StagedFile
 from batchsync.config import Profile
 from batchsync.db import crm, ledger
-from batchsync.db.schema import create_all, make_engine, missing_tables
+from batchsync.db.mapping import bind_crm_tables, create_all, missing_tables, refuse_misfits
+from batchsync.db.schema import make_engine
 from batchsync.errors import DatabaseError
 from batchsync.export import Exporter, ExportResult, Mode
 from batchsync.locks import profile_lock
@@ -94,14 +95,18 @@ class Sync:
         self.profile = profile
         self.inbox_busy = inbox_busy  # names of inbox files still open somewhere (the daemon's watcher knows)
         self.clock = clock or Clock()
-        self.engine = engine or make_engine(profile.database_url())
+        # The profile's engine carries where its CRM tables are (db.mapping): every connection it opens knows.
+        self.engine = bind_crm_tables(engine or make_engine(profile.database_url()), profile.database)
         self.transport_factory = transport_factory
         self.work = WorkDir.of(profile)
         self.stop = stop or threading.Event()  # set: finish the file in hand, then stop
         self._schema_ready = False
 
     def init(self, *, dry_run: bool = False) -> InitReport:
-        """Create the tables, the profile's lists and groups, and the work folders; safe to repeat."""
+        """Create the tables, the profile's lists and groups, and the work folders; safe to repeat. Tables the
+        profile maps onto the CRM's own are never created: they must be there with the canonical columns (a
+        dry run fails as init would)."""
+        refuse_misfits(self.engine)
         report = InitReport(missing_tables(self.engine))
         if dry_run:
             return report
@@ -227,6 +232,7 @@ class Sync:
         poll of a long-running daemon."""
         if self._schema_ready:
             return
+        refuse_misfits(self.engine)  # init cannot help there: the CRM's own tables are not batchsync's to change
         missing = missing_tables(self.engine)
         if missing:
             raise DatabaseError(

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import tomllib
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from batchsync.clock import ManualClock
 from batchsync.config import Profile, load_profile
+from batchsync.db.mapping import CANONICAL, crm_tables_for, open_engine
 from batchsync.db.schema import make_engine
+from batchsync.dbconfig import CRM_TABLES, DatabaseConfig
 from batchsync.ftpserver import LoopbackFtpServer
 
 from .peers import PASSPHRASE, Certificates, SshServer, Vsftpd, give_to, make_certificates, start_sshd, start_vsftpd
@@ -93,14 +96,71 @@ def pg_server() -> Iterator[str]:
 
 
 _db_counter = iter(range(1_000_000))
+BACKENDS = ["sqlite", "postgresql"]
+# A module that overrides ``db_url`` with these params runs its scenarios a third time, on the CRM of one's own of
+# samples/mapped_crm: batchsync mapped onto PostgreSQL views with INSTEAD OF triggers (see backend_url).
+WITH_MAPPED_CRM = [*BACKENDS, "mapped-postgresql"]
+MAPPED_CRM = ROOT / "samples" / "mapped_crm"
+_mapped_urls: dict[str, dict[str, Any]] = {}  # database URL -> the [database] keys that map it
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty CRM database: a SQLite file, or a new database on the real PostgreSQL."""
+    return backend_url(request, tmp_path)
+
+
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The database of the backend ``request.param``. For ``mapped-postgresql``, a database holding the example's
+    CRM (samples/mapped_crm/postgresql.sql) and no canonical CRM table; every profile and engine the tests make
+    on it (mailup_profile, crm_engine, usercli) maps the CRM tables as samples/mapped_crm/profile.toml does.
+
+    The scenarios' own statements on ``db.schema``'s Table objects (``update(contacts)`` in a test) go to the
+    mapped views too: in the test module and in crmdata, those names are swapped for the profile's mapped
+    Tables, which name the views with their schema. Nothing is put on the search path, so batchsync itself
+    cannot reach a CRM table by its canonical name: a statement it failed to map fails the scenario."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'crm.sqlite'}"
-    return make_database(request.getfixturevalue("pg_server"))
+    if request.param == "postgresql":
+        return make_database(request.getfixturevalue("pg_server"))
+    marker = request.node.get_closest_marker("canonical_crm")
+    if marker is not None:
+        pytest.skip(f"needs batchsync's canonical CRM tables: {marker.args[0]}")
+    url = make_mapped_database(request.getfixturevalue("pg_server"))
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    mapped = crm_tables_for(DatabaseConfig.model_validate({"url": url, **_mapped_urls[url]}))
+    from . import crmdata
+
+    for module in (request.module, crmdata):
+        for name in CRM_TABLES:
+            if getattr(module, name, None) is CANONICAL.table(name):
+                monkeypatch.setattr(module, name, mapped.table(name))
+    return url
+
+
+def mapped_crm_keys() -> dict[str, Any]:
+    """The [database] keys of samples/mapped_crm/profile.toml that map batchsync onto the example's views."""
+    keys = tomllib.loads((MAPPED_CRM / "profile.toml").read_text(encoding="utf-8"))["database"]
+    return {key: value for key, value in keys.items() if key in ("schema", "tables")}
+
+
+def make_mapped_database(base: str) -> str:
+    """A new database holding the example CRM of samples/mapped_crm, loaded as its header says (psql)."""
+    url = make_database(base)
+    load = [_pg_binary("psql"), "-v", "ON_ERROR_STOP=1", "-q", "-d", url, "-f", str(MAPPED_CRM / "postgresql.sql")]
+    subprocess.run(load, check=True, capture_output=True)
+    _mapped_urls[url] = mapped_crm_keys()
+    return url
+
+
+def database_keys(db_url: str) -> dict[str, Any]:
+    """A profile's [database] for a test database: its URL, and its mapping when it holds the example CRM."""
+    return {"url": db_url, **_mapped_urls.get(db_url, {})}
+
+
+def crm_engine(db_url: str) -> Engine:
+    """An engine on a test database, carrying its mapping when it holds the example CRM (as a profile's)."""
+    return open_engine(db_url, DatabaseConfig.model_validate(database_keys(db_url)))
 
 
 def make_database(base: str) -> str:
@@ -145,7 +205,7 @@ def ftp_transport(server: LoopbackFtpServer) -> dict[str, Any]:
 def mailup_profile(tmp_path: Path, db_url: str, transport: dict[str, Any] | None = None, **overrides: Any) -> Profile:
     """The shipped MailUp profile, pointed at a test database, work folder and provider."""
     values: dict[str, Any] = {
-        "database": {"url": db_url},
+        "database": database_keys(db_url),
         "work.dir": str(tmp_path / "work"),
         "transport": transport or local_transport(tmp_path),
     }

@@ -25,10 +25,16 @@ from batchsync.errors import DatabaseError
 from batchsync.rows import RowBuilder
 from batchsync.sync import Sync
 
-from .conftest import ftp_transport, mailup_profile
+from .conftest import WITH_MAPPED_CRM, backend_url, ftp_transport, mailup_profile
 from .crmdata import UNSUB_HEADER, build_tiny_crm, delete_contact, read_csv, set_status, unsub_row, write_csv
 
 HEADER = b"111|1|2|idList|ExternalGroupName|optout\r\n"
+
+
+@pytest.fixture(params=WITH_MAPPED_CRM)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """SQLite, PostgreSQL, and the CRM of one's own of samples/mapped_crm (views over other tables) on PostgreSQL."""
+    return backend_url(request, tmp_path)
 
 
 def make_sync(tmp_path: Path, db_url: str, clock: ManualClock, **overrides: object) -> Sync:
@@ -272,6 +278,7 @@ def test_provider_statuses_noted_twice_for_one_address_keep_the_last(
     assert tuple(row) == ("cleaned", "provider", None)
 
 
+@pytest.mark.canonical_crm("it drops and expects back an index batchsync makes on its own subscriptions table")
 def test_init_adds_the_columns_and_indexes_an_older_database_lacks(
     tmp_path: Path, db_url: str, clock: ManualClock
 ) -> None:

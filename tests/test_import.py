@@ -14,7 +14,7 @@ from batchsync.db import crm
 from batchsync.db.schema import activities, bs_files, subscriptions
 from batchsync.sync import Sync
 
-from .conftest import ROOT, ftp_transport, mailup_profile
+from .conftest import ROOT, WITH_MAPPED_CRM, backend_url, ftp_transport, mailup_profile
 from .crmdata import (
     T0,
     UNSUB_HEADER,
@@ -30,6 +30,12 @@ from .usercli import User, hours_ago, mailup_time
 
 # MailUp writes local (Europe/Rome) time: 20260105T100000 is 09:00 UTC, before judy's re-subscription on the 10th.
 EARLY = "20260105T100000"
+
+
+@pytest.fixture(params=WITH_MAPPED_CRM)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """SQLite, PostgreSQL, and the CRM of one's own of samples/mapped_crm (views over other tables) on PostgreSQL."""
+    return backend_url(request, tmp_path)
 
 
 def make_sync(tmp_path: Path, db_url: str, clock: ManualClock, **overrides: object) -> Sync:

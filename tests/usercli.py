@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import Engine, select
 
 from batchsync.cli import main
-from batchsync.db.schema import bs_changes, bs_provider_optouts, make_engine
+from batchsync.db.schema import bs_changes, bs_provider_optouts
 
-from .conftest import ROOT
+from .conftest import ROOT, crm_engine, database_keys
 from .crmdata import UNSUB_HEADER, build_tiny_crm, read_csv, write_csv
 
 ROME = ZoneInfo("Europe/Rome")
@@ -44,7 +44,8 @@ def write_profile(tmp_path: Path, db_url: str, *, extra: str = "", policy: str =
     """profiles/mailup.toml on a test CRM, a local folder as MailUp's account (its export/ folder made, as MailUp
     has it), files taken at once; ``extra`` is appended, ``policy`` goes into [policy]."""
     text = (ROOT / "profiles" / "mailup.toml").read_text(encoding="utf-8")
-    text = text.replace('url_env = "BATCHSYNC_CRM_URL"', f'url = "{db_url}"')
+    database = "\n".join(f"{key} = {_toml(value)}" for key, value in database_keys(db_url).items())
+    text = text.replace('url_env = "BATCHSYNC_CRM_URL"', database)
     text = text.replace('dir = "../var/mailup"', f'dir = "{tmp_path}/work"')
     text = text.replace('kind = "ftp"', f'kind = "local"\npath = "{tmp_path}/provider"')
     text = text.replace("min_age_seconds = 120", "min_age_seconds = 0").replace(
@@ -65,7 +66,7 @@ class User:
         self.profile = write_profile(tmp_path, db_url, **profile)
         self.provider = tmp_path / "provider"
         self.inbox = tmp_path / "work" / "inbox"
-        self.engine: Engine = make_engine(db_url)
+        self.engine: Engine = crm_engine(db_url)
         self._seen: set[Path] = set()
         self._count = 0
 
@@ -126,6 +127,13 @@ class User:
         with self.engine.connect() as connection:
             c = bs_changes.c
             return [tuple(row) for row in connection.execute(select(c.contact_id, c.list_code, c.new_status, c.origin))]  # type: ignore[misc]
+
+
+def _toml(value: Any) -> str:
+    """A string or a table of strings as TOML (the [database] keys of a test profile)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {_toml(item)}" for key, item in value.items()) + " }"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def mailup_time(moment: datetime) -> str:

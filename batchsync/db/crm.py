@@ -1,5 +1,7 @@
-"""Every statement on the CRM tables but the export's reads (``db.sources``). Mapping batchsync onto another
-CRM's own tables changes these two modules only.
+"""Every statement on the CRM tables but the export's reads (``db.sources``).
+
+Each one starts from ``crm_tables(connection)`` (``db.mapping``): the canonical tables, or the relations the
+profile maps them onto; raw SQL takes the relation's quoted name from it.
 """
 
 from __future__ import annotations
@@ -19,14 +21,7 @@ from sqlalchemy import (
 )
 
 from batchsync.db import driver
-from batchsync.db.schema import (
-    activities,
-    contacts,
-    groups,
-    lists,
-    metadata,
-    subscriptions,
-)
+from batchsync.db.mapping import crm_tables
 from batchsync.rules import Status, Subscription
 
 
@@ -36,6 +31,7 @@ def ordered_key(column: ColumnElement[str], connection: Connection) -> ColumnEle
 
 
 def list_ids(connection: Connection, codes: Iterable[str]) -> dict[str, int]:
+    lists = crm_tables(connection).lists
     rows = connection.execute(select(lists.c.code, lists.c.id).where(lists.c.code.in_(list(codes))))
     return {code: list_id for code, list_id in rows}
 
@@ -47,7 +43,8 @@ def contacts_by_email(connection: Connection, keys: Iterable[str]) -> dict[str, 
     if wanted:
         # No ORDER BY: with one, SQLite scans the whole table in id order instead of using the email_key index.
         condition, values = driver.one_of(connection, "email_key", wanted)
-        statement = f"SELECT email_key, id FROM contacts WHERE {condition} AND NOT deleted"
+        contacts = crm_tables(connection).sql_name("contacts", connection)
+        statement = f"SELECT email_key, id FROM {contacts} WHERE {condition} AND NOT deleted"
         for key, contact_id in driver.query(connection, statement, values):
             found[key].append(contact_id)
         for ids in found.values():
@@ -82,8 +79,9 @@ def subscriptions_of(
         return StoredSubscriptions([])
     by_contact, contact_values = driver.one_of(connection, "contact_id", ids)
     by_list, list_values = driver.one_of(connection, "list_id", lists_)
+    subscriptions = crm_tables(connection).sql_name("subscriptions", connection)
     statement = (
-        "SELECT contact_id, list_id, status, status_at, source, consent_at, consent_by FROM subscriptions "
+        f"SELECT contact_id, list_id, status, status_at, source, consent_at, consent_by FROM {subscriptions} "
         f"WHERE {by_contact} AND {by_list}"
     )
     return StoredSubscriptions(driver.query(connection, statement, [*contact_values, *list_values]))
@@ -105,52 +103,57 @@ def set_statuses(connection: Connection, changes: Sequence[Mapping[str, Any]], *
         )
         for c in changes
     ]
+    subscriptions = crm_tables(connection).sql_name("subscriptions", connection)
     if existing:
         set_columns = ("status", "status_at", "source", "reason")
-        driver.update_many(connection, "subscriptions", set_columns, ("contact_id", "list_id"), rows)
+        keys = ("contact_id", "list_id")
+        driver.update_many(connection, subscriptions, set_columns, keys, rows, staging="bs_update_subscriptions")
     else:
         columns = ("status", "status_at", "source", "reason", "contact_id", "list_id")
-        driver.insert_many(connection, "subscriptions", columns, rows)
+        driver.insert_many(connection, subscriptions, columns, rows)
 
 
 def suppress(connection: Connection, entries: Mapping[str, Mapping[str, Any]]) -> int:
     """Add addresses to the suppression list (email_key -> email, reason, at, source); keeps existing ones."""
     if not entries:
         return 0
+    suppressions = crm_tables(connection).sql_name("suppressions", connection)
     condition, values = driver.one_of(connection, "email_key", list(entries))
-    statement = f"SELECT email_key FROM suppressions WHERE {condition}"
+    statement = f"SELECT email_key FROM {suppressions} WHERE {condition}"
     known = {row[0] for row in driver.query(connection, statement, values)}
     new = [
         (key, e["email"], e["reason"], driver.stored_time(connection, e["at"]), e["source"])
         for key, e in entries.items()
         if key not in known
     ]
-    driver.insert_many(connection, "suppressions", ("email_key", "email", "reason", "at", "source"), new)
+    driver.insert_many(connection, suppressions, ("email_key", "email", "reason", "at", "source"), new)
     return len(new)
 
 
 def add_activities(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     driver.insert_many(
         connection,
-        "activities",
+        crm_tables(connection).sql_name("activities", connection),
         ("contact_id", "kind", "at", "detail"),
         ((row["contact_id"], row["kind"], driver.stored_time(connection, row["at"]), row["detail"]) for row in rows),
     )
 
 
 def insert_rows(connection: Connection, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Bulk insert into a CRM table by name (the sample generator's door into the CRM)."""
+    """Bulk insert into a CRM table by its canonical name (the sample generator's door into the CRM)."""
     if rows:
-        connection.execute(insert(metadata.tables[table]), [dict(row) for row in rows])
+        connection.execute(insert(crm_tables(connection).table(table)), [dict(row) for row in rows])
 
 
 def count_contacts(connection: Connection) -> int:
-    return int(connection.scalar(select(func.count()).select_from(contacts)) or 0)
+    return int(connection.scalar(select(func.count()).select_from(crm_tables(connection).contacts)) or 0)
 
 
 def ensure_lists(connection: Connection, wanted: Mapping[str, tuple[str | None, Sequence[str]]]) -> int:
     """Create the lists (code -> name, group codes) and groups that are missing; returns how many were added."""
     added = 0
+    crm = crm_tables(connection)
+    lists, groups = crm.lists, crm.groups
     known = list_ids(connection, wanted)
     for code, (name, group_codes) in wanted.items():
         if code not in known:
@@ -167,6 +170,7 @@ def ensure_lists(connection: Connection, wanted: Mapping[str, tuple[str | None, 
 
 def group_ids(connection: Connection, list_ids_: Iterable[int]) -> dict[int, list[int]]:
     found: dict[int, list[int]] = defaultdict(list)
+    groups = crm_tables(connection).groups
     query = select(groups.c.list_id, groups.c.id).where(groups.c.list_id.in_(list(list_ids_))).order_by(groups.c.id)
     for list_id, group_id in connection.execute(query):
         found[list_id].append(group_id)
@@ -177,6 +181,7 @@ def activity_counts(connection: Connection, contact_ids: Iterable[int], kind: st
     ids = list(set(contact_ids))
     if not ids:
         return {}
+    activities = crm_tables(connection).activities
     query = (
         select(activities.c.contact_id, func.count())
         .where(activities.c.contact_id.in_(ids), activities.c.kind == kind)
@@ -186,6 +191,7 @@ def activity_counts(connection: Connection, contact_ids: Iterable[int], kind: st
 
 
 def change_email(connection: Connection, contact_id: int, email: str, key: str, now: datetime) -> None:
+    contacts = crm_tables(connection).contacts
     connection.execute(
         update(contacts).where(contacts.c.id == contact_id).values(email=email, email_key=key, updated_at=now)
     )
@@ -195,6 +201,7 @@ def update_fields(connection: Connection, contact_id: int, fields: Mapping[str, 
     """Set first_name, last_name and custom.<name> fields of a contact."""
     plain = {name: value for name, value in fields.items() if name in ("first_name", "last_name")}
     custom = {name.removeprefix("custom."): value for name, value in fields.items() if name.startswith("custom.")}
+    contacts = crm_tables(connection).contacts
     if custom:
         stored = connection.scalar(select(contacts.c.custom).where(contacts.c.id == contact_id)) or {}
         plain["custom"] = {**stored, **custom}  # type: ignore[assignment]
@@ -204,6 +211,7 @@ def update_fields(connection: Connection, contact_id: int, fields: Mapping[str, 
 
 def subscribed_counts(connection: Connection, list_ids_: Mapping[str, int]) -> dict[str, int]:
     """Subscribed (or pending) contacts per list code: the base of the safety stop's share."""
+    subscriptions = crm_tables(connection).subscriptions
     query = (
         select(subscriptions.c.list_id, func.count())
         .where(

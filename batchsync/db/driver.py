@@ -65,11 +65,15 @@ def update_many(
     keys: Sequence[str],
     rows: Iterable[Sequence[Any]],
     constant: str = "",
+    *,
+    staging: str | None = None,
 ) -> None:
     """``UPDATE table SET columns [, constant] WHERE keys`` for each row (the columns' values, then the keys').
 
-    On PostgreSQL the rows go by COPY into a temporary table and one UPDATE ... FROM applies them; when a key
-    comes twice, its last row wins, as it would one statement at a time."""
+    On PostgreSQL the rows go by COPY into a temporary table (``staging``; default ``bs_update_<table>``, for a
+    plain name) and one UPDATE ... FROM applies them; when a key comes twice, its last row wins, as it would one
+    statement at a time. ``table`` is SQL text (a quoted, perhaps schema-qualified, name: see ``db.mapping``);
+    so is ``copy_rows``' and ``insert_many``'."""
     batch = [tuple(row) for row in rows]
     if not batch:
         return
@@ -81,7 +85,7 @@ def update_many(
         return
     last = {row[len(columns) :]: row for row in batch}
     names = [*columns, *keys]
-    staging = f"bs_update_{table}"
+    staging = staging or f"bs_update_{table}"
     connection.exec_driver_sql(
         f"CREATE TEMPORARY TABLE IF NOT EXISTS {staging} AS SELECT {', '.join(names)} FROM {table} WITH NO DATA"
     )

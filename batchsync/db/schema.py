@@ -1,10 +1,12 @@
 """The canonical CRM tables and batchsync's own ``bs_`` tables (docs/architecture.md, "Data"), in SQLAlchemy Core.
 
-``create_all`` is idempotent: ``batchsync init`` may run any number of times.
+``create_all`` is idempotent: ``batchsync init`` may run any number of times. A profile may map CRM tables onto
+the CRM's own tables or views (``db.mapping``); those are skipped here, never created or altered.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.schema import CreateTable
 
 from batchsync.db.digest import digest48
 from batchsync.errors import DatabaseError
@@ -284,19 +287,25 @@ def _redact(url: str) -> str:
     return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
-def missing_tables(engine: Engine) -> list[str]:
+def missing_tables(engine: Engine, skip: Collection[str] = ()) -> list[str]:
     """What the database lacks: tables, columns of existing tables (``table.column``), and the unique indexes
-    batchsync's guarantees rest on (``index name``)."""
+    batchsync's guarantees rest on (``index name``). ``skip``: the CRM tables a profile maps onto its own
+    (``db.mapping`` checks those)."""
+    own = [table for name, table in metadata.tables.items() if name not in skip]
     try:
         found = inspect(engine)
         present = set(found.get_table_names())
-        columns = {name: {c["name"] for c in found.get_columns(name)} for name in metadata.tables if name in present}
+        columns = {
+            table.name: {c["name"] for c in found.get_columns(table.name)} for table in own if table.name in present
+        }
         indexes = {
-            name: {str(i["name"]) for i in found.get_indexes(name)} for name in metadata.tables if name in present
+            table.name: {str(i["name"]) for i in found.get_indexes(table.name)}
+            for table in own
+            if table.name in present
         }
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot read the database: {exc}") from None
-    missing = [name for name in metadata.tables if name not in present]
+    missing = [table.name for table in own if table.name not in present]
     for name, have in columns.items():
         missing += [f"{name}.{column.name}" for column in metadata.tables[name].columns if column.name not in have]
     for name, have in indexes.items():
@@ -305,22 +314,36 @@ def missing_tables(engine: Engine) -> list[str]:
     return missing
 
 
-def create_all(engine: Engine) -> None:
+def create_all(engine: Engine, skip: Collection[str] = ()) -> None:
     """Create every table and index that is missing, and add the columns a newer batchsync put in its own
-    tables; existing data is left as it is."""
+    tables; existing data is left as it is. ``skip``: the CRM tables a profile maps onto its own, never
+    created or altered here."""
+    own = [table for table in metadata.sorted_tables if table.name not in skip]
     try:
-        metadata.create_all(engine)
+        if skip:
+            _create_beside(engine, own, skip)
+        else:
+            metadata.create_all(engine)
         with engine.begin() as connection:
-            for name in missing_tables(engine):
+            for name in missing_tables(engine, skip):
                 if "." in name and not name.startswith("index "):
                     table, column = name.split(".")
                     definition = _column_sql(metadata.tables[table].c[column], engine)
                     connection.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {definition}")
             _mark_files_applied_twice(connection)
-            for index in (index for table in metadata.sorted_tables for index in table.indexes):
+            for index in (index for table in own for index in table.indexes):
                 index.create(connection, checkfirst=True)  # create_all adds indexes to new tables only
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot create tables: {exc}") from None
+
+
+def _create_beside(engine: Engine, own: Sequence[Table], skip: Collection[str]) -> None:
+    """Create the tables of ``own`` that are missing, without foreign keys to the tables a profile maps onto
+    its own (those are elsewhere, or views, which no key can reference)."""
+    with engine.begin() as connection:
+        for table in own:
+            keys = [key for key in table.foreign_key_constraints if key.referred_table.name not in skip]
+            connection.execute(CreateTable(table, include_foreign_key_constraints=keys, if_not_exists=True))
 
 
 def _mark_files_applied_twice(connection: Any) -> None:

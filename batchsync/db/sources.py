@@ -41,7 +41,8 @@ from sqlalchemy.dialects.postgresql import aggregate_order_by
 from batchsync.db import driver
 from batchsync.db.crm import ordered_key
 from batchsync.db.digest import joined, row_digest, text_digest, value_digest
-from batchsync.db.schema import bs_provider_optouts, contacts, group_members, groups, subscriptions, suppressions
+from batchsync.db.mapping import CrmTables, crm_tables
+from batchsync.db.schema import bs_provider_optouts
 from batchsync.rules import OPTED_OUT, Status
 
 GROUP_SEP = "\x1f"
@@ -85,16 +86,16 @@ def stream_export_sources(
     more than the rest of a row. With a ``salt``, each row carries its digest (see :func:`export_digests`);
     with ``only_keys``, only the contacts whose email_key that query returns are read.
     """
-    list_id = place.list_id
+    list_id, t = place.list_id, crm_tables(connection)
     by_contact = only_keys is not None
-    on_list = subscriptions.c.list_id == list_id
+    on_list = t.subscriptions.c.list_id == list_id
     if by_contact and connection.dialect.name == "sqlite":
         # SQLite would walk the whole list (its planner cannot weigh a temporary table of keys against it):
         # ``list_id + 0`` is served by no index, so the contacts are found first, then their rows.
-        on_list = subscriptions.c.list_id + 0 == list_id
-    codes, groups_digest, groups_table = _groups(connection, list_id, by_contact) if with_groups else _NO_GROUPS
-    suppressed = suppressions.c.email_key.is_not(None)
-    c = contacts.c
+        on_list = t.subscriptions.c.list_id + 0 == list_id
+    codes, groups_digest, groups_table = _groups(connection, t, list_id, by_contact) if with_groups else _NO_GROUPS
+    suppressed = t.suppressions.c.email_key.is_not(None)
+    c = t.contacts.c
     columns: list[ColumnElement[Any]] = [
         c.id,
         c.email,
@@ -103,10 +104,10 @@ def stream_export_sources(
         c.last_name,
         c.custom if with_custom else null(),
     ]
-    columns += [subscriptions.c.status, subscriptions.c.source, suppressed, codes, *_consent_and_opt_out()]
+    columns += [t.subscriptions.c.status, t.subscriptions.c.source, suppressed, codes, *_consent_and_opt_out(t)]
     if salt is not None:
-        columns.append(_row_digest(salt, contact_digest(suppressed), groups_digest))
-    rows = _on_list(on_list, groups_table).outerjoin(OPT_OUTS, place.opted_out(c.email_key))
+        columns.append(_row_digest(t, salt, contact_digest(t, suppressed), groups_digest))
+    rows = _on_list(t, on_list, groups_table).outerjoin(OPT_OUTS, place.opted_out(c.email_key))
     query = select(*columns).select_from(rows).where(c.deleted.is_(False))
     if only_keys is not None:
         query = query.where(c.email_key.in_(only_keys))
@@ -132,17 +133,18 @@ class ListPlace:
         return and_(o.profile == self.profile, o.list_code == self.code, o.email_key == email_key)
 
 
-def _consent_and_opt_out() -> tuple[ColumnElement[Any], ColumnElement[Any]]:
+def _consent_and_opt_out(t: CrmTables) -> tuple[ColumnElement[Any], ColumnElement[Any]]:
     """When consent was given (where the subscription names who gave it), and the provider's remembered opt-out of
     the address: both as stored, read into times only for the few rows with an opt-out (``_source``), as they
     matter only there (converting two times for every row cost a tenth of a full export)."""
-    s = subscriptions.c
+    s = t.subscriptions.c
     consent = case((and_(s.consent_by.is_not(None), s.consent_by != ""), s.consent_at), else_=null())
     return type_coerce(consent, String), type_coerce(OPT_OUTS.c.at, String)
 
 
-def _on_list(on_list: ColumnElement[bool], groups_table: FromClause | None) -> FromClause:
+def _on_list(t: CrmTables, on_list: ColumnElement[bool], groups_table: FromClause | None) -> FromClause:
     """Contacts joined with their subscription (``on_list``), suppression and groups."""
+    contacts, subscriptions, suppressions = t.contacts, t.subscriptions, t.suppressions
     rows = contacts.join(subscriptions, and_(subscriptions.c.contact_id == contacts.c.id, on_list))
     rows = rows.outerjoin(suppressions, suppressions.c.email_key == contacts.c.email_key)
     if groups_table is not None:
@@ -150,23 +152,25 @@ def _on_list(on_list: ColumnElement[bool], groups_table: FromClause | None) -> F
     return rows
 
 
-def contact_digest(suppressed: ColumnElement[bool]) -> ColumnElement[int]:
+def contact_digest(t: CrmTables, suppressed: ColumnElement[bool]) -> ColumnElement[int]:
     """The digest of a contact's own columns (custom fields always: whether a list uses them is in its salt)
     and whether its address is ``suppressed``."""
-    c = contacts.c
+    c = t.contacts.c
     return text_digest(joined(c.id, c.email, c.email_key, c.first_name, c.last_name, c.custom, suppressed))
 
 
-def _row_digest(salt: str, contact: ColumnElement[int], groups_digest: ColumnElement[Any]) -> ColumnElement[int]:
-    status = value_digest("status", subscriptions.c.status, get_args(Status))
-    source = value_digest("source", subscriptions.c.source, SOURCES)
-    return row_digest(salt, contact, status, source, func.coalesce(groups_digest, 0), _opt_out_digest())
+def _row_digest(
+    t: CrmTables, salt: str, contact: ColumnElement[int], groups_digest: ColumnElement[Any]
+) -> ColumnElement[int]:
+    status = value_digest("status", t.subscriptions.c.status, get_args(Status))
+    source = value_digest("source", t.subscriptions.c.source, SOURCES)
+    return row_digest(salt, contact, status, source, func.coalesce(groups_digest, 0), _opt_out_digest(t))
 
 
-def _opt_out_digest() -> ColumnElement[int]:
+def _opt_out_digest(t: CrmTables) -> ColumnElement[int]:
     """Where the provider's opt-out of the address is remembered: its time and the row's consent, which decide
     what may be sent (rules.export_decision); 0 elsewhere, so most rows cost no hash for it."""
-    s = subscriptions.c
+    s = t.subscriptions.c
     consent = text_digest(joined(OPT_OUTS.c.at, s.consent_at, s.consent_by))
     return case((OPT_OUTS.c.at.is_not(None), consent), else_=literal(0, BigInteger))
 
@@ -175,25 +179,26 @@ _NO_GROUPS: tuple[ColumnElement[Any], ColumnElement[Any], None] = (null(), liter
 
 
 def _groups(
-    connection: Connection, list_id: int, by_contact: bool, with_codes: bool = True
+    connection: Connection, t: CrmTables, list_id: int, by_contact: bool, with_codes: bool = True
 ) -> tuple[ColumnElement[Any], ColumnElement[Any], FromClause | None]:
     """A contact's group codes on the list (in code order), the sum of their digests, and the derived table
     they come from, if any: the list's memberships aggregated once, or, when a few contacts are read
     (``by_contact``), each one's looked up (the whole list's were aggregated or indexed for a few thousand)."""
+    contacts, groups, group_members = t.contacts, t.groups, t.group_members
     mine = group_members.c.contact_id == contacts.c.id
     if by_contact and connection.dialect.name == "sqlite":
-        each = select(groups.c.code, text_digest(_group_text()).label("digest")).join(group_members, _on(list_id))
+        each = select(groups.c.code, text_digest(_group_text(t)).label("digest")).join(group_members, _on(t, list_id))
         each = each.where(mine).correlate(contacts)
         ordered = each.order_by(groups.c.code).subquery()  # group_concat takes the rows in the order given
         codes = select(func.group_concat(ordered.c.code, GROUP_SEP)).scalar_subquery()
         return codes, select(_sum(ordered.c.digest)).scalar_subquery(), None
     if by_contact:  # LATERAL: a scalar subquery would run twice a row, for the codes and for the digest
         one = select(contacts.c.id.label("contact_id"), _ordered_codes(connection, groups.c.code).label("codes"))
-        one = one.add_columns(_sum(text_digest(_group_text())).label("digest"))
-        looked_up = one.join(groups, _on(list_id)).where(mine).correlate(contacts).lateral()
+        one = one.add_columns(_sum(text_digest(_group_text(t))).label("digest"))
+        looked_up = one.join(groups, _on(t, list_id)).where(mine).correlate(contacts).lateral()
         return looked_up.c.codes, looked_up.c.digest, looked_up
     # Each group's digest once (a CTE, MATERIALIZED so that SQLite does not hash again per membership).
-    digests = select(groups.c.id, groups.c.code, text_digest(_group_text()).label("digest"))
+    digests = select(groups.c.id, groups.c.code, text_digest(_group_text(t)).label("digest"))
     group_digests = digests.where(groups.c.list_id == list_id).cte("bs_group_digests").prefix_with("MATERIALIZED")
     memberships = select(group_members.c.contact_id, group_digests.c.code, group_digests.c.digest)
     memberships = memberships.join(group_digests, group_digests.c.id == group_members.c.group_id)
@@ -212,12 +217,12 @@ def _sum(digests: ColumnElement[int]) -> ColumnElement[int]:
     return func.sum(digests).cast(BigInteger)
 
 
-def _on(list_id: int) -> ColumnElement[bool]:
-    return and_(groups.c.id == group_members.c.group_id, groups.c.list_id == list_id)
+def _on(t: CrmTables, list_id: int) -> ColumnElement[bool]:
+    return and_(t.groups.c.id == t.group_members.c.group_id, t.groups.c.list_id == list_id)
 
 
-def _group_text() -> ColumnElement[str]:
-    return literal("group" + GROUP_SEP) + groups.c.code
+def _group_text(t: CrmTables) -> ColumnElement[str]:
+    return literal("group" + GROUP_SEP) + t.groups.c.code
 
 
 def _ordered_codes(connection: Connection, code: ColumnElement[str]) -> ColumnElement[str]:
@@ -230,12 +235,14 @@ def fill_contact_digests(connection: Connection) -> None:
     """This session's temporary table ``bs_contact_digests``: each live contact's id, email_key, digest and
     whether its address is suppressed. A diff fills it once, then each list joins it: the contact's columns
     are joined into a text and hashed once per run instead of once per list."""
+    t = crm_tables(connection)
+    contacts, suppressions = t.contacts, t.suppressions
     suppressed = suppressions.c.email_key.is_not(None)
     live = (
         select(
             contacts.c.id,
             contacts.c.email_key,
-            contact_digest(suppressed).label("digest"),
+            contact_digest(t, suppressed).label("digest"),
             case((suppressed, 1), else_=0).label("suppressed"),
         )
         .outerjoin(suppressions, suppressions.c.email_key == contacts.c.email_key)
@@ -253,8 +260,9 @@ def export_digests(
     ``sendable`` (a suppressed address goes out as unsubscribed: rules.export_status). An address's digest in
     the ledger is the sum of its contacts' (``ledger.changed_keys`` adds them up, or not: see there). Reads
     ``bs_contact_digests``: see :func:`fill_contact_digests`."""
-    known, list_id = CONTACT_DIGESTS.c, place.list_id
-    group_parts = _groups(connection, list_id, False, with_codes=False) if with_groups else _NO_GROUPS
+    known, list_id, t = CONTACT_DIGESTS.c, place.list_id, crm_tables(connection)
+    subscriptions = t.subscriptions
+    group_parts = _groups(connection, t, list_id, False, with_codes=False) if with_groups else _NO_GROUPS
     _, groups_digest, groups_table = group_parts
     status = subscriptions.c.status
     # Plain comparisons, no IN: the statement is compiled once into PostgreSQL's CREATE TABLE AS.
@@ -265,7 +273,7 @@ def export_digests(
     if groups_table is not None:
         rows = rows.outerjoin(groups_table, groups_table.c.contact_id == known.id)
     sendable_status = case((or_(*(exported == value for value in sendable)), 1), else_=0)
-    digest = _row_digest(salt, known.digest, groups_digest)
+    digest = _row_digest(t, salt, known.digest, groups_digest)
     return select(known.email_key, digest.label("digest"), sendable_status.label("sendable")).select_from(rows)
 
 
@@ -277,7 +285,8 @@ def stream_segment_sources(
     A contact with a subscription row on the list (an opt-out the provider reported, say) has that status;
     the others count as subscribed.
     """
-    c, s = contacts.c, subscriptions.c
+    t = crm_tables(connection)
+    c, s = t.contacts.c, t.subscriptions.c
     query = (
         select(
             c.id,
@@ -288,11 +297,11 @@ def stream_segment_sources(
             c.custom,
             s.status,
             s.source,
-            suppressions.c.email_key.is_not(None),
-            *_consent_and_opt_out(),
+            t.suppressions.c.email_key.is_not(None),
+            *_consent_and_opt_out(t),
         )
-        .outerjoin(subscriptions, and_(s.contact_id == c.id, s.list_id == place.list_id))
-        .outerjoin(suppressions, suppressions.c.email_key == c.email_key)
+        .outerjoin(t.subscriptions, and_(s.contact_id == c.id, s.list_id == place.list_id))
+        .outerjoin(t.suppressions, t.suppressions.c.email_key == c.email_key)
         .outerjoin(OPT_OUTS, place.opted_out(c.email_key))
         .where(c.deleted.is_(False))
         .order_by(ordered_key(c.email_key, connection), c.id)
