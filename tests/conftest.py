@@ -116,9 +116,9 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     on it (mailup_profile, crm_engine, usercli) maps the CRM tables as samples/mapped_crm/profile.toml does.
 
     The scenarios' own statements on ``db.schema``'s Table objects (``update(contacts)`` in a test) go to the
-    mapped views too: in the test module and in crmdata, those names are swapped for the profile's mapped
-    Tables, which name the views with their schema. Nothing is put on the search path, so batchsync itself
-    cannot reach a CRM table by its canonical name: a statement it failed to map fails the scenario."""
+    mapped views too: in the test module, those names are swapped for the profile's mapped Tables, which name
+    the views with their schema (crmdata's helpers ask the engine). Nothing is put on the search path, so
+    batchsync itself cannot reach a CRM table by its canonical name: a statement it failed to map fails."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'crm.sqlite'}"
     if request.param == "postgresql":
@@ -128,13 +128,10 @@ def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         pytest.skip(f"needs batchsync's canonical CRM tables: {marker.args[0]}")
     url = make_mapped_database(request.getfixturevalue("pg_server"))
     monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
-    mapped = crm_tables_for(DatabaseConfig.model_validate({"url": url, **_mapped_urls[url]}))
-    from . import crmdata
-
-    for module in (request.module, crmdata):
-        for name in CRM_TABLES:
-            if getattr(module, name, None) is CANONICAL.table(name):
-                monkeypatch.setattr(module, name, mapped.table(name))
+    mapped = crm_tables_for(DatabaseConfig.model_validate(database_keys(url)))
+    for name in CRM_TABLES:
+        if getattr(request.module, name, None) is CANONICAL.table(name):
+            monkeypatch.setattr(request.module, name, mapped.table(name))
     return url
 
 

@@ -1,4 +1,7 @@
-"""A small, hand-made CRM whose every row a test can name, and helpers to change it as a CRM user would."""
+"""A small, hand-made CRM whose every row a test can name, and helpers to change it as a CRM user would.
+
+The helpers reach the CRM tables through the engine's mapping (``crm_tables``), as batchsync does: on a CRM of
+one's own (conftest's mapped-postgresql) they read and write its views."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from typing import Any
 from sqlalchemy import Engine, delete, insert, select, update
 
 from batchsync.db import crm
-from batchsync.db.schema import bs_changes, contacts, groups, lists, subscriptions, suppressions
+from batchsync.db.mapping import crm_tables
+from batchsync.db.schema import bs_changes
 from batchsync.rules import email_key
 
 T0 = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
@@ -39,6 +43,7 @@ def build_tiny_crm(engine: Engine) -> None:
         # the lists and the group this CRM uses, whatever the profile maps
         crm.ensure_lists(connection, {"newsletter": (None, ["vip"]), "offers": (None, []), "events": (None, [])})
         ids = crm.list_ids(connection, ["newsletter", "offers", "events"])
+        groups = crm_tables(connection).groups
         group_ids = {code: gid for gid, code in connection.execute(select(groups.c.id, groups.c.code))}
         rows: dict[str, list[dict[str, Any]]] = {"contacts": [], "subscriptions": [], "group_members": []}
         for cid, email, first, last, statuses, member_of in PEOPLE:
@@ -92,6 +97,7 @@ def set_status(
 ) -> None:
     with engine.begin() as connection:
         list_id = crm.list_ids(connection, [code])[code]
+        subscriptions = crm_tables(connection).subscriptions
         connection.execute(
             update(subscriptions)
             .where(subscriptions.c.contact_id == contact_id, subscriptions.c.list_id == list_id)
@@ -105,6 +111,7 @@ def leave_list(engine: Engine, contact_id: int, code: str) -> None:
     """The contact's subscription row on the list removed, as a CRM does when someone is taken off a list."""
     with engine.begin() as connection:
         list_id = crm.list_ids(connection, [code])[code]
+        subscriptions = crm_tables(connection).subscriptions
         connection.execute(
             delete(subscriptions).where(subscriptions.c.contact_id == contact_id, subscriptions.c.list_id == list_id)
         )
@@ -116,7 +123,7 @@ def join_list(
     with engine.begin() as connection:
         list_id = crm.list_ids(connection, [code])[code]
         connection.execute(
-            insert(subscriptions).values(
+            insert(crm_tables(connection).subscriptions).values(
                 contact_id=contact_id,
                 list_id=list_id,
                 status=status,
@@ -130,6 +137,7 @@ def join_list(
 
 def set_email(engine: Engine, contact_id: int, email: str, at: datetime) -> None:
     with engine.begin() as connection:
+        contacts = crm_tables(connection).contacts
         connection.execute(
             update(contacts)
             .where(contacts.c.id == contact_id)
@@ -139,11 +147,14 @@ def set_email(engine: Engine, contact_id: int, email: str, at: datetime) -> None
 
 def delete_contact(engine: Engine, contact_id: int) -> None:
     with engine.begin() as connection:
+        contacts = crm_tables(connection).contacts
         connection.execute(update(contacts).where(contacts.c.id == contact_id).values(deleted=True))
 
 
 def status_of(engine: Engine, contact_id: int, code: str) -> str | None:
     with engine.connect() as connection:
+        t = crm_tables(connection)
+        subscriptions, lists = t.subscriptions, t.lists
         return connection.scalar(
             select(subscriptions.c.status)
             .join(lists, lists.c.id == subscriptions.c.list_id)
@@ -153,6 +164,7 @@ def status_of(engine: Engine, contact_id: int, code: str) -> str | None:
 
 def suppressed(engine: Engine) -> dict[str, str]:
     with engine.connect() as connection:
+        suppressions = crm_tables(connection).suppressions
         return dict(connection.execute(select(suppressions.c.email_key, suppressions.c.reason)).all())
 
 
