@@ -6,6 +6,7 @@ prints a table. Not a test: it prints figures and asserts nothing.
     python bench/bench_sync.py                      # 100k and 1M contacts on SQLite
     python bench/bench_sync.py --sizes 10000        # a quick look
     python bench/bench_sync.py --pg postgresql://postgres@127.0.0.1:5432/postgres
+    python bench/bench_sync.py --pg URL --mapped    # the same on the views of samples/mapped_crm
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+import tomllib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,17 +30,24 @@ sys.path.insert(0, str(ROOT))
 
 from batchsync.clock import ManualClock  # noqa: E402
 from batchsync.config import Profile, load_profile  # noqa: E402
+from batchsync.db.mapping import crm_tables  # noqa: E402
 from batchsync.samples import write_sample_crm  # noqa: E402
 from batchsync.sync import Sync  # noqa: E402
 
 NOW = datetime(2026, 2, 1, 3, 0, tzinfo=UTC)
 
 
-def profile_for(folder: Path, url: str) -> Profile:
+MAPPED_CRM = ROOT / "samples" / "mapped_crm"
+
+
+def profile_for(folder: Path, url: str, mapped: bool = False) -> Profile:
+    """The MailUp profile on the bench's CRM; ``mapped``: mapped as samples/mapped_crm/profile.toml says."""
+    keys = tomllib.loads((MAPPED_CRM / "profile.toml").read_text(encoding="utf-8"))["database"] if mapped else {}
+    mapping = {key: value for key, value in keys.items() if key in ("schema", "tables")}
     return load_profile(
         ROOT / "profiles" / "mailup.toml",
         overrides={
-            "database": {"url": url},
+            "database": {"url": url, **mapping},
             "work.dir": str(folder / "work"),
             "transport": {"kind": "local", "path": str(folder / "provider")},
             "inbound.0.min_age_seconds": 0.0,
@@ -46,9 +55,9 @@ def profile_for(folder: Path, url: str) -> Profile:
     )
 
 
-def step(name: str, folder: Path, url: str, size: int) -> dict[str, Any]:
+def step(name: str, folder: Path, url: str, size: int, mapped: bool = False) -> dict[str, Any]:
     """One measured step, run in this (fresh) process."""
-    profile = profile_for(folder, url)
+    profile = profile_for(folder, url, mapped)
     sync = Sync(profile, clock=ManualClock(NOW))
     started = time.perf_counter()
     rows = 0
@@ -73,11 +82,12 @@ def step(name: str, folder: Path, url: str, size: int) -> dict[str, Any]:
 
 def change_one_percent(sync: Sync) -> int:
     with sync.engine.begin() as connection:
-        total = connection.scalar(text("SELECT count(*) FROM contacts")) or 0
+        contacts = crm_tables(connection).sql_name("contacts", connection)
+        total = connection.scalar(text(f"SELECT count(*) FROM {contacts}")) or 0
         step_size = 100
         return (
             connection.execute(
-                text("UPDATE contacts SET first_name = first_name || 'x' WHERE id % :n = 0"), {"n": step_size}
+                text(f"UPDATE {contacts} SET first_name = first_name || 'x' WHERE id % :n = 0"), {"n": step_size}
             ).rowcount
             or total // step_size
         )
@@ -86,7 +96,9 @@ def change_one_percent(sync: Sync) -> int:
 def write_unsubscribers(sync: Sync, path: Path, rows: int) -> int:
     rng = random.Random(5)
     with sync.engine.connect() as connection:
-        emails = [row[0] for row in connection.execute(text("SELECT email FROM contacts WHERE email LIKE '%@%.%'"))]
+        contacts = crm_tables(connection).sql_name("contacts", connection)
+        found = connection.execute(text(f"SELECT email FROM {contacts} WHERE email LIKE '%@%.%'"))
+        emails = [row[0] for row in found]
     path.parent.mkdir(parents=True, exist_ok=True)
     stamp = (NOW - timedelta(days=1)).strftime("%Y%m%dT%H%M%S")
     with path.open("w", encoding="utf-8", newline="") as handle:
@@ -98,8 +110,9 @@ def write_unsubscribers(sync: Sync, path: Path, rows: int) -> int:
     return rows
 
 
-def run_child(name: str, folder: Path, url: str, size: int) -> dict[str, Any]:
+def run_child(name: str, folder: Path, url: str, size: int, mapped: bool) -> dict[str, Any]:
     command = [sys.executable, __file__, "--step", name, "--folder", str(folder), "--url", url, "--size", str(size)]
+    command += ["--mapped"] if mapped else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"step {name} failed:\n{done.stderr[-3000:]}")
@@ -107,8 +120,10 @@ def run_child(name: str, folder: Path, url: str, size: int) -> dict[str, Any]:
     return result
 
 
-def database_for(base: str | None, folder: Path, size: int) -> str:
+def database_for(base: str | None, folder: Path, size: int, mapped: bool) -> str:
     if base is None:
+        if mapped:
+            raise SystemExit("--mapped needs --pg: the example CRM is PostgreSQL's")
         return f"sqlite:///{folder / 'crm.sqlite'}"
     from batchsync.db.schema import make_engine
 
@@ -117,13 +132,18 @@ def database_for(base: str | None, folder: Path, size: int) -> str:
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
-    return base.rsplit("/", 1)[0] + "/" + name
+    url = base.rsplit("/", 1)[0] + "/" + name
+    if mapped:  # the example CRM, loaded as its header says
+        load = ["psql", "-v", "ON_ERROR_STOP=1", "-q", "-d", url, "-f", str(MAPPED_CRM / "postgresql.sql")]
+        subprocess.run(load, check=True, capture_output=True)
+    return url
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000", help="contact counts, comma separated")
     parser.add_argument("--pg", help="a PostgreSQL URL to an admin database; default: SQLite files")
+    parser.add_argument("--mapped", action="store_true", help="on the views of samples/mapped_crm (needs --pg)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"), help="working folder")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -131,18 +151,18 @@ def main() -> None:
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:
-        print(json.dumps(step(args.step, Path(args.folder), args.url, args.size)))
+        print(json.dumps(step(args.step, Path(args.folder), args.url, args.size, args.mapped)))
         return
-    backend = "postgresql" if args.pg else "sqlite"
+    backend = ("mapped-" if args.mapped else "") + ("postgresql" if args.pg else "sqlite")
     print(f"{'contacts':>10} {'step':>8} {'rows':>10} {'seconds':>8} {'rows/s':>10} {'peak RSS MB':>12}  ({backend})")
     peaks: dict[int, float] = {}
     for size in (int(s) for s in args.sizes.split(",")):
         folder = Path(args.out) / f"{backend}_{size}"
         subprocess.run(["rm", "-rf", str(folder)], check=True)
         folder.mkdir(parents=True)
-        url = database_for(args.pg, folder, size)
+        url = database_for(args.pg, folder, size, args.mapped)
         for name in ("make", "full", "change", "diff", "unsubs", "import"):
-            result = run_child(name, folder, url, size)
+            result = run_child(name, folder, url, size, args.mapped)
             rate = result["rows"] / result["seconds"] if result["seconds"] else 0
             print(
                 f"{size:>10} {name:>8} {result['rows']:>10} {result['seconds']:>8} {rate:>10.0f} "
