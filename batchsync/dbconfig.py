@@ -85,12 +85,17 @@ class DatabaseConfig(FrozenModel):
 
     @model_validator(mode="after")
     def _distinct_tables(self) -> DatabaseConfig:
-        seen: dict[tuple[str | None, str], str] = {}
-        for canonical, place in self.locations().items():
-            if place in seen:
-                where = _shown(place)
-                raise ValueError(f"the CRM tables {seen[place]} and {canonical} would both be {where}: name each apart")
-            seen[place] = canonical
+        places = self.locations()
+        # In the default schema, batchsync's own tables and the canonical tables it creates are taken.
+        seen: dict[tuple[str | None, str], str] = {
+            (None, name): f"batchsync's own {name}" for name in CRM_TABLES if name not in places
+        }
+        for canonical, place in places.items():
+            own = place[0] is None and place[1].startswith("bs_")
+            taken = seen.get(place) or ("batchsync's own tables" if own else None)
+            if taken is not None:
+                raise ValueError(f"the CRM table {canonical} would be {_shown(place)}, as {taken}: name it apart")
+            seen[place] = f"the CRM table {canonical}"
         return self
 
     def locations(self) -> dict[str, tuple[str | None, str]]:

@@ -48,6 +48,13 @@ def rows(engine: Engine, statement: str) -> list[tuple[Any, ...]]:
         return [tuple(row) for row in connection.execute(text(statement))]
 
 
+def optins(engine: Engine, where: str) -> list[tuple[Any, ...]]:
+    """Rows of the CRM's own opt-in table: person, newsletter, state, since, changed by."""
+    return rows(
+        engine, f"SELECT person_id, newsletter_id, state, state_since, changed_by FROM crm.optins WHERE {where}"
+    )
+
+
 def uploaded(tmp_path: Path, list_id: str) -> dict[str, str]:
     """The last file uploaded for a MailUp list: address -> optout."""
     path = sorted((tmp_path / "provider" / "import" / list_id).glob("*.csv"))[-1]
@@ -90,8 +97,7 @@ def test_an_import_and_an_export_write_into_the_crms_own_tables(
     [outcome] = sync.import_files().files
     assert (outcome.outcome, outcome.changed) == ("applied", 2)
     engine = sync.engine
-    optins = "SELECT person_id, newsletter_id, state, state_since, changed_by FROM crm.optins"
-    changed = {row[:2]: row[2:] for row in rows(engine, f"{optins} WHERE changed_by = 'ESP'")}
+    changed = {row[:2]: row[2:] for row in optins(engine, "changed_by = 'ESP'")}
     newsletter, offers, events = (
         row[0] for row in rows(engine, "SELECT newsletter_id FROM crm.newsletters ORDER BY 1")
     )
@@ -101,7 +107,7 @@ def test_an_import_and_an_export_write_into_the_crms_own_tables(
         (4, offers): ("B", AT_EARLY, "ESP"),
         (4, events): ("B", AT_EARLY, "ESP"),  # a bounce leaves every list, one he was not on included
     }
-    assert rows(engine, f"SELECT state FROM crm.optins WHERE person_id = 1 AND newsletter_id = {offers}") == [("Y",)]
+    assert optins(engine, f"person_id = 1 AND newsletter_id = {offers}")[0][2] == "Y"
     assert rows(engine, "SELECT address, why, added_by FROM crm.do_not_mail ORDER BY address") == [
         ("dave@example.com", "hard_bounce", "provider:mailup"),
         ("frank@example.com", "hard_bounce", "crm"),
@@ -109,9 +115,7 @@ def test_an_import_and_an_export_write_into_the_crms_own_tables(
     logged = rows(engine, "SELECT person_id, what, happened FROM crm.contact_log ORDER BY entry_id")
     assert logged == [(1, "unsubscribe", AT_EARLY), (4, "bounce", AT_EARLY)]
     set_status(engine, 2, "newsletter", "unsubscribed", clock.now())  # a CRM user, through the view
-    assert rows(engine, "SELECT state, changed_by FROM crm.optins WHERE person_id = 2 AND newsletter_id = 1") == [
-        ("N", "CRM")
-    ]
+    assert [row[2::2] for row in optins(engine, f"person_id = 2 AND newsletter_id = {newsletter}")] == [("N", "CRM")]
     assert sync.export("full").rows == 10 + 3 + 1  # and dave, cleaned, on events
     sent = uploaded(tmp_path, "1")
     assert (sent["alice@example.com"], sent["bob@example.com"], sent["dave@example.com"]) == ("0", "0", "0")
@@ -189,9 +193,7 @@ def test_two_profiles_with_different_mappings_run_in_one_process(
         inbox = tmp_path / folder / "work" / "inbox"
         write_csv(inbox / "unsubscribers_1.csv", [UNSUB_HEADER, unsub_row(email, "1", EARLY, "2")])
     assert [sync.import_files().files[0].changed for sync in (mine, plain)] == [1, 0]  # carol was unsubscribed
-    assert rows(mine.engine, "SELECT state, changed_by FROM crm.optins WHERE person_id = 2 AND newsletter_id = 1") == [
-        ("N", "ADMIN")
-    ]
+    assert [row[2::2] for row in optins(mine.engine, "person_id = 2 AND newsletter_id = 1")] == [("N", "ADMIN")]
     assert status_of(plain.engine, 2, "newsletter") == "subscribed"
     assert (mine.export("full").rows, plain.export("full").rows) == (13, 13)
     assert (schema.contacts.name, schema.contacts.schema, schema.suppressions.name) == (
@@ -218,15 +220,18 @@ def test_the_example_profile_snippet_loads_and_names_are_checked(tmp_path: Path)
         ("database.tables", {"contacts": "crm.people; drop"}, "database.tables.contacts: expected 'name' or"),
         ("database.tables", {"lists": "a.b.c"}, "database.tables.lists: expected 'name' or 'schema.name'"),
         ("database.schema", "crm people", "database.schema: expected a schema name"),
-        (
-            "database.tables",
-            {"contacts": "x", "lists": "x"},
-            "the CRM tables contacts and lists would both be newsletter_api.x",
-        ),
+        ("database.tables", {"contacts": "x", "lists": "x"}, "table lists would be newsletter_api.x, as the CRM table"),
     ):
         with pytest.raises(ConfigError) as caught:
             load_profile(path, overrides={key: value})
         assert expected in str(caught.value)
+    plain = ROOT / "profiles" / "mailup.toml"  # no schema: bare names are in the default schema, beside batchsync's
+    for tables, expected in (
+        ({"contacts": "lists"}, "the CRM table contacts would be lists, as batchsync's own lists"),
+        ({"activities": "bs_runs"}, "the CRM table activities would be bs_runs, as batchsync's own tables"),
+    ):
+        with pytest.raises(ConfigError, match=expected):
+            load_profile(plain, overrides={"database.tables": tables})
 
 
 def test_a_schema_on_sqlite_is_a_configuration_error(tmp_path: Path, clock: ManualClock) -> None:
