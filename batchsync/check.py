@@ -63,7 +63,8 @@ def _database(profile: Profile) -> Iterator[CheckResult]:
         return
     if misfits:
         # Tables the profile maps onto the CRM's own: init never makes them, so it is no advice there.
-        yield CheckResult("database", False, f"{'; '.join(misfits)}: fix the table or view, or database.tables")
+        advice = "fix the table or view, or database.schema / database.tables"
+        yield CheckResult("database", False, f"{'; '.join(misfits)}: {advice}")
     own = [name for name in missing if name not in misfits]
     if own:
         yield CheckResult("database", False, f"tables missing ({', '.join(own)}): run batchsync init")
