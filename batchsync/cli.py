@@ -1,17 +1,20 @@
 """The ``batchsync`` command: parse arguments, call the library, print, and map errors to exit codes.
 
 Nothing else in batchsync prints or exits. Exit codes: 0 done, 1 failed, 2 usage or configuration error,
-3 done with rejected rows or files.
+3 done with rejected rows or files, 4 (``status``) a profile needs attention.
 """
 
 from __future__ import annotations
 
+import logging
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from batchsync import __version__
 from batchsync.check import run_checks
 from batchsync.clock import Clock
 from batchsync.config import load_profile
@@ -20,14 +23,16 @@ from batchsync.daemon import profile_paths as daemon_profile_paths
 from batchsync.demo import DemoSummary, run_demo
 from batchsync.errors import BatchsyncError, ConfigError
 from batchsync.export import ExportResult
-from batchsync.logs import setup_logging
+from batchsync.logs import final_line, json_output, setup_logging
 from batchsync.progress import TerminalProgress, set_listener
 from batchsync.samples import write_sample_crm, write_unsubscribers_file
-from batchsync.status import as_json, as_table, profile_status
+from batchsync.status import as_json, as_table, broken_status, profile_status
 from batchsync.sync import ImportReport, Sync
 
+log = logging.getLogger(__name__)
 EXIT_FAILED = 1
 EXIT_REJECTED = 3
+EXIT_ATTENTION = 4
 profile_option = click.option(
     "--profile",
     "-p",
@@ -55,6 +60,7 @@ mode_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="batchsync")
 @click.option(
     "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log."
 )
@@ -187,13 +193,59 @@ def run(profile_path: Path, full: bool | None, force: bool, dry_run: bool) -> No
 @cli.command()
 @click.argument("profiles", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
 @click.option("--tick", default=1.0, show_default=True, help="Seconds between looks at schedules and inboxes.")
-def daemon(profiles: tuple[Path, ...], tick: float) -> None:
+@click.option(
+    "--listen",
+    envvar="BATCHSYNC_LISTEN",
+    metavar="HOST:PORT",
+    help="Serve /healthz, /metrics (Prometheus) and a status page at / on this address (env BATCHSYNC_LISTEN).",
+)
+@click.option("--tls-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Serve HTTPS: cert.")
+@click.option("--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Serve HTTPS: key.")
+def daemon(
+    profiles: tuple[Path, ...], tick: float, listen: str | None, tls_cert: Path | None, tls_key: Path | None
+) -> None:
     """Run unattended: each profile's nightly run, inbox polls and watched local inbox.
 
-    PROFILES are profile files or folders of them. SIGTERM or SIGINT: finish the file in hand, then exit 0;
-    a second one: stop at once. SIGHUP: reload the profiles (a broken one is reported and the old one kept).
+    PROFILES are profile files or folders of them. A profile that cannot be loaded is reported and skipped; a
+    database or server that is down is tried again with back-off. SIGTERM or SIGINT: finish the file in hand,
+    then exit 0; a second one: stop at once. SIGHUP: reload the profiles (files added to a folder are taken up,
+    removed ones dropped; a file now broken keeps its old profile).
     """
-    raise SystemExit(Daemon(list(profiles), tick_seconds=tick).run_forever())
+    runner = Daemon(list(profiles), tick_seconds=tick)
+    listener = None
+    if listen:
+        from batchsync.web import Listener  # aiohttp is imported only by a daemon that listens
+
+        host, port = _address(listen)
+        listener = Listener(runner, host, port, tls=_tls(tls_cert, tls_key))
+        listener.start()
+    try:
+        code = runner.run_forever()
+    finally:
+        if listener is not None:
+            listener.close()
+    raise SystemExit(code)
+
+
+def _address(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen wants HOST:PORT, such as 127.0.0.1:8080, got {listen!r}")
+    return host, int(port)
+
+
+def _tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot use the TLS certificate {cert} and key {key}: {exc}") from None
+    return context
 
 
 @cli.command()
@@ -207,10 +259,20 @@ def daemon(profiles: tuple[Path, ...], tick: float) -> None:
 )
 @click.option("--json", "as_json_output", is_flag=True, help="Print JSON instead of a table.")
 def status(profile_paths: tuple[Path, ...], as_json_output: bool) -> None:
-    """Per profile: last runs, next scheduled run, files waiting, files in quarantine, rows rejected."""
-    paths = daemon_profile_paths(list(profile_paths) or [Path("profiles")])
-    statuses = [profile_status(load_profile(path), Clock()) for path in paths]
+    """Per profile: problems, last runs, next scheduled run, files waiting, files in quarantine, rows rejected.
+
+    Exits 4 when a profile needs attention: its last nightly run failed or held exports back, its nightly slot
+    was missed, a file is stuck in staging, a file sat in quarantine for over a day, or it cannot be loaded.
+    """
+    statuses = []
+    for path in daemon_profile_paths(list(profile_paths) or [Path("profiles")]):
+        try:
+            statuses.append(profile_status(load_profile(path), Clock()))
+        except BatchsyncError as exc:
+            statuses.append(broken_status(str(path), str(exc)))
     click.echo(as_json(statuses) if as_json_output else as_table(statuses).rstrip())
+    if not all(item.healthy for item in statuses):
+        raise SystemExit(EXIT_ATTENTION)
 
 
 @cli.command()
@@ -315,13 +377,21 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("aborted", err=True)
         return 1
     except click.ClickException as exc:
-        exc.show()
-        return 2
+        if json_output():
+            click.echo(final_line(exc.format_message(), exc.exit_code), err=True)
+        else:
+            exc.show()
+        return exc.exit_code
     except BatchsyncError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(final_line(str(exc), exc.exit_code), err=True)
         return exc.exit_code
     except SystemExit as exc:
         return int(exc.code or 0)
+    except Exception as exc:  # a defect, not the user's doing: one line, the traceback at --log-level debug
+        log.debug("unexpected error", exc_info=exc)
+        message = f"unexpected {type(exc).__name__}: {exc} (run with --log-level debug for the traceback)"
+        click.echo(final_line(message, EXIT_FAILED), err=True)
+        return EXIT_FAILED
     return 0
 
 

@@ -88,6 +88,29 @@ def fail_open_runs(connection: Connection, profile: str, now: datetime) -> int:
 
 
 def slot_taken(connection: Connection, profile: str, slot: str) -> bool:
+    """Whether a run of this slot is under way or done; a failed one may be tried again."""
+    query = (
+        select(func.count())
+        .select_from(bs_runs)
+        .where(bs_runs.c.profile == profile, bs_runs.c.slot == slot, bs_runs.c.outcome != "failed")
+    )
+    return bool(connection.scalar(query))
+
+
+def last_nightly(connection: Connection, profile: str) -> dict[str, Any] | None:
+    """The latest attempt at a scheduled run (a run with a slot), or None when the profile never had one."""
+    query = (
+        select(bs_runs)
+        .where(bs_runs.c.profile == profile, bs_runs.c.slot.is_not(None))
+        .order_by(bs_runs.c.id.desc())
+        .limit(1)
+    )
+    row = connection.execute(query).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def slot_attempted(connection: Connection, profile: str, slot: str) -> bool:
+    """Whether any run of this slot was started, whatever its outcome."""
     query = select(func.count()).select_from(bs_runs).where(bs_runs.c.profile == profile, bs_runs.c.slot == slot)
     return bool(connection.scalar(query))
 

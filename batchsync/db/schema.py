@@ -262,7 +262,9 @@ def make_engine(url: str) -> Engine:
                 Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            engine = create_engine(url, pool_pre_ping=True)
+            # Keepalives: a run lock's session on a cut network is found dead in about a minute, not hours.
+            keepalives = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+            engine = create_engine(url, pool_pre_ping=True, connect_args=keepalives)
     except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         raise DatabaseError(f"cannot use database URL {_redact(url)}: {exc}") from None
     return engine
