@@ -51,7 +51,7 @@ from batchsync.logs import log_fields
 from batchsync.metrics import Metrics
 from batchsync.notify import send_summary
 from batchsync.slots import Slot, latest_slot, next_nightly
-from batchsync.sync import ImportReport, Sync
+from batchsync.sync import ImportReport, InitReport, RunReport, Sync
 from batchsync.trouble import Trouble
 from batchsync.watcher import InboxWatcher
 
@@ -187,7 +187,7 @@ class Daemon:
         old = self.runtimes.pop(path, None)
         if old is not None:
             self._close(old)
-            log.info("reloaded profile %s", runtime.profile.name)
+        log.info("%s profile %s from %s", "reloaded" if old else "loaded", runtime.profile.name, path)
         self.broken.pop(path, None)
         self.runtimes[path] = runtime
 
@@ -201,9 +201,7 @@ class Daemon:
         if config.nightly:
             runtime.scheduler.every().day.at(config.nightly, config.timezone).do(self._nightly, runtime)
         if config.poll_minutes:
-            runtime.scheduler.every(config.poll_minutes).minutes.do(
-                lambda: self._guarded(runtime, "inbox poll", "poll", runtime.sync.import_files)
-            )
+            runtime.scheduler.every(config.poll_minutes).minutes.do(self._poll, runtime)
         sync.work.inbox.mkdir(parents=True, exist_ok=True)
         runtime.observer = Observer()
         runtime.observer.schedule(watcher, str(sync.work.inbox), recursive=False)
@@ -211,24 +209,26 @@ class Daemon:
         return runtime
 
     def _prepare(self, runtime: ProfileRuntime) -> None:
-        """Create what is missing, take up what a stop left behind, and find a night missed meanwhile."""
+        """Create what is missing and find a night missed meanwhile; then run that night, or else an import that
+        takes up what a stop left behind (a night imports first anyway)."""
         missed: list[Slot] = []
 
-        def prepare() -> ImportReport:
-            runtime.sync.init()
-            report = runtime.sync.import_files()
+        def prepare() -> InitReport:
+            report = runtime.sync.init()
             missed.extend(self._missed_slot(runtime))
             return report
 
-        if self._guarded(runtime, "start-up import", "start", prepare):
-            runtime.prepared = True
-            for slot in missed:
-                log.warning(
-                    "profile %s: the %s run was missed while the daemon was stopped: running it now",
-                    runtime.profile.name,
-                    slot.name,
-                )
-                self._nightly(runtime, slot)
+        if not self._guarded(runtime, "start-up", "start", prepare):
+            return
+        runtime.prepared = True
+        for slot in missed:
+            name = runtime.profile.name
+            log.warning(
+                "profile %s: the %s run was missed while the daemon was stopped: running it now", name, slot.name
+            )
+            self._nightly(runtime, slot)
+        if not missed:
+            self._guarded(runtime, "start-up import", "start", runtime.sync.import_files)
 
     def _missed_slot(self, runtime: ProfileRuntime) -> list[Slot]:
         slot = latest_slot(runtime.profile, self.clock.now())
@@ -269,6 +269,10 @@ class Daemon:
         retry = runtime.retry
         if retry is not None and self.clock.now() >= retry.at:
             self._nightly(runtime, retry.slot, retry.attempt)
+
+    def _poll(self, runtime: ProfileRuntime) -> None:
+        log.debug("profile %s: polling the inboxes", runtime.profile.name)
+        self._guarded(runtime, "inbox poll", "poll", runtime.sync.import_files)
 
     def _import_ready(self, runtime: ProfileRuntime) -> None:
         watcher = runtime.watcher
@@ -347,7 +351,7 @@ def _worth_a_summary(report: Any) -> bool:
     """A nightly run always is; an inbox import or poll only when it took files or refused names."""
     if isinstance(report, ImportReport):
         return bool(report.files or report.refused)
-    return True
+    return isinstance(report, RunReport)
 
 
 def _when(moment: dt.datetime | None) -> str:

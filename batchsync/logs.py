@@ -32,6 +32,14 @@ def log_fields(**fields: Any) -> Iterator[None]:
         _fields.reset(token)
 
 
+class _QuietWatchdog(logging.Filter):
+    """watchdog logs an error when an observer is stopped with events still queued (a reload, a stop): nothing
+    is lost, as the daemon reads the inbox folder itself, so the line would only alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("InotifyEmitter.queue_events() called when the thread is inactive")
+
+
 class _FieldsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.fields = _fields.get()
@@ -67,6 +75,7 @@ def setup_logging(level: str, log_format: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(_FieldsFilter())
+    handler.addFilter(_QuietWatchdog())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

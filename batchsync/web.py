@@ -184,11 +184,14 @@ def _profile_section(status: ProfileStatus) -> list[str]:
         ("rows rejected in the last run", str(status.rejected_last_run)),
     ]
     parts.append("<ul>" + "".join(f"<li>{e(label)}: {e(value)}</li>" for label, value in facts) + "</ul>")
-    parts.append("<table class='runs'><tr><th>run</th><th>kind</th><th>started (UTC)</th><th>outcome</th>")
+    parts.append(
+        "<table class='runs'><tr><th>run</th><th>kind</th><th>night</th><th>started (UTC)</th><th>outcome</th>"
+    )
     parts.append("<th>counts</th><th>message</th></tr>")
     for run in status.last_runs:
         counts = ", ".join(f"{key}={value}" for key, value in (run.get("counts") or {}).items() if value)
-        cells = [run["id"], run["kind"], f"{run['started_at']:%Y-%m-%d %H:%M}", run["outcome"], counts, run["message"]]
+        started = f"{run['started_at']:%Y-%m-%d %H:%M}"
+        cells = [run["id"], run["kind"], run["slot"], started, run["outcome"], counts, run["message"]]
         parts.append("<tr>" + "".join(f"<td>{e(str(cell or ''))}</td>" for cell in cells) + "</tr>")
     parts.append("</table>")
     return parts

@@ -47,7 +47,10 @@ class FtpTransport(Transport):
             client = self._new_client()
             with self._errors(f"connect to {self.host}:{self.port}"):
                 client.connect(self.host, self.port)
-                self._login(client)
+                try:
+                    self._login(client)
+                except ftplib.error_perm as exc:
+                    raise TransportError(f"login as {self.user} refused by {self.host}:{self.port}: {exc}") from None
                 client.set_pasv(True)
                 client.voidcmd("TYPE I")
                 self._has_mlsd = "MLST" in client.sendcmd("FEAT").upper()
