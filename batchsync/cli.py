@@ -12,9 +12,12 @@ from typing import Any
 
 import click
 
+from batchsync.audit import address_history
+from batchsync.audit import as_json as audit_json
+from batchsync.audit import as_table as audit_table
 from batchsync.check import run_checks
 from batchsync.clock import Clock
-from batchsync.config import load_profile
+from batchsync.config import Profile, load_profile
 from batchsync.daemon import Daemon
 from batchsync.daemon import profile_paths as daemon_profile_paths
 from batchsync.demo import DemoSummary, run_demo
@@ -22,6 +25,9 @@ from batchsync.errors import BatchsyncError, ConfigError
 from batchsync.export import ExportResult
 from batchsync.logs import setup_logging
 from batchsync.progress import TerminalProgress, set_listener
+from batchsync.revert import RevertPlan
+from batchsync.revert import Step as RevertStep
+from batchsync.revert import describe as describe_file
 from batchsync.samples import write_sample_crm, write_unsubscribers_file
 from batchsync.status import as_json, as_table, profile_status
 from batchsync.sync import ImportReport, Sync
@@ -46,6 +52,15 @@ force_option = click.option(
     is_flag=True,
     help="Upload even past the export safety stop (policy.max_export_unsubscribe_share).",
 )
+profiles_option = click.option(
+    "--profile",
+    "-p",
+    "profile_paths",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A profile file or folder (repeatable); default: profiles/.",
+)
+json_option = click.option("--json", "as_json_output", is_flag=True, help="Print JSON instead of a table.")
 mode_option = click.option(
     "--full/--diff",
     "full",
@@ -197,20 +212,41 @@ def daemon(profiles: tuple[Path, ...], tick: float) -> None:
 
 
 @cli.command()
-@click.option(
-    "--profile",
-    "-p",
-    "profile_paths",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="A profile file or folder (repeatable); default: profiles/.",
-)
-@click.option("--json", "as_json_output", is_flag=True, help="Print JSON instead of a table.")
+@profiles_option
+@json_option
 def status(profile_paths: tuple[Path, ...], as_json_output: bool) -> None:
     """Per profile: last runs, next scheduled run, files waiting, files in quarantine, rows rejected."""
-    paths = daemon_profile_paths(list(profile_paths) or [Path("profiles")])
-    statuses = [profile_status(load_profile(path), Clock()) for path in paths]
+    statuses = [profile_status(profile, Clock()) for profile in _profiles(profile_paths)]
     click.echo(as_json(statuses) if as_json_output else as_table(statuses).rstrip())
+
+
+@cli.command()
+@click.argument("email")
+@profiles_option
+@json_option
+def history(email: str, profile_paths: tuple[Path, ...], as_json_output: bool) -> None:
+    """Everything known of EMAIL: its changes, activities, exported rows and the provider's opt-outs, in time order.
+
+    EMAIL is matched as contacts.email_key is made (trimmed, lower-cased), with the contacts an email change moved
+    to or from it.
+    """
+    found = address_history(_profiles(profile_paths), email)
+    click.echo(audit_json(found) if as_json_output else audit_table(found))
+
+
+@cli.command()
+@click.argument("target", metavar="FILE_OR_SHA")
+@profile_option
+@click.option("--dry-run", is_flag=True, help="Print what it would undo and what it would leave; change nothing.")
+def revert(target: str, profile_path: Path, dry_run: bool) -> None:
+    """Undo the changes one applied inbound file made, where nothing newer changed the same subscription.
+
+    FILE_OR_SHA: the file's name, the path it was archived at, a copy of it, or its sha256 (or its start). What is
+    undone is audited (rule 'revert', origin admin) and goes out in the next export; suppressions and the
+    provider's remembered opt-outs are never undone. The file is marked reverted and is not applied again.
+    """
+    plan = Sync(load_profile(profile_path)).revert(target, dry_run=dry_run)
+    _echo_revert(plan, dry_run)
 
 
 @cli.command()
@@ -237,6 +273,11 @@ def check(profile_path: Path) -> None:
 def demo(folder: Path, contacts: int) -> None:
     """Run the whole loop on a sample SQLite CRM, with a local FTP server playing MailUp."""
     _echo_demo(run_demo(folder, contacts=contacts))
+
+
+def _profiles(paths: tuple[Path, ...]) -> list[Profile]:
+    """The profiles of -p files and folders (default: profiles/)."""
+    return [load_profile(path) for path in daemon_profile_paths(list(paths) or [Path("profiles")])]
 
 
 def _mode(full: bool | None) -> Any:
@@ -300,6 +341,38 @@ def _echo_demo(summary: DemoSummary) -> None:
         click.echo(f"  errors file:    {item.errors_path}")
         click.echo(f"  archived:       {item.kept_at}")
     click.echo(f"  sent copies:    {summary.folder / 'work' / 'sent'}")
+
+
+def _echo_revert(plan: RevertPlan, dry_run: bool) -> None:
+    would = "would be " if dry_run else ""
+    click.echo(
+        f"{'would revert' if dry_run else 'reverted'} {describe_file(plan.file)}: {len(plan.undone)} changes "
+        f"{would}undone, {len(plan.left)} left"
+    )
+    for step in plan.undone:
+        click.echo(f"  undone: {_step(step)}")
+    for step in plan.left:
+        click.echo(f"  left:   {_step(step)}: {step.why_left}")
+    if plan.older:
+        click.echo(
+            f"  {plan.older} changes were recorded before batchsync kept the state before them: their status is "
+            "put back with the revert's time, source admin and no reason"
+        )
+    for note in plan.notes:
+        click.echo(f"  note: {note}")
+    click.echo("  never undone by a revert: suppressions, the provider's remembered opt-outs, activities")
+
+
+def _step(step: RevertStep) -> str:
+    """``line 3 contact 2 bob@example.com newsletter: unsubscribed -> subscribed``; a change left: its state."""
+    change = step.change
+    line = f"line {change['source_line']} contact {change['contact_id']} {step.address}"
+    made = (
+        f"address {change['new_email']}"
+        if change["list_code"] == ""
+        else f"{change['list_code']}: {change['new_status']}"
+    )
+    return f"{line} {made} -> {step.restored}" if not step.why_left else f"{line} {made} stays"
 
 
 def _exit_for(report: ImportReport) -> None:

@@ -49,3 +49,7 @@ class BadFile(BatchsyncError):
 
 class DatabaseError(BatchsyncError):
     """The CRM database cannot be reached or is not in the expected shape."""
+
+
+class RevertRefused(BatchsyncError):
+    """A revert that cannot be made as asked: the file was reverted already, or was never applied."""
