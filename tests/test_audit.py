@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select, text, update
 
+from batchsync.db import crm
 from batchsync.db.schema import activities, bs_changes, bs_files, bs_runs, contacts, subscriptions
 
-from .crmdata import T0, set_status, status_of, suppressed, write_csv
-from .usercli import CHANGES_KIND, User, hours_ago, opt_out
+from .crmdata import T0, read_csv, set_status, status_of, suppressed, unsub_row, write_csv
+from .usercli import CHANGES_KIND, User, hours_ago, mailup_time, opt_out
 
 
 @pytest.fixture
@@ -126,8 +130,6 @@ def test_revert_of_an_admin_file_applied_by_mistake_restores_and_the_next_diff_s
 
 
 def _rows(path: Path) -> list[list[str]]:
-    from .crmdata import read_csv
-
     return read_csv(path)
 
 
@@ -186,6 +188,22 @@ def test_revert_of_a_provider_file_never_sends_its_opt_outs_as_subscribed(user: 
     full = user.export("--full")["1"]
     assert full.get("alice@example.com") != "1" and full.get("bob@example.com") != "1"
     assert full["dave@example.com"] == "1"  # the rest goes out as ever
+
+
+def test_revert_does_not_opt_in_an_address_the_provider_reported_opted_out_since(user: User) -> None:
+    """An admin's file opts bob out by mistake; then MailUp reports bob's own opt-out (the CRM changes nothing: he
+    is out already). Reverting the admin's file must not make him subscribed in the CRM again."""
+    user.export("--full")
+    mistake = user.admin_file([opt_out("alice@example.com", hours=5), opt_out("bob@example.com", hours=5)])
+    assert user.batchsync("import").code == 0
+    user.provider_file([opt_out("bob@example.com", hours=1)])
+    assert user.batchsync("import").code == 0
+    done = user.batchsync("revert", mistake.name)
+    assert done.code == 0, done.err
+    assert "1 changes undone, 1 left" in done.out
+    assert "the provider reported bob@example.com opted out of newsletter (unsubscribers_2.csv:2)" in done.out
+    assert status_of(user.engine, 2, "newsletter") == "unsubscribed"
+    assert status_of(user.engine, 1, "newsletter") == "subscribed"
 
 
 def test_revert_twice_is_refused_and_the_same_file_is_not_applied_again(user: User) -> None:
@@ -279,3 +297,113 @@ def test_changes_recorded_count(user: User) -> None:
         rows = connection.execute(select(c.list_code, c.new_status, c.old_email, c.new_email, c.event)).all()
         assert connection.scalar(select(func.count()).select_from(bs_changes)) == 1
     assert [tuple(row) for row in rows] == [("", "", "bob@example.com", "robert@example.com", "email_change")]
+
+
+# --- the property: apply a random file to a random small CRM, revert it, and the CRM is as it was ----------------
+
+CODES = ("2", "4", "0", "8", "16")  # MailUp: unsubscribes (link, imported, admin), a hard bounce, a complaint
+STATUSES = ("subscribed", "unsubscribed", "pending", "cleaned")
+PERSONS = 4  # contacts p1..p4; p5 is an address the CRM does not have
+SUBSCRIPTION = st.one_of(
+    st.none(),
+    st.tuples(
+        st.sampled_from(STATUSES),
+        st.integers(1, 400),  # status time, hours ago
+        st.sampled_from(("crm", "admin", "provider")),
+        st.sampled_from((None, "web form", "imported")),  # reason
+        st.one_of(st.none(), st.integers(1, 400)),  # consent given, hours ago
+    ),
+)
+FILE_ROW = st.tuples(
+    st.integers(1, PERSONS + 1), st.sampled_from(("1", "2", "3", "")), st.integers(0, 400), st.sampled_from(CODES)
+)
+TABLES = (
+    "activities",
+    "group_members",
+    "subscriptions",
+    "suppressions",
+    "contacts",
+    "bs_changes",
+    "bs_files",
+    "bs_runs",
+    "bs_exported",
+    "bs_pending",
+    "bs_provider_optouts",
+)
+
+
+@pytest.fixture
+def bare_user(tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]) -> Iterator[User]:
+    person = User(tmp_path, db_url, capsys)
+    assert person.batchsync("init").code == 0
+    yield person
+    person.close()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    states=st.lists(SUBSCRIPTION, min_size=PERSONS * 3, max_size=PERSONS * 3),
+    rows=st.lists(FILE_ROW, min_size=1, max_size=8),
+    origin=st.sampled_from(("admin", "provider")),
+)
+def test_reverting_a_random_file_gives_the_crm_back(
+    bare_user: User, states: list[Any], rows: list[Any], origin: str
+) -> None:
+    """On a small CRM in random states, a random file of unsubscribes, hard bounces and complaints, of the admin or
+    the provider, applied and reverted: every subscription of an address the file did not suppress is as it was
+    (status, time, source, reason, consent; a row the file made is gone); suppressions and the provider's
+    remembered opt-outs stay as the file left them, and no suppressed address is opted in again."""
+    user, now = bare_user, hours_ago(0)
+    _fresh_crm(user, states, now)
+    before = subscription_rows(user)
+    lines = [
+        unsub_row(f"p{who}@example.com", list_id, mailup_time(now - timedelta(hours=h)), code)
+        for who, list_id, h, code in rows
+    ]
+    path = user.provider_file(lines) if origin == "provider" else user.admin_file(lines)
+    assert user.batchsync("import").code == 0
+    after, suppressed_after, remembered = subscription_rows(user), suppressed(user.engine), user.provider_optouts()
+    done = user.batchsync("revert", path.name)
+    assert done.code == 0, done.err
+    reverted = subscription_rows(user)
+    assert suppressed(user.engine) == suppressed_after and user.provider_optouts() == remembered
+    for key in set(before) | set(after) | set(reverted):
+        if f"p{key[0]}@example.com" not in suppressed_after:
+            assert reverted.get(key) == before.get(key), (key, done.out)
+        elif after.get(key) is not None and after[key][0] not in ("subscribed", "pending"):
+            # left as the file made it, or (a row the file made with an unsubscribe) removed: never opted in
+            assert (reverted.get(key) or ("no row",))[0] not in ("subscribed", "pending"), (key, done.out)
+    assert user.batchsync("revert", path.name).code == 1  # once only
+
+
+def _fresh_crm(user: User, states: list[Any], now: datetime) -> None:
+    """Every table emptied; contacts p1..p4, and their subscriptions on the three lists as ``states`` say."""
+    with user.engine.begin() as connection:
+        for name in TABLES:
+            connection.execute(text(f"DELETE FROM {name}"))
+        crm.ensure_lists(connection, {"newsletter": (None, []), "offers": (None, []), "events": (None, [])})
+        ids = crm.list_ids(connection, ["newsletter", "offers", "events"])
+        people = [
+            {"id": n, "email": f"p{n}@example.com", "email_key": f"p{n}@example.com", "created_at": T0}
+            | {"updated_at": T0, "deleted": False}
+            for n in range(1, PERSONS + 1)
+        ]
+        crm.insert_rows(connection, "contacts", people)
+        cells = zip(((n, code) for n in range(1, PERSONS + 1) for code in ids), states, strict=True)
+        crm.insert_rows(
+            connection, "subscriptions", [_subscription(n, ids[code], s, now) for (n, code), s in cells if s]
+        )
+
+
+def _subscription(contact: int, list_id: int, state: Any, now: datetime) -> dict[str, Any]:
+    status, hours, source, reason, consent = state
+    return {
+        "contact_id": contact,
+        "list_id": list_id,
+        "status": status,
+        "status_at": now - timedelta(hours=hours),
+        "source": source,
+        "reason": reason,
+        "consent_by": None if consent is None else "web form",
+        "consent_at": None if consent is None else now - timedelta(hours=consent),
+    }
