@@ -83,3 +83,7 @@ def first_line(exc: BaseException) -> str:
     """The first line of an error's message (a driver's errors run to several), or its type's name."""
     text = str(getattr(exc, "orig", None) or exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class RevertRefused(BatchsyncError):
+    """A revert that cannot be made as asked: the file was reverted already, or was never applied."""

@@ -33,6 +33,7 @@ from batchsync.export import Exporter, ExportResult, Mode
 from batchsync.locks import profile_lock
 from batchsync.logs import log_fields
 from batchsync.reconcile import FileOutcome, Reconciler
+from batchsync.revert import Reverter, RevertPlan
 from batchsync.transport import Transport, open_transport
 from batchsync.workdir import WorkDir
 
@@ -161,6 +162,23 @@ class Sync:
                 exported = self._exporter(force).run(mode, dry_run=dry_run)
                 run.record_export(exported)
         return RunReport(run.id, imported, exported)
+
+    def revert(self, target: str, *, dry_run: bool = False) -> RevertPlan:
+        """Undo the changes one applied file made (``batchsync.revert``), as a run of kind ``revert``; a dry run
+        only plans. A file that cannot be found, or was reverted already, is an error before any run starts."""
+        reverter = Reverter(self.profile, self.engine, self.clock)
+        with self._locked(dry_run):
+            entry = reverter.find(target)
+            if dry_run:
+                with self.engine.connect() as connection:
+                    return reverter.plan(connection, entry)
+            with self._recorded("revert", dry_run) as run:
+                with self.engine.begin() as connection:
+                    plan = reverter.plan(connection, entry)
+                    reverter.apply(connection, plan, run.id)
+                run.counts.update(reverted=len(plan.undone), left=len(plan.left))
+                run.files.append(f"revert:{entry['name']}")
+        return plan
 
     def _exporter(self, force: bool = False) -> Exporter:
         return Exporter(self.profile, self.engine, self.clock, self.transport_factory, self.stop, force=force)

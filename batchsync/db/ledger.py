@@ -123,13 +123,13 @@ def last_runs(connection: Connection, profile: str, limit: int = 10) -> list[dic
 # --- inbound files ----------------------------------------------------------------------------------------
 
 
+APPLIED = ("applied", "reverted")  # a reverted file was applied: its content is a duplicate, never applied again
+
+
 def applied_file(connection: Connection, profile: str, sha256: str) -> dict[str, Any] | None:
-    """The ledger entry of an already applied file with this content, if any."""
-    query = (
-        select(bs_files)
-        .where(bs_files.c.profile == profile, bs_files.c.sha256 == sha256, bs_files.c.outcome == "applied")
-        .limit(1)
-    )
+    """The ledger entry of an already applied (or applied, then reverted) file with this content, if any."""
+    f = bs_files.c
+    query = select(bs_files).where(f.profile == profile, f.sha256 == sha256, f.outcome.in_(APPLIED)).limit(1)
     row = connection.execute(query).first()
     return dict(row._mapping) if row else None
 
@@ -354,14 +354,30 @@ CHANGE_COLUMNS = (
     "source_file",
     "source_line",
     "origin",
-    "at",
+    "file_id",
+    "event",
+    "old_source",
+    "old_reason",
+    "new_reason",
+    "old_email",
+    "new_email",
+    "reverts",
 )
+CHANGE_TIMES = ("at", "old_status_at", "new_status_at")
 
 
 def record_changes(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Audit rows: each holds ``at`` and the first nine of CHANGE_COLUMNS; the rest (what an undo needs) may be
+    left out."""
     driver.insert_many(
         connection,
         "bs_changes",
-        CHANGE_COLUMNS,
-        ([*(row[name] for name in CHANGE_COLUMNS[:-1]), driver.stored_time(connection, row["at"])] for row in rows),
+        CHANGE_COLUMNS + CHANGE_TIMES,
+        (
+            [
+                *(row.get(name) for name in CHANGE_COLUMNS),
+                *(driver.stored_time(connection, row.get(name)) for name in CHANGE_TIMES),
+            ]
+            for row in rows
+        ),
     )

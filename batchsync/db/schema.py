@@ -223,9 +223,28 @@ bs_changes = Table(
     Column("source_line", Integer),
     Column("at", UtcDateTime, nullable=False),
     # Who made the change: "provider" (its report, not echoed back), "admin" (a file an admin dropped or named:
-    # a CRM-side change, sent in the next export), "callback", or "crm".
+    # a CRM-side change, sent in the next export; a revert), "callback", or "crm".
     Column("origin", String(16)),
+    # What an undo needs (batchsync revert), all nullable: rows written before these columns existed have NULL
+    # here and are undone as far as the columns above allow. ``file_id`` is the applied file's bs_files row (a
+    # name alone is not unique); ``event`` the inbound event (unsubscribe, hard_bounce, complaint, clean,
+    # email_change) or "revert"; the subscription as it was before (``old_*``) and as the change left it
+    # (``new_*``: a later change in the CRM itself leaves no bs_changes row, so the revert compares these with
+    # the row as it is now). Consent is not here: applying a file never changes it.
+    Column("file_id", Integer),
+    Column("event", String(20)),
+    Column("old_status_at", UtcDateTime),
+    Column("old_source", String(16)),
+    Column("old_reason", String(100)),
+    Column("new_status_at", UtcDateTime),
+    Column("new_reason", String(100)),
+    # An email change is a row of its own: no list (``list_code`` ''), no status (``new_status`` ''), the
+    # contact's address before and after.
+    Column("old_email", EMAIL),
+    Column("new_email", EMAIL),
+    Column("reverts", Integer),  # a revert's row: the id of the bs_changes row it undid
     Index("ix_bs_changes_contact", "contact_id"),
+    Index("ix_bs_changes_file", "file_id"),  # a revert reads one file's changes
 )
 
 # The provider's opt-outs, remembered for good: per profile, list and address, the latest opt-out the provider
