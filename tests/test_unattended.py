@@ -389,3 +389,23 @@ def _catch(failure: list[BaseException], action: Callable[[], object]) -> None:
         action()
     except BaseException as exc:
         failure.append(exc)
+
+
+def test_json_log_lines_carry_the_profile_and_the_run(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'crm.sqlite'}"
+    profile = tmp_path / "mailup.toml"
+    profile.write_text(profile_text(tmp_path, db_url, transport=local_transport(tmp_path)))
+    prepare_crm(profile)
+    write_csv(
+        tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
+        [UNSUB_HEADER, unsub_row("bob@example.com", "1", "20260105T100000", "2")],
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "batchsync.cli", "--log-format", "json", "import", "-p", str(profile)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    entries = [json.loads(line) for line in done.stderr.splitlines()]
+    [applied] = [entry for entry in entries if "applied" in entry["message"]]
+    assert applied["profile"] == "mailup" and applied["run"] == 1
