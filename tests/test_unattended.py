@@ -409,3 +409,26 @@ def test_json_log_lines_carry_the_profile_and_the_run(tmp_path: Path) -> None:
     entries = [json.loads(line) for line in done.stderr.splitlines()]
     [applied] = [entry for entry in entries if "applied" in entry["message"]]
     assert applied["profile"] == "mailup" and applied["run"] == 1
+
+
+def test_the_daemon_starts_with_postgresql_down_says_so_on_healthz_and_catches_up_when_it_is_back(
+    tmp_path: Path, own_pg_server: PostgresServer
+) -> None:
+    db_url = make_database(own_pg_server.url)
+    profile = tmp_path / "mailup.toml"
+    profile.write_text(profile_text(tmp_path, db_url, transport=local_transport(tmp_path)))
+    prepare_crm(profile)
+    own_pg_server.stop()
+    write_csv(
+        tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
+        [UNSUB_HEADER, unsub_row("bob@example.com", "1", "20260105T100000", "2")],
+    )
+    port, log = free_port(), tmp_path / "daemon.log"
+    with daemon_process(str(profile), "--listen", f"127.0.0.1:{port}", log=log) as process:
+        wait_until(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 503, log)
+        [reported] = json.loads(http_get(f"http://127.0.0.1:{port}/healthz")[1])["profiles"]
+        assert any(problem.startswith("database down since") for problem in reported["problems"]), reported
+        assert process.poll() is None
+        own_pg_server.start()
+        wait_until(lambda: applied_files(db_url) == 1, log, timeout=90)
+    assert "Traceback" not in log.read_text()

@@ -31,10 +31,10 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from batchsync.db.digest import digest48
-from batchsync.errors import DatabaseError
+from batchsync.errors import DatabaseError, DatabaseUnavailable, first_line
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -316,7 +316,7 @@ def missing_tables(engine: Engine) -> list[str]:
             name: {str(i["name"]) for i in found.get_indexes(name)} for name in metadata.tables if name in present
         }
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read the database: {exc}") from None
+        raise database_error(exc, "cannot read the database") from None
     missing = [name for name in metadata.tables if name not in present]
     for name, have in columns.items():
         missing += [f"{name}.{column.name}" for column in metadata.tables[name].columns if column.name not in have]
@@ -341,7 +341,15 @@ def create_all(engine: Engine) -> None:
             for index in (index for table in metadata.sorted_tables for index in table.indexes):
                 index.create(connection, checkfirst=True)  # create_all adds indexes to new tables only
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot create tables: {exc}") from None
+        raise database_error(exc, "cannot create tables") from None
+
+
+def database_error(exc: SQLAlchemyError, what: str) -> DatabaseError:
+    """A driver's error as batchsync's: DatabaseUnavailable where the database cannot be reached (waiting may
+    help), DatabaseError otherwise."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return DatabaseUnavailable(f"{what}: {first_line(exc)}")
+    return DatabaseError(f"{what}: {exc}")
 
 
 def _mark_files_applied_twice(connection: Any) -> None:
