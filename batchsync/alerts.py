@@ -29,13 +29,14 @@ class Alerts:
         self.profile = profile
         self.clock = clock
         self.path = profile.work_dir / ".alerts.json"
+        self.sent: dict[str, str] = {}  # also kept here: a disk too full to write the file must not mean a mail a try
 
     def failed(self, job: str, what: str, error: BaseException, message: str) -> bool:
         """Mail the failure unless one of its kind went out within a day; True when a mail went out."""
         if self.profile.notify is None:
             return False
         kind, now = f"{job}:{type(error).__name__}", self.clock.now()
-        sent = _load(self.path)
+        sent = {**_load(self.path), **self.sent}
         last = sent.get(kind)
         if last is not None and now - datetime.fromisoformat(last) < SAME_KIND_EVERY:
             log.debug("profile %s: %s failed again; mailed already at %s", self.profile.name, what, last)
@@ -45,7 +46,7 @@ class Alerts:
         except BatchsyncError as exc:
             log.error("profile %s: the failure mail was not sent: %s", self.profile.name, exc)
             return False
-        sent[kind] = now.isoformat()
+        sent[kind] = self.sent[kind] = now.isoformat()
         _save(self.path, sent)
         return True
 

@@ -119,6 +119,7 @@ class Exporter:
             if missing:
                 raise ConfigError(f"profile {self.profile.name}: no CRM list with code {', '.join(missing)}")
             if not dry_run:
+                ensure_lock_held(self.engine)  # the outbox is the lock holder's to tidy
                 self._recover_outbox()
             if chosen == "diff":
                 self._fill_contact_digests(connection)
@@ -142,6 +143,7 @@ class Exporter:
                 with_retries(
                     transport.connect, attempts=attempts, clock=self.clock, what="the connection to the provider"
                 )
+                ensure_lock_held(self.engine)  # partial uploads may be the lock holder's, in flight
                 self._remove_partial_uploads(transport)
             for code in self.profile.lists:
                 if self.stop.is_set():

@@ -35,7 +35,10 @@ class Metrics:
             "batchsync_quarantined_files", "Inbound files quarantined", by_profile, registry=self.registry
         )
         self.last_success = Gauge(
-            "batchsync_last_success_timestamp_seconds", "When a job last ended well", by_profile, registry=self.registry
+            "batchsync_last_success_timestamp_seconds",
+            "When a job of this kind last ran and ended well (job=nightly: the last good night)",
+            ["profile", "job"],
+            registry=self.registry,
         )
         self.duration = Histogram(
             "batchsync_run_duration_seconds",
@@ -60,7 +63,8 @@ class Metrics:
             outcome = "stopped" if exported.stopped else outcome
         self.runs.labels(profile, job, "skipped" if report is None else outcome).inc()
         self.duration.labels(profile, job).observe(seconds)
-        self.last_success.labels(profile).set(time.time())
+        if report is not None:
+            self.last_success.labels(profile, job).set(time.time())
 
     def failed(self, profile: str, job: str, seconds: float) -> None:
         self.runs.labels(profile, job, "failed").inc()

@@ -76,6 +76,8 @@ def _read_runs(profile: Profile, status: ProfileStatus, runs: int) -> dict[str, 
         with engine.connect() as connection:
             status.last_runs = ledger.last_runs(connection, profile.name, runs)
             nightly = ledger.last_nightly(connection, profile.name)
+            if nightly is not None and nightly["outcome"] not in ("ok", "rejected"):
+                nightly["mended"] = ledger.later_success(connection, profile.name, nightly["id"])
     except Exception as exc:  # a database that is down is reported, never a traceback
         raise BatchsyncError(f"cannot read the database: {first_line(exc)}") from None
     finally:
@@ -91,8 +93,12 @@ def _night_problems(profile: Profile, nightly: dict[str, Any] | None, now: datet
     slot = latest_slot(profile, now)
     if slot is not None and nightly["slot"] != slot.name and now - slot.due > MISSED_AFTER:
         return [f"the {slot.name} run was missed (due {slot.due:%Y-%m-%d %H:%M} UTC, never started)"]
+    if nightly.get("mended"):  # an admin's run or export ended well since
+        return []
     if nightly["outcome"] == "failed":
         return [f"the {nightly['slot']} run failed: {nightly['message']}"]
+    if nightly["outcome"] == "interrupted":
+        return [f"the {nightly['slot']} run was interrupted by a stop; it runs again at the daemon's next start"]
     if nightly["outcome"] == "stopped":
         return [f"the {nightly['slot']} run held exports back: {nightly['message']}"]
     return []

@@ -303,6 +303,9 @@ class Sync:
             except BaseException as exc:
                 self._finish_failed(run, exc)
                 raise
+            if self.stop.is_set():  # a stop signal ended it early: what is left waits, and a night is run again
+                self._finish(run, "interrupted", "stopped by a signal before the end; the next run carries on")
+                return
             if run.stopped:
                 self._finish(run, "stopped", "; ".join(run.stopped))
                 return
@@ -316,8 +319,8 @@ class Sync:
             message = "stopped at once by a second stop signal"
         elif isinstance(exc, BatchsyncError):
             message = str(exc)
-        else:
-            message = f"{type(exc).__name__}: {exc}"
+        else:  # the first line only: a driver's error goes on with the statement, which /healthz must not show
+            message = f"{type(exc).__name__}: {first_line(exc)}"
         try:
             self._finish(run, "failed", message)
         except SQLAlchemyError as error:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 5.0
 ALIVE_SECONDS = 60.0  # a loop that has not come round for this long, with no job in hand, is stuck
+LONGEST_JOB_SECONDS = 6 * 3600.0  # a job in hand longer than this is taken to hang (a database that never answers)
 
 
 @dataclass
@@ -55,18 +56,22 @@ class Snapshot:
 
 def snapshot(daemon: Daemon) -> Snapshot:
     """What the daemon is doing and how each profile is; reads each profile's database."""
-    job = daemon.job
-    alive = job is not None or daemon.clock.monotonic() - daemon.heartbeat < max(ALIVE_SECONDS, 5 * daemon.tick_seconds)
+    job, now = daemon.job, daemon.clock.monotonic()
+    looped = now - daemon.heartbeat < max(ALIVE_SECONDS, 5 * daemon.tick_seconds)
+    alive = looped or (job is not None and now - job[1] < LONGEST_JOB_SECONDS)
     statuses = []
     for runtime in list(daemon.runtimes.values()):
         status = profile_status(runtime.profile, daemon.clock)
-        trouble = runtime.trouble.describe()
-        if trouble is not None:
-            status.problems.insert(0, trouble)
-        if not runtime.prepared and trouble is None:
-            status.problems.insert(0, "not started yet")
+        troubles = runtime.trouble.describe()
+        if runtime.reload_error is not None:
+            troubles.append(f"the profile file changed into one that cannot be used: {runtime.reload_error}")
+        if not runtime.prepared and not troubles:
+            troubles.append("not started yet")
+        status.problems[:0] = troubles
         statuses.append(status)
     statuses += [broken_status(str(path), reason) for path, reason in list(daemon.broken.items())]
+    if not statuses:
+        statuses.append(broken_status("(none)", "no profile files to run"))
     return Snapshot(alive, job[0] if job else None, statuses, time.monotonic())
 
 

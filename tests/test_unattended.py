@@ -164,7 +164,7 @@ def test_a_failed_night_is_mailed_and_seen_by_status_healthz_and_metrics_and_its
     password.write_text("not-the-password\n")
     db_url = f"sqlite:///{tmp_path / 'crm.sqlite'}"
     slot_time = datetime.now(UTC) - timedelta(minutes=3)  # tonight's slot passed while the daemon was stopped
-    schedule = f'\n[schedule]\nnightly = "{slot_time:%H:%M}"\ntimezone = "UTC"\nretry_minutes = [0.1]\n'
+    schedule = f'\n[schedule]\nnightly = "{slot_time:%H:%M}"\ntimezone = "UTC"\nretry_minutes = [0.25, 0.25, 0.25]\n'
     with LoopbackFtpServer(tmp_path / "provider", FTP_USER, FTP_PASSWORD) as ftp:
         (tmp_path / "provider" / "export").mkdir()
         text = profile_text(tmp_path, db_url, transport=ftp_transport(ftp.port, password), extra=schedule)
@@ -192,10 +192,10 @@ def test_a_failed_night_is_mailed_and_seen_by_status_healthz_and_metrics_and_its
             assert status.returncode == 4 and "NEEDS ATTENTION" in status.stdout, status.stdout
             assert runs_counter(http_get(f"{base}/metrics")[1])[("nightly", "failed")] >= 1
 
-            password.write_text(FTP_PASSWORD + "\n")  # the admin fixes it; the retry (6 s later) succeeds
+            password.write_text(FTP_PASSWORD + "\n")  # the admin fixes it; a retry (15 s apart) succeeds
             wait_until(lambda: http_get(f"{base}/healthz")[0] == 200, log)
             counted = runs_counter(http_get(f"{base}/metrics")[1])
-            assert counted[("nightly", "ok")] == 1 and counted[("nightly", "failed")] == 1
+            assert counted[("nightly", "ok")] == 1 and counted[("nightly", "failed")] >= 1
             text_of_page = chromium(base + "/", tmp_path / "status.png")
         assert len(mailbox.messages) == 2  # the alert, then the night's summary: no second alert
         sent = sorted(path.name for path in (tmp_path / "provider" / "import").rglob("*.csv"))
@@ -204,14 +204,15 @@ def test_a_failed_night_is_mailed_and_seen_by_status_healthz_and_metrics_and_its
     with engine.connect() as connection:
         nights = connection.execute(select(bs_runs.c.slot, bs_runs.c.outcome).where(bs_runs.c.slot.is_not(None)))
         tonight = [outcome for slot, outcome in nights if slot == f"nightly {slot_time:%Y-%m-%d %H:%M}"]
-    assert tonight == ["failed", "ok"]  # the missed slot ran once at start, then once more as its retry
+    # the missed slot ran at start, then as its retries until one ended well: once well, never again
+    assert tonight[-1] == "ok" and set(tonight[:-1]) == {"failed"} and len(tonight) <= 4
     assert (tmp_path / "status.png").stat().st_size > 5000
     assert "batchsync 0.2.0" in text_of_page and "healthy" in text_of_page
     assert "Profile mailup" in text_of_page and "started (UTC)" in text_of_page and " ok " in text_of_page
     log_text = log.read_text()
     assert "Traceback" not in log_text
     assert re.search(r"batchsync 0\.2\.0 started: 1 profiles \(mailup next night", log_text), log_text[:2000]
-    assert "was missed while the daemon was stopped: running it now" in log_text
+    assert f"the nightly {slot_time:%Y-%m-%d %H:%M} run has not ended well: running it now" in log_text
 
 
 def test_a_broken_profile_is_skipped_and_sighup_takes_up_a_profile_added_to_the_folder(tmp_path: Path) -> None:

@@ -87,12 +87,33 @@ def fail_open_runs(connection: Connection, profile: str, now: datetime) -> int:
     return int(result.rowcount or 0)
 
 
+UNFINISHED = ("failed", "interrupted")  # outcomes of a night that may be run again
+
+
 def slot_taken(connection: Connection, profile: str, slot: str) -> bool:
-    """Whether a run of this slot is under way or done; a failed one may be tried again."""
+    """Whether a run of this slot is under way or done; a failed or interrupted one may be tried again."""
     query = (
         select(func.count())
         .select_from(bs_runs)
-        .where(bs_runs.c.profile == profile, bs_runs.c.slot == slot, bs_runs.c.outcome != "failed")
+        .where(bs_runs.c.profile == profile, bs_runs.c.slot == slot, bs_runs.c.outcome.not_in(UNFINISHED))
+    )
+    return bool(connection.scalar(query))
+
+
+def slot_done(connection: Connection, profile: str, slot: str) -> bool:
+    """Whether a run of this slot ended (not failed, interrupted or still marked running)."""
+    ended = bs_runs.c.outcome.not_in((*UNFINISHED, "running"))
+    query = select(func.count()).select_from(bs_runs).where(bs_runs.c.profile == profile, bs_runs.c.slot == slot, ended)
+    return bool(connection.scalar(query))
+
+
+def later_success(connection: Connection, profile: str, after_id: int) -> bool:
+    """Whether a whole run or an export ended well after run ``after_id`` (an admin's run after a failed night)."""
+    query = select(func.count()).where(
+        bs_runs.c.profile == profile,
+        bs_runs.c.id > after_id,
+        bs_runs.c.kind.in_(("run", "export")),
+        bs_runs.c.outcome.in_(("ok", "rejected")),
     )
     return bool(connection.scalar(query))
 
@@ -109,10 +130,10 @@ def last_nightly(connection: Connection, profile: str) -> dict[str, Any] | None:
     return dict(row._mapping) if row is not None else None
 
 
-def slot_attempted(connection: Connection, profile: str, slot: str) -> bool:
-    """Whether any run of this slot was started, whatever its outcome."""
+def slot_attempts(connection: Connection, profile: str, slot: str) -> int:
+    """How many runs of this slot were started, whatever their outcome."""
     query = select(func.count()).select_from(bs_runs).where(bs_runs.c.profile == profile, bs_runs.c.slot == slot)
-    return bool(connection.scalar(query))
+    return int(connection.scalar(query) or 0)
 
 
 def last_runs(connection: Connection, profile: str, limit: int = 10) -> list[dict[str, Any]]:

@@ -276,14 +276,17 @@ def make_engine(url: str) -> Engine:
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     try:
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"timeout": 60})
+            engine = create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
             if engine.url.database and engine.url.database != ":memory:":
                 Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            # Keepalives: a run lock's session on a cut network is found dead in about a minute, not hours.
+            # Keepalives: a run lock's session on a cut network is found dead in about a minute, not hours; a
+            # server that does not answer at all is given up after connect_timeout.
             keepalives = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
-            engine = create_engine(url, pool_pre_ping=True, connect_args=keepalives)
+            connect = {**keepalives, "connect_timeout": 15}
+            # hide_parameters: an error's text never carries addresses (it reaches logs, status and /healthz).
+            engine = create_engine(url, pool_pre_ping=True, connect_args=connect, hide_parameters=True)
     except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         raise DatabaseError(f"cannot use database URL {_redact(url)}: {exc}") from None
     return engine
