@@ -22,8 +22,15 @@ RUN pip install . \
 USER batchsync
 VOLUME ["/data", "/inboxes", "/profiles"]
 
-HEALTHCHECK --interval=5m --timeout=60s --start-period=1m --retries=3 \
-    CMD ["batchsync", "--log-level", "error", "status", "--profile", "/profiles"]
+# The daemon listens on 8080 (set BATCHSYNC_LISTEN="" to turn the listener off): /healthz, /metrics, and a status
+# page at /. Publish the port only to a private network or behind a reverse proxy.
+ENV BATCHSYNC_LISTEN=0.0.0.0:8080
+EXPOSE 8080
+
+# /healthz when the listener is on (503: a failed or missed night, a stuck file, a profile that cannot be used,
+# a stuck loop); otherwise `batchsync status`, which exits 4 for the same reasons.
+HEALTHCHECK --interval=2m --timeout=60s --start-period=1m --retries=2 \
+    CMD ["sh", "-c", "if [ -n \"$BATCHSYNC_LISTEN\" ]; then python -c \"import sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + sys.argv[1] + '/healthz', timeout=50)\" \"${BATCHSYNC_LISTEN##*:}\"; else batchsync --log-level error status --profile /profiles >/dev/null; fi"]
 
 ENTRYPOINT ["batchsync", "daemon"]
 CMD ["/profiles"]

@@ -3,4 +3,4 @@
 The library's front door is :class:`batchsync.sync.Sync`; ``batchsync.cli`` is the command line over it.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -80,8 +80,10 @@ class EventApplier:
         results: CsvWriter,
         errors: ErrorsWriter,
         list_ids: dict[str, int],
+        file_id: int | None = None,
     ) -> None:
         self.profile, self.connection, self.run_id, self.now = profile, connection, run_id, now
+        self.file_id = file_id  # the file's bs_files row: its changes name it, so that it can be reverted
         self.source, self.origin = staged.name, staged.origin
         self.results, self.errors, self.list_ids = results, errors, list_ids
         self.opted_out: dict[str, set[str]] = defaultdict(set)  # list -> addresses this file took off it
@@ -177,9 +179,13 @@ class EventApplier:
         if owner is not None:
             self._reject(event, f"the new address {event.new_email} belongs to another contact ({owner})", tally)
             return
+        before = crm.contact_emails(self.connection, contact_ids)
         for contact_id in contact_ids:
             crm.change_email(self.connection, contact_id, event.new_email, new_key, self.now)
             self._activity(contact_id, event, f"{event.email} -> {event.new_email}")
+            # Audited as a row of its own, no list and no status: a revert puts the address back.
+            more = {"event": "email_change", "old_email": before.get(contact_id), "new_email": event.new_email}
+            self._audit(event, contact_id, "", "", "email change", **more)
         if new_key != event.email_key:  # the next rows of the file see the address taken
             self.contacts[new_key] = sorted({*self.contacts.get(new_key, []), *contact_ids})
             del self.contacts[event.email_key]
@@ -257,7 +263,7 @@ class EventApplier:
         if before is not None and before.status in ("subscribed", "pending"):
             self.opted_out[code].add(event.email_key)
         self.touched.add(key)
-        self.current[key] = Subscription(decision.new_status, opt.at, self.origin)
+        self.current[key] = Subscription(decision.new_status, opt.at, self.origin, reason=opt.reason)
         self.changes[key] = {
             "contact_id": contact_id,
             "list_id": key[1],
@@ -266,21 +272,35 @@ class EventApplier:
             "source": self.origin,
             "reason": opt.reason,
         }
+        more = {"event": opt.kind, "new_status_at": opt.at, "new_reason": opt.reason}
+        self._audit(event, contact_id, code, decision.new_status, decision.rule, **more)
+        if before is not None:  # what a revert puts back (no row before: the revert removes the row)
+            self.audit[-1].update(
+                old_status=before.status,
+                old_status_at=before.status_at,
+                old_source=before.source,
+                old_reason=before.reason,
+            )
+        return decision.rule, True
+
+    def _audit(self, row: InboundEvent, contact_id: int, code: str, new_status: str, rule: str, **more: Any) -> None:
+        """A bs_changes row of this file's ``row`` (its line, origin, run and file); ``more`` adds columns."""
         self.audit.append(
             {
                 "run_id": self.run_id,
                 "contact_id": contact_id,
                 "list_code": code,
-                "old_status": before.status if before else None,
-                "new_status": decision.new_status,
-                "rule": decision.rule,
+                "old_status": None,
+                "new_status": new_status,
+                "rule": rule,
                 "source_file": self.source,
-                "source_line": event.line,
+                "source_line": row.line,
                 "at": self.now,
                 "origin": self.origin,
+                "file_id": self.file_id,
+                **more,
             }
         )
-        return decision.rule, True
 
     def _note_suppression(self, event: InboundEvent, kind: EventKind) -> None:
         if suppresses(kind, self.profile.policy.hard_bounce_suppresses):

@@ -1,33 +1,41 @@
 """The ``batchsync`` command: parse arguments, call the library, print, and map errors to exit codes.
 
 Nothing else in batchsync prints or exits. Exit codes: 0 done, 1 failed, 2 usage or configuration error,
-3 done with rejected rows or files.
+3 done with rejected rows or files, 4 (``status``) a profile needs attention.
 """
 
 from __future__ import annotations
 
+import logging
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from batchsync import __version__
+from batchsync.audit import address_history
+from batchsync.audit import as_json as audit_json
+from batchsync.audit import as_table as audit_table
 from batchsync.check import run_checks
+from batchsync.cli_echo import echo_demo, echo_export, echo_import, echo_revert
 from batchsync.clock import Clock
-from batchsync.config import load_profile
+from batchsync.config import Profile, load_profile
 from batchsync.daemon import Daemon
 from batchsync.daemon import profile_paths as daemon_profile_paths
-from batchsync.demo import DemoSummary, run_demo
+from batchsync.demo import run_demo
 from batchsync.errors import BatchsyncError, ConfigError
-from batchsync.export import ExportResult
-from batchsync.logs import setup_logging
+from batchsync.logs import final_line, json_output, setup_logging
 from batchsync.progress import TerminalProgress, set_listener
 from batchsync.samples import write_sample_crm, write_unsubscribers_file
-from batchsync.status import as_json, as_table, profile_status
+from batchsync.status import as_json, as_table, broken_status, profile_status
 from batchsync.sync import ImportReport, Sync
 
+log = logging.getLogger(__name__)
 EXIT_FAILED = 1
 EXIT_REJECTED = 3
+EXIT_ATTENTION = 4
 profile_option = click.option(
     "--profile",
     "-p",
@@ -46,6 +54,15 @@ force_option = click.option(
     is_flag=True,
     help="Upload even past the export safety stop (policy.max_export_unsubscribe_share).",
 )
+profiles_option = click.option(
+    "--profile",
+    "-p",
+    "profile_paths",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A profile file or folder (repeatable); default: profiles/.",
+)
+json_option = click.option("--json", "as_json_output", is_flag=True, help="Print JSON instead of a table.")
 mode_option = click.option(
     "--full/--diff",
     "full",
@@ -55,6 +72,7 @@ mode_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="batchsync")
 @click.option(
     "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), help="How much to log."
 )
@@ -127,7 +145,7 @@ def export(profile_path: Path, full: bool | None, force: bool, dry_run: bool) ->
     """
     sync = Sync(load_profile(profile_path))
     result = sync.export(_mode(full), dry_run=dry_run, force=force)
-    _echo_export(result)
+    echo_export(result)
     if result.stopped:
         raise SystemExit(EXIT_FAILED)
 
@@ -163,7 +181,7 @@ def import_(
         raise ConfigError("--origin applies to files named with --file")
     sync = Sync(load_profile(profile_path))
     report = sync.import_files(files, kind=kind, origin=origin, dry_run=dry_run, force=force)  # type: ignore[arg-type]
-    _echo_import(report)
+    echo_import(report)
     _exit_for(report)
 
 
@@ -176,9 +194,9 @@ def run(profile_path: Path, full: bool | None, force: bool, dry_run: bool) -> No
     """Import, then export: one whole run, recorded in bs_runs."""
     report = Sync(load_profile(profile_path)).run(_mode(full), dry_run=dry_run, force=force)
     assert report is not None and report.imported is not None  # no slot given: always runs
-    _echo_import(report.imported)
+    echo_import(report.imported)
     if report.exported is not None:
-        _echo_export(report.exported)
+        echo_export(report.exported)
         if report.exported.stopped:
             raise SystemExit(EXIT_FAILED)
     _exit_for(report.imported)
@@ -187,30 +205,108 @@ def run(profile_path: Path, full: bool | None, force: bool, dry_run: bool) -> No
 @cli.command()
 @click.argument("profiles", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
 @click.option("--tick", default=1.0, show_default=True, help="Seconds between looks at schedules and inboxes.")
-def daemon(profiles: tuple[Path, ...], tick: float) -> None:
+@click.option(
+    "--listen",
+    envvar="BATCHSYNC_LISTEN",
+    metavar="HOST:PORT",
+    help="Serve /healthz, /metrics (Prometheus) and a status page at / on this address (env BATCHSYNC_LISTEN).",
+)
+@click.option("--tls-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Serve HTTPS: cert.")
+@click.option("--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Serve HTTPS: key.")
+def daemon(
+    profiles: tuple[Path, ...], tick: float, listen: str | None, tls_cert: Path | None, tls_key: Path | None
+) -> None:
     """Run unattended: each profile's nightly run, inbox polls and watched local inbox.
 
-    PROFILES are profile files or folders of them. SIGTERM or SIGINT: finish the file in hand, then exit 0;
-    a second one: stop at once. SIGHUP: reload the profiles (a broken one is reported and the old one kept).
+    PROFILES are profile files or folders of them. A profile that cannot be loaded is reported and skipped; a
+    database or server that is down is tried again with back-off. SIGTERM or SIGINT: finish the file in hand,
+    then exit 0; a second one: stop at once. SIGHUP: reload the profiles (files added to a folder are taken up,
+    removed ones dropped; a file now broken keeps its old profile).
     """
-    raise SystemExit(Daemon(list(profiles), tick_seconds=tick).run_forever())
+    runner = Daemon(list(profiles), tick_seconds=tick)
+    listener = None
+    if listen:
+        from batchsync.web import Listener  # aiohttp is imported only by a daemon that listens
+
+        host, port = _address(listen)
+        listener = Listener(runner, host, port, tls=_tls(tls_cert, tls_key))
+        listener.start()
+    try:
+        code = runner.run_forever()
+    finally:
+        if listener is not None:
+            listener.close()
+    raise SystemExit(code)
+
+
+def _address(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen wants HOST:PORT, such as 127.0.0.1:8080, got {listen!r}")
+    return host, int(port)
+
+
+def _tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot use the TLS certificate {cert} and key {key}: {exc}") from None
+    return context
 
 
 @cli.command()
-@click.option(
-    "--profile",
-    "-p",
-    "profile_paths",
-    multiple=True,
-    type=click.Path(path_type=Path),
-    help="A profile file or folder (repeatable); default: profiles/.",
-)
-@click.option("--json", "as_json_output", is_flag=True, help="Print JSON instead of a table.")
+@profiles_option
+@json_option
 def status(profile_paths: tuple[Path, ...], as_json_output: bool) -> None:
-    """Per profile: last runs, next scheduled run, files waiting, files in quarantine, rows rejected."""
-    paths = daemon_profile_paths(list(profile_paths) or [Path("profiles")])
-    statuses = [profile_status(load_profile(path), Clock()) for path in paths]
+    """Per profile: problems, last runs, next scheduled run, files waiting, files in quarantine, rows rejected.
+
+    Exits 4 when a profile needs attention: its last nightly run failed or held exports back, its nightly slot
+    was missed, a file is stuck in staging, a file sat in quarantine for over a day, or it cannot be loaded.
+    """
+    statuses = []
+    for path in daemon_profile_paths(list(profile_paths) or [Path("profiles")]):
+        try:
+            statuses.append(profile_status(load_profile(path), Clock()))
+        except BatchsyncError as exc:
+            statuses.append(broken_status(str(path), str(exc)))
     click.echo(as_json(statuses) if as_json_output else as_table(statuses).rstrip())
+    if not all(item.healthy for item in statuses):
+        raise SystemExit(EXIT_ATTENTION)
+
+
+@cli.command()
+@click.argument("email")
+@profiles_option
+@json_option
+def history(email: str, profile_paths: tuple[Path, ...], as_json_output: bool) -> None:
+    """Everything known of EMAIL: its changes, activities, exported rows and the provider's opt-outs, in time order.
+
+    EMAIL is matched as contacts.email_key is made (trimmed, lower-cased), with the contacts an email change moved
+    to or from it.
+    """
+    found = address_history(_profiles(profile_paths), email)
+    click.echo(audit_json(found) if as_json_output else audit_table(found))
+
+
+@cli.command()
+@click.argument("target", metavar="FILE_OR_SHA")
+@profile_option
+@click.option("--dry-run", is_flag=True, help="Print what it would undo and what it would leave; change nothing.")
+def revert(target: str, profile_path: Path, dry_run: bool) -> None:
+    """Undo the changes one applied inbound file made, where nothing newer changed the same subscription.
+
+    FILE_OR_SHA: the file's name, the path it was archived at, a copy of it, or its sha256 (or its start). What is
+    undone is audited (rule 'revert', origin admin) and goes out in the next export; suppressions and the
+    provider's remembered opt-outs are never undone. The file is marked reverted and is not applied again.
+    """
+    plan = Sync(load_profile(profile_path)).revert(target, dry_run=dry_run)
+    echo_revert(plan, dry_run)
 
 
 @cli.command()
@@ -236,70 +332,16 @@ def check(profile_path: Path) -> None:
 @click.option("--contacts", default=2_000, show_default=True, help="Size of the sample CRM.")
 def demo(folder: Path, contacts: int) -> None:
     """Run the whole loop on a sample SQLite CRM, with a local FTP server playing MailUp."""
-    _echo_demo(run_demo(folder, contacts=contacts))
+    echo_demo(run_demo(folder, contacts=contacts))
+
+
+def _profiles(paths: tuple[Path, ...]) -> list[Profile]:
+    """The profiles of -p files and folders (default: profiles/)."""
+    return [load_profile(path) for path in daemon_profile_paths(list(paths) or [Path("profiles")])]
 
 
 def _mode(full: bool | None) -> Any:
     return None if full is None else ("full" if full else "diff")
-
-
-def _echo_export(result: ExportResult) -> None:
-    verb = "would send" if result.dry_run else "sent"
-    for item in result.files:
-        where = f"{item.local_path} -> {item.remote_path}" if item.local_path else "nothing to send"
-        if item.stopped and not result.dry_run:
-            where = f"held back in {item.local_path}" if item.local_path else "nothing uploaded"
-        click.echo(
-            f"export {result.mode} {item.list_code}: {item.rows} rows ({item.tombstones} tombstones), "
-            f"{item.duplicates} duplicate emails, {item.invalid} invalid emails; {where}"
-        )
-        for report in item.reports:
-            click.echo(f"  report: {report}")
-        if item.stopped:
-            click.echo(f"  {item.stopped}", err=True)
-    sent = [f for f in result.files if f.local_path and (result.dry_run or f.uploaded)]
-    click.echo(f"export: {verb} {sum(f.rows for f in sent)} rows in {len(sent)} files")
-
-
-WOULD = {"applied": "would be applied", "duplicate": "would be a duplicate", "quarantined": "would be quarantined"}
-
-
-def _echo_import(report: ImportReport) -> None:
-    for item in report.files:
-        outcome = WOULD.get(item.outcome, item.outcome) if report.dry_run else item.outcome
-        warnings = f", {item.warnings} warnings" if item.warnings else ""
-        click.echo(
-            f"import {item.name} ({item.origin}): {outcome}; {item.rows} rows, {item.changed} changed, "
-            f"{item.rejected} rejected{warnings}" + (f" ({item.reason})" if item.reason else "")
-        )
-        for label, path in (("kept", item.kept_at), ("result", item.result_path), ("errors", item.errors_path)):
-            if path is not None:
-                click.echo(f"  {label}: {path}")
-    for name in report.refused:
-        click.echo(f"refused: {name}", err=True)
-    for name in report.waiting:
-        click.echo(f"waiting (too new): {name}")
-    if not report.files:
-        click.echo("import: no new files")
-
-
-def _echo_demo(summary: DemoSummary) -> None:
-    counts = summary.imported.counts()
-    click.echo("")
-    click.echo("batchsync demo: done")
-    click.echo(f"  CRM:            {summary.crm_url} ({summary.samples.contacts} contacts)")
-    click.echo(
-        f"  exported:       {summary.exported.rows} rows in {len(summary.exported.files)} files "
-        f"to {summary.provider_root / 'import'}"
-    )
-    click.echo(f"  provider file:  {summary.returned_file.name} (MailUp unsubscribers)")
-    click.echo(f"  events applied: {counts['changed']} of {counts['rows']} rows changed the CRM")
-    click.echo(f"  rows rejected:  {counts['rejected']}")
-    for item in summary.imported.files:
-        click.echo(f"  result file:    {item.result_path}")
-        click.echo(f"  errors file:    {item.errors_path}")
-        click.echo(f"  archived:       {item.kept_at}")
-    click.echo(f"  sent copies:    {summary.folder / 'work' / 'sent'}")
 
 
 def _exit_for(report: ImportReport) -> None:
@@ -315,13 +357,21 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("aborted", err=True)
         return 1
     except click.ClickException as exc:
-        exc.show()
-        return 2
+        if json_output():
+            click.echo(final_line(exc.format_message(), exc.exit_code), err=True)
+        else:
+            exc.show()
+        return exc.exit_code
     except BatchsyncError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(final_line(str(exc), exc.exit_code), err=True)
         return exc.exit_code
     except SystemExit as exc:
         return int(exc.code or 0)
+    except Exception as exc:  # a defect, not the user's doing: one line, the traceback at --log-level debug
+        log.debug("unexpected error", exc_info=exc)
+        message = f"unexpected {type(exc).__name__}: {exc} (run with --log-level debug for the traceback)"
+        click.echo(final_line(message, EXIT_FAILED), err=True)
+        return EXIT_FAILED
     return 0
 
 

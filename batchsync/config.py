@@ -136,6 +136,11 @@ class ExportConfig(Dialect):
     columns: tuple[ExportColumn, ...] = Field(strict=False)  # TOML arrays arrive as lists
     status_values: dict[Status, str] = Field(default_factory=dict)
 
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        return known_zone(value)
+
     @field_validator("file_name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
@@ -286,6 +291,15 @@ class ScheduleConfig(_Model):
     nightly: str | None = None  # "HH:MM" in ``timezone``; the export's full_weekday decides full or diff
     timezone: str = "UTC"
     poll_minutes: int = Field(0, ge=0)  # look at the remote inbox this often during the day; 0: never
+    # A failed nightly run is tried again after each of these waits in turn (minutes), never past the next night.
+    retry_minutes: tuple[float, ...] = Field((5, 20, 60), strict=False)
+
+    @field_validator("retry_minutes")
+    @classmethod
+    def _waits(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) > 10 or any(wait <= 0 for wait in value):
+            raise ValueError("retry_minutes: at most 10 waits, each above 0 minutes")
+        return value
 
     @field_validator("nightly")
     @classmethod

@@ -5,6 +5,8 @@ Library code raises these; only ``cli.py`` turns them into messages and exit cod
 
 from __future__ import annotations
 
+import errno
+
 
 class BatchsyncError(Exception):
     """Base of every error batchsync raises on purpose."""
@@ -49,3 +51,39 @@ class BadFile(BatchsyncError):
 
 class DatabaseError(BatchsyncError):
     """The CRM database cannot be reached or is not in the expected shape."""
+
+
+class DatabaseUnavailable(DatabaseError):
+    """The database cannot be reached (down, restarting, the network cut): waiting and trying again may help."""
+
+
+class LockLost(BatchsyncError):
+    """The session holding the profile's run lock died: another run may hold it now, so this one writes nothing
+    more."""
+
+
+class DiskFull(BatchsyncError):
+    """A local disk (or quota) is full: trying again does not help until someone frees space."""
+
+
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(exc: BaseException, where: str) -> DiskFull | None:
+    """The DiskFull for an OS error that says the disk is full, else None."""
+    if isinstance(exc, OSError) and exc.errno in FULL_DISK_ERRNOS:
+        name = exc.filename or where
+        return DiskFull(
+            f"no space left on the disk writing {name}: free some space (or raise the quota), then run again"
+        )
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (a driver's errors run to several), or its type's name."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class RevertRefused(BatchsyncError):
+    """A revert that cannot be made as asked: the file was reverted already, or was never applied."""

@@ -35,10 +35,12 @@ from batchsync.delivery import Delivery
 from batchsync.errors import ConfigError
 from batchsync.formats.package import package
 from batchsync.listwriter import ListWriter
+from batchsync.locks import ensure_lock_held
 from batchsync.merge import merge_sorted
 from batchsync.rows import ProviderRow, RowBuilder
 from batchsync.rules import OPTED_OUT, export_decision, export_safety_stop
 from batchsync.transport import Transport, open_transport
+from batchsync.transport.base import with_retries
 from batchsync.workdir import WorkDir, unique_path
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,7 @@ class Exporter:
             if missing:
                 raise ConfigError(f"profile {self.profile.name}: no CRM list with code {', '.join(missing)}")
             if not dry_run:
+                ensure_lock_held(self.engine)  # the outbox is the lock holder's to tidy
                 self._recover_outbox()
             if chosen == "diff":
                 self._fill_contact_digests(connection)
@@ -134,15 +137,21 @@ class Exporter:
         files = []
         transport: Transport | None = None
         try:
+            if not dry_run:  # connected first: a wrong password fails the export even with nothing to send
+                transport = self.transport_factory(self.profile)
+                attempts = self.profile.transport.retries
+                with_retries(
+                    transport.connect, attempts=attempts, clock=self.clock, what="the connection to the provider"
+                )
+                ensure_lock_held(self.engine)  # partial uploads may be the lock holder's, in flight
+                self._remove_partial_uploads(transport)
             for code in self.profile.lists:
                 if self.stop.is_set():
                     log.info("stopping: the export of %s and later lists is left for the next run", code)
                     break
                 staged = self._write_list(connection, code, ids[code], mode, now, dry_run)
-                if staged.uploads and not dry_run and staged.stopped is None:
-                    if transport is None:
-                        transport = self.transport_factory(self.profile)
-                        self._remove_partial_uploads(transport)
+                if staged.uploads and transport is not None and staged.stopped is None:
+                    ensure_lock_held(self.engine)
                     self._deliver(transport, staged)
                 files.append(staged)
         finally:

@@ -7,20 +7,32 @@ leaves a stale lock behind::
 
     with profile_lock(profile, engine):
         ...  # raises LockBusy at once when another run holds it
+
+Surprise, written down: a PostgreSQL session can die under a live process (``pg_terminate_backend``, the
+server's ``idle_session_timeout``, a restart, a cut network), and the advisory lock dies with it while the run
+goes on; another run may then take the lock. So while the lock is held, every commit through the engine first
+checks the lock's session (one ``SELECT 1``) and raises :class:`LockLost` instead of committing, and the export
+calls :func:`ensure_lock_held` before each upload. The lock's connection has TCP keepalives (see make_engine), so
+a cut network is noticed too.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from batchsync.config import Profile
-from batchsync.errors import BatchsyncError
+from batchsync.errors import BatchsyncError, LockLost, first_line
+
+# The check of each engine whose run lock this process holds (PostgreSQL only).
+_held: weakref.WeakKeyDictionary[Engine, Callable[[], None]] = weakref.WeakKeyDictionary()
 
 
 class LockBusy(BatchsyncError):
@@ -65,8 +77,47 @@ def _advisory_lock(name: str, engine: Engine) -> Iterator[None]:
         connection.commit()
         if not got:
             raise LockBusy(f"profile {name}: another run is in progress (PostgreSQL advisory lock {key})")
+        check = _session_check(name, connection)
+        _held[engine] = check
+
+        def before_commit(other: Connection) -> None:
+            if other is not connection:
+                check()
+
+        event.listen(engine, "commit", before_commit)
         try:
             yield
         finally:
-            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-            connection.commit()
+            event.remove(engine, "commit", before_commit)
+            _held.pop(engine, None)
+            try:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                connection.commit()
+            except SQLAlchemyError:
+                connection.invalidate()  # the session is gone, and its lock with it
+
+
+def _session_check(name: str, connection: Connection) -> Callable[[], None]:
+    lost: list[str] = []
+
+    def check() -> None:
+        if not lost:
+            try:
+                connection.execute(text("SELECT 1"))
+                connection.commit()
+                return
+            except SQLAlchemyError as exc:
+                lost.append(first_line(exc))
+        raise LockLost(
+            f"profile {name}: the database session holding the run lock ended ({lost[0]}); another run may hold "
+            "the lock now, so this run stopped before writing more. The next run carries on."
+        )
+
+    return check
+
+
+def ensure_lock_held(engine: Engine) -> None:
+    """Raise LockLost when the session of this engine's run lock has ended (a no-op where none is held)."""
+    check = _held.get(engine)
+    if check is not None:
+        check()

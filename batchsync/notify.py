@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import smtplib
 import ssl
+from datetime import datetime
 from email.message import EmailMessage
 from typing import Any
 
@@ -68,11 +69,31 @@ def summary_message(profile: Profile, report: RunReport | ImportReport) -> Email
     return message
 
 
+def failure_message(profile: Profile, what: str, error: str, at: datetime) -> EmailMessage:
+    """The mail of a failed run: what failed, when, the error, and where to look next."""
+    message = EmailMessage()
+    message["Subject"] = f"batchsync {profile.name}: {what} FAILED"
+    message.set_content(
+        f"batchsync, profile {profile.name}\n\n"
+        f"{what} failed at {at:%Y-%m-%d %H:%M:%S} UTC:\n\n  {error}\n\n"
+        "A failed nightly run is tried again later in the night (schedule.retry_minutes); the same kind of failure\n"
+        "is mailed at most once a day. `batchsync status` shows the runs and what needs attention.\n"
+    )
+    return message
+
+
+def send_failure(profile: Profile, what: str, error: str, at: datetime) -> None:
+    _send(profile, failure_message(profile, what, error, at))
+
+
 def send_summary(profile: Profile, report: Any) -> None:
+    _send(profile, summary_message(profile, report))
+
+
+def _send(profile: Profile, message: EmailMessage) -> None:
     config = profile.notify
     if config is None:
         return
-    message = summary_message(profile, report)
     message["From"] = config.email_from
     message["To"] = ", ".join(config.email_to)
     password = read_secret(profile, config.smtp_password_env, config.smtp_password_file, "SMTP password")

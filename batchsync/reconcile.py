@@ -99,7 +99,7 @@ class Reconciler:
         try:
             with self.engine.connect() as connection, connection.begin() as transaction:
                 file_id = self._claim(connection, staged, snapshot, kept)
-                self._apply_rows(connection, staged, snapshot.path, reader, shape.header, kept, outcome)
+                self._apply_rows(connection, staged, snapshot.path, reader, shape.header, kept, outcome, file_id)
                 ledger.describe_file(connection, file_id, _summary(outcome))
                 if not dry_run and not snapshot.ends_line() and not snapshot.matches(staged.path):
                     raise _StillWritten()  # its last line may be cut: apply none of it yet
@@ -165,6 +165,7 @@ class Reconciler:
         header: list[str],
         kept: Path,
         outcome: FileOutcome,
+        file_id: int,
     ) -> None:
         outcome.result_path = kept.with_name(kept.name + ".result.csv")
         outcome.errors_path = kept.with_name(kept.name + ".errors.csv")
@@ -177,7 +178,8 @@ class Reconciler:
         ):
             ids = self._list_ids(connection)
             subscribed = crm.subscribed_counts(connection, ids)  # before the file: the safety stop's base
-            batch = EventApplier(self.profile, connection, staged, self.run_id, self.clock.now(), results, errors, ids)
+            now = self.clock.now()
+            batch = EventApplier(self.profile, connection, staged, self.run_id, now, results, errors, ids, file_id)
             for records in _chunks(read_records(source, staged.kind)):
                 batch.apply(_read_events(records, reader, outcome, results, errors), outcome)
                 progress.report(f"import {staged.name}", outcome.rows)
@@ -200,6 +202,8 @@ class Reconciler:
         self, staged: StagedFile, snapshot: Snapshot, earlier: dict[str, object], dry_run: bool
     ) -> FileOutcome:
         reason = f"same content as {earlier['name']} applied at {earlier['at']}"
+        if earlier.get("outcome") == "reverted":  # undone on purpose: the same content is not applied again
+            reason += " and reverted since (a reverted file's content is never applied again)"
         outcome = FileOutcome(name=staged.name, outcome="duplicate", origin=staged.origin, reason=reason)
         if not dry_run:
             with self.engine.begin() as connection:

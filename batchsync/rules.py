@@ -58,6 +58,7 @@ class Subscription(NamedTuple):
     source: str
     consent_at: datetime | None = None
     consent_by: str | None = None
+    reason: str | None = None  # kept so that a revert can put it back; no rule reads it
 
 
 @dataclass(frozen=True)

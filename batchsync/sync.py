@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from batchsync.clock import Clock
 from batchsync.collect import Collector, CollectReport, Origin, StagedFile
@@ -28,10 +29,12 @@ from batchsync.config import Profile
 from batchsync.db import crm, ledger
 from batchsync.db.mapping import bind_crm_tables, create_all, missing_tables, refuse_misfits
 from batchsync.db.schema import make_engine
-from batchsync.errors import DatabaseError
+from batchsync.errors import BatchsyncError, DatabaseError, DatabaseUnavailable, LockLost, disk_full, first_line
 from batchsync.export import Exporter, ExportResult, Mode
 from batchsync.locks import profile_lock
+from batchsync.logs import log_fields
 from batchsync.reconcile import FileOutcome, Reconciler
+from batchsync.revert import Reverter, RevertPlan
 from batchsync.transport import Transport, open_transport
 from batchsync.workdir import WorkDir
 
@@ -106,15 +109,16 @@ class Sync:
         """Create the tables, the profile's lists and groups, and the work folders; safe to repeat. Tables the
         profile maps onto the CRM's own are never created: they must be there with the canonical columns (a
         dry run fails as init would)."""
-        refuse_misfits(self.engine)
-        report = InitReport(missing_tables(self.engine))
-        if dry_run:
-            return report
-        create_all(self.engine)
-        self.work.create()
-        wanted = {code: (entry.name, list(entry.groups)) for code, entry in self.profile.lists.items()}
-        with self.engine.begin() as connection:
-            report.lists_added = crm.ensure_lists(connection, wanted)
+        with self._boundary():
+            refuse_misfits(self.engine)
+            report = InitReport(missing_tables(self.engine))
+            if dry_run:
+                return report
+            create_all(self.engine)
+            self.work.create()
+            wanted = {code: (entry.name, list(entry.groups)) for code, entry in self.profile.lists.items()}
+            with self.engine.begin() as connection:
+                report.lists_added = crm.ensure_lists(connection, wanted)
         return report
 
     def import_files(
@@ -130,14 +134,14 @@ class Sync:
         """Collect and reconcile; ``ready`` names inbox files known to be complete (their writer closed them).
         ``files`` are taken instead of the inboxes, as an admin's unless ``origin`` (or their kind) says
         otherwise; every one is checked before any is staged."""
-        with self._locked(dry_run), self._recorded("import", dry_run) as run:
+        with self._boundary(), self._locked(dry_run), self._recorded("import", dry_run) as run:
             report = self._import(run, _Ask(files, kind, origin, ready, force), dry_run)
             run.record_import(report)
         return report
 
     def export(self, mode: Mode | None = None, *, dry_run: bool = False, force: bool = False) -> ExportResult:
         """Export; ``force`` uploads a list's file even past the export safety stop."""
-        with self._locked(dry_run), self._recorded("export", dry_run) as run:
+        with self._boundary(), self._locked(dry_run), self._recorded("export", dry_run) as run:
             result = self._exporter(force).run(mode, dry_run=dry_run)
             run.record_export(result)
         return result
@@ -150,7 +154,7 @@ class Sync:
         ``slot`` names a scheduled run (``nightly 2026-01-05T02:30``): a slot that any daemon has already run
         is not run again, and None is returned. ``force`` passes both safety stops, inbound and outbound.
         """
-        with self._locked(dry_run):
+        with self._boundary(), self._locked(dry_run):
             if slot is not None:
                 with self.engine.connect() as connection:
                     if ledger.slot_taken(connection, self.profile.name, slot):
@@ -163,6 +167,23 @@ class Sync:
                 exported = self._exporter(force).run(mode, dry_run=dry_run)
                 run.record_export(exported)
         return RunReport(run.id, imported, exported)
+
+    def revert(self, target: str, *, dry_run: bool = False) -> RevertPlan:
+        """Undo the changes one applied file made (``batchsync.revert``), as a run of kind ``revert``; a dry run
+        only plans. A file that cannot be found, or was reverted already, is an error before any run starts."""
+        reverter = Reverter(self.profile, self.engine, self.clock)
+        with self._locked(dry_run):
+            entry = reverter.find(target)
+            if dry_run:
+                with self.engine.connect() as connection:
+                    return reverter.plan(connection, entry)
+            with self._recorded("revert", dry_run) as run:
+                with self.engine.begin() as connection:
+                    plan = reverter.plan(connection, entry)
+                    reverter.apply(connection, plan, run.id)
+                run.counts.update(reverted=len(plan.undone), left=len(plan.left))
+                run.files.append(f"revert:{entry['name']}")
+        return plan
 
     def _exporter(self, force: bool = False) -> Exporter:
         return Exporter(self.profile, self.engine, self.clock, self.transport_factory, self.stop, force=force)
@@ -227,6 +248,22 @@ class Sync:
             outcomes += self._reconcile(reconciler, follow_up, dry_run)
         return outcomes
 
+    @contextmanager
+    def _boundary(self) -> Iterator[None]:
+        """The database driver's and the OS's errors made batchsync's own, at the library's front door, with the
+        profile on every line logged meanwhile."""
+        with log_fields(profile=self.profile.name):
+            try:
+                yield
+            except (OperationalError, InterfaceError) as exc:
+                where = self.engine.url.render_as_string(hide_password=True)
+                raise DatabaseUnavailable(f"the database {where} cannot be used: {first_line(exc)}") from exc
+            except OSError as exc:
+                full = disk_full(exc, str(self.work.root))
+                if full is None:
+                    raise
+                raise full from exc
+
     def _require_schema(self) -> None:
         """Refuse a database that lacks batchsync's tables or columns; checked once per Sync, not on every
         poll of a long-running daemon."""
@@ -264,16 +301,36 @@ class Sync:
             return
         with self.engine.begin() as connection:
             run.id = ledger.start_run(connection, self.profile.name, kind, self.clock.now(), slot)
+        with log_fields(run=run.id):
+            try:
+                yield run
+            except LockLost:
+                raise  # another run may hold the lock now: this one writes nothing more, not even its end
+            except BaseException as exc:
+                self._finish_failed(run, exc)
+                raise
+            if self.stop.is_set():  # a stop signal ended it early: what is left waits, and a night is run again
+                self._finish(run, "interrupted", "stopped by a signal before the end; the next run carries on")
+                return
+            if run.stopped:
+                self._finish(run, "stopped", "; ".join(run.stopped))
+                return
+            outcome = "rejected" if run.counts.get("rejected") or run.counts.get("quarantined") else "ok"
+            self._finish(run, outcome, None)
+
+    def _finish_failed(self, run: _Run, exc: BaseException) -> None:
+        """Record the failure where the database still takes it; where it does not (it is down), the next run
+        closes this one as interrupted."""
+        if isinstance(exc, KeyboardInterrupt):
+            message = "stopped at once by a second stop signal"
+        elif isinstance(exc, BatchsyncError):
+            message = str(exc)
+        else:  # the first line only: a driver's error goes on with the statement, which /healthz must not show
+            message = f"{type(exc).__name__}: {first_line(exc)}"
         try:
-            yield run
-        except BaseException as exc:
-            self._finish(run, "failed", f"{type(exc).__name__}: {exc}")
-            raise
-        if run.stopped:
-            self._finish(run, "stopped", "; ".join(run.stopped))
-            return
-        outcome = "rejected" if run.counts.get("rejected") or run.counts.get("quarantined") else "ok"
-        self._finish(run, outcome, None)
+            self._finish(run, "failed", message)
+        except SQLAlchemyError as error:
+            log.debug("could not record run %s as failed: %s", run.id, first_line(error))
 
     def _finish(self, run: _Run, outcome: str, message: str | None) -> None:
         with self.engine.begin() as connection:

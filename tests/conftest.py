@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email
 import glob
 import logging
 import os
@@ -13,10 +14,12 @@ import tomllib
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 from sqlalchemy import Engine, text
 
 from batchsync.clock import ManualClock
@@ -26,7 +29,17 @@ from batchsync.db.schema import make_engine
 from batchsync.dbconfig import CRM_TABLES, DatabaseConfig
 from batchsync.ftpserver import LoopbackFtpServer
 
-from .peers import PASSPHRASE, Certificates, SshServer, Vsftpd, give_to, make_certificates, start_sshd, start_vsftpd
+from .peers import (
+    PASSPHRASE,
+    Certificates,
+    SshServer,
+    Vsftpd,
+    free_port,
+    give_to,
+    make_certificates,
+    start_sshd,
+    start_vsftpd,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -62,37 +75,55 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+class PostgresServer:
+    """A real PostgreSQL cluster in a temporary folder (initdb + pg_ctl, as 'nobody' when root), on a free
+    loopback port, that a test may stop and start again."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="batchsync-pg-"))
+        self.data = self.folder / "data"
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "nobody")
+            self.folder.chmod(0o700)
+        self.port = _free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}"
+        initdb = [_pg_binary("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
+        subprocess.run(_as_postgres_user([*initdb, "--locale=C.UTF-8"]), check=True, capture_output=True)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c fsync=off -c full_page_writes=off"
+        command = [_pg_binary("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.folder / "log")]
+        subprocess.run(_as_postgres_user([*command, "-w", "start"]), check=True, capture_output=True)
+
+    def stop(self, mode: str = "fast") -> None:
+        command = [_pg_binary("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"]
+        subprocess.run(_as_postgres_user(command), capture_output=True)
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
-    """A real PostgreSQL in a temporary folder, on a free loopback port; yields its base URL."""
-    folder = Path(tempfile.mkdtemp(prefix="batchsync-pg-"))
-    data = folder / "data"
-    if os.geteuid() == 0:
-        shutil.chown(folder, "nobody")
-        folder.chmod(0o700)
-    port = _free_port()
-    subprocess.run(
-        _as_postgres_user(
-            [_pg_binary("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -c listen_addresses=127.0.0.1 -k {folder} -c fsync=off -c full_page_writes=off"
-    subprocess.run(
-        _as_postgres_user(
-            [_pg_binary("pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"]
-        ),
-        check=True,
-        capture_output=True,
-    )
+    """A real PostgreSQL shared by the session's tests; yields its base URL."""
+    server = PostgresServer()
+    server.start()
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}"
+        yield server.url
     finally:
-        subprocess.run(
-            _as_postgres_user([_pg_binary("pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
-        )
-        shutil.rmtree(folder, ignore_errors=True)
+        server.remove()
+
+
+@pytest.fixture
+def own_pg_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL of this test's own, which it may stop and start."""
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.remove()
 
 
 _db_counter = iter(range(1_000_000))
@@ -289,3 +320,29 @@ def vsftpd_transport(server: Vsftpd, folder: Path, monkeypatch: pytest.MonkeyPat
         "retries": 1,
         "timeout_seconds": 10,
     }
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(email.message_from_bytes(envelope.content))
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp() -> Iterator[tuple[Inbox, int]]:
+    """A real SMTP server on loopback (aiosmtpd): its mailbox and port."""
+    mailbox, port = Inbox(), free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    yield mailbox, port
+    controller.stop()
+
+
+def notify_section(port: int) -> str:
+    return (
+        f'\n[notify]\nemail_to = ["crm-admin@example.com"]\nemail_from = "batchsync@example.com"\n'
+        f'smtp_host = "127.0.0.1"\nsmtp_port = {port}\n'
+    )

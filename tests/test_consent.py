@@ -13,7 +13,7 @@ from sqlalchemy import delete, select, update
 from batchsync.db.schema import bs_exported, contacts, subscriptions
 
 from .crmdata import join_list, leave_list, read_csv, set_status, status_of, unsub_row, write_csv
-from .usercli import CHANGES_KIND, User, hours_ago, mailup_time
+from .usercli import CHANGES_KIND, User, hours_ago, mailup_time, opt_out
 
 
 @pytest.fixture
@@ -21,11 +21,6 @@ def user(tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]) -> Ite
     person = User(tmp_path, db_url, capsys, extra=CHANGES_KIND)
     yield person.start()
     person.close()
-
-
-def opt_out(email: str, hours: float = 2, code: str = "2", list_id: str = "1") -> list[str]:
-    """A row of MailUp's unsubscribers file: ``email`` left list ``list_id`` ``hours`` ago."""
-    return unsub_row(email, list_id, mailup_time(hours_ago(hours)), code)
 
 
 def test_an_opt_out_the_crm_had_already_made_is_still_the_provider_s_and_remembered(user: User) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from pathlib import Path
 
 from .conftest import ROOT
 
@@ -36,15 +37,48 @@ def test_data_inboxes_and_profiles_are_volumes() -> None:
     assert {"/data", "/inboxes", "/profiles"} <= set(volumes)
 
 
-def test_the_entry_point_is_the_daemon_and_the_healthcheck_asks_status() -> None:
+def test_the_entry_point_is_the_daemon_and_the_healthcheck_asks_healthz_or_status() -> None:
     [entry] = values("ENTRYPOINT")
     [command] = values("CMD")
     assert json.loads(entry) == ["batchsync", "daemon"]
     assert json.loads(command) == ["/profiles"]
+    assert "BATCHSYNC_LISTEN=0.0.0.0:8080" in " ".join(values("ENV"))
     [health] = values("HEALTHCHECK")
     options, _, probe = health.partition("CMD ")
     assert "--interval=" in options
-    assert json.loads(probe)[:1] == ["batchsync"] and "status" in json.loads(probe)
+    shell, flag, script = json.loads(probe)
+    assert (shell, flag) == ("sh", "-c")
+    listening, _, otherwise = script.partition("; else ")
+    assert "/healthz" in listening and "BATCHSYNC_LISTEN" in listening
+    assert shlex.split(otherwise)[:5] == ["batchsync", "--log-level", "error", "status", "--profile"]
+
+
+def test_the_healthcheck_script_fails_on_a_503_and_passes_on_a_200(tmp_path: Path) -> None:
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answer = [503]
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # http.server's name
+            self.send_response(answer[0] if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    [health] = values("HEALTHCHECK")
+    script = json.loads(health.partition("CMD ")[2])[2].replace("python -c", "python3 -c")
+    env = {"PATH": "/usr/bin:/bin", "BATCHSYNC_LISTEN": f"0.0.0.0:{server.server_address[1]}"}
+    try:
+        assert subprocess.run(["sh", "-c", script], env=env, capture_output=True).returncode != 0
+        answer[0] = 200
+        assert subprocess.run(["sh", "-c", script], env=env, capture_output=True).returncode == 0
+    finally:
+        server.shutdown()
 
 
 def test_the_image_installs_the_package_it_copies() -> None:

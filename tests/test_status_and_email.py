@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import email
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ from batchsync.cli import main
 from batchsync.clock import ManualClock
 from batchsync.daemon import Daemon
 
+from .conftest import Inbox, notify_section
 from .crmdata import UNSUB_HEADER, unsub_row, write_csv
 from .peers import free_port
 from .test_daemon import prepared
@@ -69,32 +67,6 @@ def test_status_reports_runs_next_run_waiting_quarantine_and_rejections(
     assert "quarantined:    1 (quarantine/unsubscribers_bad.csv)" in table
     assert "rejected rows in the last run: 1" in table
     assert "import  " in table and "rejected" in table
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append(email.message_from_bytes(envelope.content))
-        return "250 OK"
-
-
-@pytest.fixture
-def smtp() -> Iterator[tuple[Inbox, int]]:
-    """A real SMTP server on loopback (aiosmtpd): its mailbox and port."""
-    mailbox, port = Inbox(), free_port()
-    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    yield mailbox, port
-    controller.stop()
-
-
-def notify_section(port: int) -> str:
-    return (
-        f'\n[notify]\nemail_to = ["crm-admin@example.com"]\nemail_from = "batchsync@example.com"\n'
-        f'smtp_host = "127.0.0.1"\nsmtp_port = {port}\n'
-    )
 
 
 def test_a_summary_email_arrives_with_counts_bounces_and_the_errors_file(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batchsync.errors import RemoteFolderMissing, TransportError, UnsafeRemoteName
+from batchsync.errors import DiskFull, RemoteFolderMissing, TransportError, UnsafeRemoteName
 from batchsync.ftpserver import LoopbackFtpServer
 from batchsync.transport import Transport, check_remote_name, upload_confirmed
 from batchsync.transport.ftp import FtpsTransport, FtpTransport
@@ -120,3 +120,14 @@ def test_remote_names_are_data_not_paths() -> None:
     for hostile in ("../x.csv", "a/b.csv", "a\\b.csv", "x\n.csv", "x\x00.csv", "..", ".", ""):
         with pytest.raises(UnsafeRemoteName):
             check_remote_name(hostile)
+
+
+def test_a_full_local_disk_is_disk_full_never_a_network_error_to_retry(
+    transport: tuple[Transport, Path], tmp_path: Path
+) -> None:
+    client, _ = transport
+    client.connect()  # connecting first, as an export does, changes nothing for what follows
+    client.upload(_file(tmp_path, "big.csv", b"x" * 300_000), "import/big.csv")
+    with pytest.raises(DiskFull, match="no space left") as caught:
+        client.download("import/big.csv", Path("/dev/full"))  # the kernel's own ENOSPC on every write
+    assert not isinstance(caught.value, TransportError)

@@ -17,7 +17,7 @@ from batchsync.cli import main
 from batchsync.db.schema import bs_changes, bs_provider_optouts
 
 from .conftest import ROOT, crm_engine, database_keys
-from .crmdata import UNSUB_HEADER, build_tiny_crm, read_csv, write_csv
+from .crmdata import UNSUB_HEADER, build_tiny_crm, read_csv, unsub_row, write_csv
 
 ROME = ZoneInfo("Europe/Rome")
 CHANGES_KIND = """
@@ -139,6 +139,11 @@ def _toml(value: Any) -> str:
 def mailup_time(moment: datetime) -> str:
     """An OptOut_Date as MailUp writes it: Rome's local time."""
     return moment.astimezone(ROME).strftime("%Y%m%dT%H%M%S")
+
+
+def opt_out(email: str, hours: float = 2, code: str = "2", list_id: str = "1") -> list[str]:
+    """A row of MailUp's unsubscribers file: ``email`` left list ``list_id`` ``hours`` ago."""
+    return unsub_row(email, list_id, mailup_time(hours_ago(hours)), code)
 
 
 def hours_ago(hours: float) -> datetime:

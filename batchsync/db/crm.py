@@ -68,7 +68,7 @@ class StoredSubscriptions:
         if row is None:
             return None
         status_at = cast(datetime, driver.read_time(row[3]))  # status_at is NOT NULL
-        return Subscription(cast(Status, row[2]), status_at, row[4], driver.read_time(row[5]), row[6])
+        return Subscription(cast(Status, row[2]), status_at, row[4], driver.read_time(row[5]), row[6], row[7])
 
 
 def subscriptions_of(
@@ -81,8 +81,8 @@ def subscriptions_of(
     by_list, list_values = driver.one_of(connection, "list_id", lists_)
     subscriptions = crm_tables(connection).sql_name("subscriptions", connection)
     statement = (
-        f"SELECT contact_id, list_id, status, status_at, source, consent_at, consent_by FROM {subscriptions} "
-        f"WHERE {by_contact} AND {by_list}"
+        "SELECT contact_id, list_id, status, status_at, source, consent_at, consent_by, reason "
+        f"FROM {subscriptions} WHERE {by_contact} AND {by_list}"
     )
     return StoredSubscriptions(driver.query(connection, statement, [*contact_values, *list_values]))
 
@@ -195,6 +195,62 @@ def change_email(connection: Connection, contact_id: int, email: str, key: str, 
     connection.execute(
         update(contacts).where(contacts.c.id == contact_id).values(email=email, email_key=key, updated_at=now)
     )
+
+
+def contact_emails(connection: Connection, contact_ids: Iterable[int]) -> dict[int, str]:
+    """The addresses of some contacts, as entered."""
+    ids = list(set(contact_ids))
+    if not ids:
+        return {}
+    contacts = crm_tables(connection).contacts
+    return dict(connection.execute(select(contacts.c.id, contacts.c.email).where(contacts.c.id.in_(ids))).all())
+
+
+def contacts_of(connection: Connection, contact_ids: Iterable[int]) -> dict[int, tuple[str, str, bool]]:
+    """Some contacts' address as entered, its key, and whether the contact is deleted."""
+    ids = list(set(contact_ids))
+    if not ids:
+        return {}
+    c = crm_tables(connection).contacts.c
+    query = select(c.id, c.email, c.email_key, c.deleted).where(c.id.in_(ids))
+    return {row[0]: (row[1], row[2], bool(row[3])) for row in connection.execute(query)}
+
+
+def contacts_with_key(connection: Connection, key: str) -> list[int]:
+    """Every contact whose address has this key, deleted ones too (a history reads them all)."""
+    contacts = crm_tables(connection).contacts
+    return list(connection.scalars(select(contacts.c.id).where(contacts.c.email_key == key).order_by(contacts.c.id)))
+
+
+def suppressed_keys(connection: Connection, keys: Iterable[str]) -> set[str]:
+    wanted = list(set(keys))
+    if not wanted:
+        return set()
+    suppressions = crm_tables(connection).suppressions
+    return set(connection.scalars(select(suppressions.c.email_key).where(suppressions.c.email_key.in_(wanted))))
+
+
+def delete_subscriptions(connection: Connection, keys: Iterable[tuple[int, int]]) -> None:
+    """Remove subscription rows by (contact_id, list_id)."""
+    rows = [(contact_id, list_id) for contact_id, list_id in keys]
+    subscriptions = crm_tables(connection).sql_name("subscriptions", connection)
+    driver.execute_many(connection, f"DELETE FROM {subscriptions} WHERE contact_id = ? AND list_id = ?", rows)
+
+
+def activities_of(connection: Connection, contact_ids: Iterable[int]) -> list[dict[str, Any]]:
+    ids = sorted(set(contact_ids))
+    if not ids:
+        return []
+    activities = crm_tables(connection).activities
+    query = select(activities).where(activities.c.contact_id.in_(ids)).order_by(activities.c.at, activities.c.id)
+    return [dict(row._mapping) for row in connection.execute(query)]
+
+
+def email_change_activities(connection: Connection) -> list[tuple[int, str]]:
+    """(contact, detail) of every email change recorded as an activity ("OLD -> NEW; origin file:line")."""
+    activities = crm_tables(connection).activities
+    query = select(activities.c.contact_id, activities.c.detail).where(activities.c.kind == "email_change")
+    return [(row[0], row[1] or "") for row in connection.execute(query)]
 
 
 def update_fields(connection: Connection, contact_id: int, fields: Mapping[str, str], now: datetime) -> None:

@@ -87,9 +87,53 @@ def fail_open_runs(connection: Connection, profile: str, now: datetime) -> int:
     return int(result.rowcount or 0)
 
 
+UNFINISHED = ("failed", "interrupted")  # outcomes of a night that may be run again
+
+
 def slot_taken(connection: Connection, profile: str, slot: str) -> bool:
-    query = select(func.count()).select_from(bs_runs).where(bs_runs.c.profile == profile, bs_runs.c.slot == slot)
+    """Whether a run of this slot is under way or done; a failed or interrupted one may be tried again."""
+    query = (
+        select(func.count())
+        .select_from(bs_runs)
+        .where(bs_runs.c.profile == profile, bs_runs.c.slot == slot, bs_runs.c.outcome.not_in(UNFINISHED))
+    )
     return bool(connection.scalar(query))
+
+
+def slot_done(connection: Connection, profile: str, slot: str) -> bool:
+    """Whether a run of this slot ended (not failed, interrupted or still marked running)."""
+    ended = bs_runs.c.outcome.not_in((*UNFINISHED, "running"))
+    query = select(func.count()).select_from(bs_runs).where(bs_runs.c.profile == profile, bs_runs.c.slot == slot, ended)
+    return bool(connection.scalar(query))
+
+
+def later_success(connection: Connection, profile: str, after_id: int) -> bool:
+    """Whether a whole run or an export ended well after run ``after_id`` (an admin's run after a failed night)."""
+    query = select(func.count()).where(
+        bs_runs.c.profile == profile,
+        bs_runs.c.id > after_id,
+        bs_runs.c.kind.in_(("run", "export")),
+        bs_runs.c.outcome.in_(("ok", "rejected")),
+    )
+    return bool(connection.scalar(query))
+
+
+def last_nightly(connection: Connection, profile: str) -> dict[str, Any] | None:
+    """The latest attempt at a scheduled run (a run with a slot), or None when the profile never had one."""
+    query = (
+        select(bs_runs)
+        .where(bs_runs.c.profile == profile, bs_runs.c.slot.is_not(None))
+        .order_by(bs_runs.c.id.desc())
+        .limit(1)
+    )
+    row = connection.execute(query).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def slot_attempts(connection: Connection, profile: str, slot: str) -> int:
+    """How many runs of this slot were started, whatever their outcome."""
+    query = select(func.count()).select_from(bs_runs).where(bs_runs.c.profile == profile, bs_runs.c.slot == slot)
+    return int(connection.scalar(query) or 0)
 
 
 def last_runs(connection: Connection, profile: str, limit: int = 10) -> list[dict[str, Any]]:
@@ -100,13 +144,13 @@ def last_runs(connection: Connection, profile: str, limit: int = 10) -> list[dic
 # --- inbound files ----------------------------------------------------------------------------------------
 
 
+APPLIED = ("applied", "reverted")  # a reverted file was applied: its content is a duplicate, never applied again
+
+
 def applied_file(connection: Connection, profile: str, sha256: str) -> dict[str, Any] | None:
-    """The ledger entry of an already applied file with this content, if any."""
-    query = (
-        select(bs_files)
-        .where(bs_files.c.profile == profile, bs_files.c.sha256 == sha256, bs_files.c.outcome == "applied")
-        .limit(1)
-    )
+    """The ledger entry of an already applied (or applied, then reverted) file with this content, if any."""
+    f = bs_files.c
+    query = select(bs_files).where(f.profile == profile, f.sha256 == sha256, f.outcome.in_(APPLIED)).limit(1)
     row = connection.execute(query).first()
     return dict(row._mapping) if row else None
 
@@ -331,14 +375,30 @@ CHANGE_COLUMNS = (
     "source_file",
     "source_line",
     "origin",
-    "at",
+    "file_id",
+    "event",
+    "old_source",
+    "old_reason",
+    "new_reason",
+    "old_email",
+    "new_email",
+    "reverts",
 )
+CHANGE_TIMES = ("at", "old_status_at", "new_status_at")
 
 
 def record_changes(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Audit rows: each holds ``at`` and the first nine of CHANGE_COLUMNS; the rest (what an undo needs) may be
+    left out."""
     driver.insert_many(
         connection,
         "bs_changes",
-        CHANGE_COLUMNS,
-        ([*(row[name] for name in CHANGE_COLUMNS[:-1]), driver.stored_time(connection, row["at"])] for row in rows),
+        CHANGE_COLUMNS + CHANGE_TIMES,
+        (
+            [
+                *(row.get(name) for name in CHANGE_COLUMNS),
+                *(driver.stored_time(connection, row.get(name)) for name in CHANGE_TIMES),
+            ]
+            for row in rows
+        ),
     )

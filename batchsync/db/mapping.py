@@ -128,6 +128,8 @@ def mapped_problems(engine: Engine) -> list[MappedProblem]:
     writes every one of them; what it means is in the README, "The CRM tables")."""
     tables = crm_tables_of(engine)
     problems: list[MappedProblem] = []
+    if not tables.mapped:
+        return problems  # nothing to check: no connection made for it
     try:
         found = inspect(engine)
         for name in (name for name in CRM_TABLES if name in tables.mapped):
@@ -140,7 +142,7 @@ def mapped_problems(engine: Engine) -> list[MappedProblem]:
             if lacking:
                 problems.append(MappedProblem(name, tables.shown(name), lacking))
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read the database: {exc}") from None
+        raise schema.database_error(exc, "cannot read the database") from None
     return problems
 
 

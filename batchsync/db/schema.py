@@ -33,11 +33,11 @@ from sqlalchemy import (
     inspect,
     text,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.schema import CreateTable
 
 from batchsync.db.digest import digest48
-from batchsync.errors import DatabaseError
+from batchsync.errors import DatabaseError, DatabaseUnavailable, first_line
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -226,9 +226,28 @@ bs_changes = Table(
     Column("source_line", Integer),
     Column("at", UtcDateTime, nullable=False),
     # Who made the change: "provider" (its report, not echoed back), "admin" (a file an admin dropped or named:
-    # a CRM-side change, sent in the next export), "callback", or "crm".
+    # a CRM-side change, sent in the next export; a revert), "callback", or "crm".
     Column("origin", String(16)),
+    # What an undo needs (batchsync revert), all nullable: rows written before these columns existed have NULL
+    # here and are undone as far as the columns above allow. ``file_id`` is the applied file's bs_files row (a
+    # name alone is not unique); ``event`` the inbound event (unsubscribe, hard_bounce, complaint, clean,
+    # email_change) or "revert"; the subscription as it was before (``old_*``) and as the change left it
+    # (``new_*``: a later change in the CRM itself leaves no bs_changes row, so the revert compares these with
+    # the row as it is now). Consent is not here: applying a file never changes it.
+    Column("file_id", Integer),
+    Column("event", String(20)),
+    Column("old_status_at", UtcDateTime),
+    Column("old_source", String(16)),
+    Column("old_reason", String(100)),
+    Column("new_status_at", UtcDateTime),
+    Column("new_reason", String(100)),
+    # An email change is a row of its own: no list (``list_code`` ''), no status (``new_status`` ''), the
+    # contact's address before and after.
+    Column("old_email", EMAIL),
+    Column("new_email", EMAIL),
+    Column("reverts", Integer),  # a revert's row: the id of the bs_changes row it undid
     Index("ix_bs_changes_contact", "contact_id"),
+    Index("ix_bs_changes_file", "file_id"),  # a revert reads one file's changes
 )
 
 # The provider's opt-outs, remembered for good: per profile, list and address, the latest opt-out the provider
@@ -260,12 +279,17 @@ def make_engine(url: str) -> Engine:
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     try:
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"timeout": 60})
+            engine = create_engine(url, connect_args={"timeout": 60}, hide_parameters=True)
             if engine.url.database and engine.url.database != ":memory:":
                 Path(engine.url.database).parent.mkdir(parents=True, exist_ok=True)
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
-            engine = create_engine(url, pool_pre_ping=True)
+            # Keepalives: a run lock's session on a cut network is found dead in about a minute, not hours; a
+            # server that does not answer at all is given up after connect_timeout.
+            keepalives = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+            connect = {**keepalives, "connect_timeout": 15}
+            # hide_parameters: an error's text never carries addresses (it reaches logs, status and /healthz).
+            engine = create_engine(url, pool_pre_ping=True, connect_args=connect, hide_parameters=True)
     except (SQLAlchemyError, ImportError, ValueError, OSError) as exc:
         raise DatabaseError(f"cannot use database URL {_redact(url)}: {exc}") from None
     return engine
@@ -304,7 +328,7 @@ def missing_tables(engine: Engine, skip: Collection[str] = ()) -> list[str]:
             if table.name in present
         }
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot read the database: {exc}") from None
+        raise database_error(exc, "cannot read the database") from None
     missing = [table.name for table in own if table.name not in present]
     for name, have in columns.items():
         missing += [f"{name}.{column.name}" for column in metadata.tables[name].columns if column.name not in have]
@@ -334,7 +358,15 @@ def create_all(engine: Engine, skip: Collection[str] = ()) -> None:
             for index in (index for table in own for index in table.indexes):
                 index.create(connection, checkfirst=True)  # create_all adds indexes to new tables only
     except SQLAlchemyError as exc:
-        raise DatabaseError(f"cannot create tables: {exc}") from None
+        raise database_error(exc, "cannot create tables") from None
+
+
+def database_error(exc: SQLAlchemyError, what: str) -> DatabaseError:
+    """A driver's error as batchsync's: DatabaseUnavailable where the database cannot be reached (waiting may
+    help), DatabaseError otherwise."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return DatabaseUnavailable(f"{what}: {first_line(exc)}")
+    return DatabaseError(f"{what}: {exc}")
 
 
 def _create_beside(engine: Engine, own: Sequence[Table], skip: Collection[str]) -> None:

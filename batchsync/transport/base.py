@@ -37,6 +37,11 @@ class Transport(ABC):
     """One connection to one provider drop."""
 
     @abstractmethod
+    def connect(self) -> None:
+        """Connect and authenticate now (every operation does so on first use): a wrong password or an
+        unreachable server is found even when there is nothing to send."""
+
+    @abstractmethod
     def list(self, folder: str) -> list[RemoteEntry]:
         """The plain files in ``folder`` (not folders); :class:`RemoteFolderMissing` when the folder does not
         exist: an inbox that is not there is a mistake to report, never an empty inbox."""

@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
-from batchsync.errors import RemoteFolderMissing, TransportError
+from batchsync.errors import RemoteFolderMissing, TransportError, disk_full
 from batchsync.transport.base import RemoteEntry, Transport
 
 BLOCK = 256 * 1024
@@ -39,12 +39,18 @@ class FtpTransport(Transport):
     def _new_client(self) -> ftplib.FTP:
         return ftplib.FTP(timeout=self.timeout)
 
+    def connect(self) -> None:
+        self._connect()
+
     def _connect(self) -> ftplib.FTP:
         if self._ftp is None:
             client = self._new_client()
             with self._errors(f"connect to {self.host}:{self.port}"):
                 client.connect(self.host, self.port)
-                self._login(client)
+                try:
+                    self._login(client)
+                except ftplib.error_perm as exc:
+                    raise TransportError(f"login as {self.user} refused by {self.host}:{self.port}: {exc}") from None
                 client.set_pasv(True)
                 client.voidcmd("TYPE I")
                 self._has_mlsd = "MLST" in client.sendcmd("FEAT").upper()
@@ -150,6 +156,9 @@ class FtpTransport(Transport):
         except ftplib.error_temp as exc:
             raise TransportError(f"{what}: temporary failure: {exc}", retryable=True) from exc
         except (ftplib.Error, OSError, EOFError) as exc:
+            full = disk_full(exc, what)
+            if full is not None:
+                raise full from exc
             self._drop()
             raise TransportError(f"{what}: connection failed: {exc or type(exc).__name__}", retryable=True) from exc
 

@@ -7,7 +7,7 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
-from batchsync.errors import RemoteFolderMissing, TransportError
+from batchsync.errors import RemoteFolderMissing, TransportError, disk_full
 from batchsync.transport.base import RemoteEntry, Transport
 
 
@@ -21,6 +21,10 @@ class LocalTransport(Transport):
         if path != self.root and self.root not in path.parents:
             raise TransportError(f"remote path {remote!r} leaves the transport's root")
         return path
+
+    def connect(self) -> None:
+        if not self.root.is_dir():
+            raise TransportError(f"the folder {self.root} standing in for the provider is gone")
 
     def list(self, folder: str) -> list[RemoteEntry]:
         base = self._path(folder)
@@ -63,7 +67,7 @@ class LocalTransport(Transport):
 
 
 class _os_errors:
-    """Translate OS errors into TransportError; a full disk or a busy file may pass, so those are retryable."""
+    """Translate OS errors into TransportError (a busy file may pass: retryable); a full disk is DiskFull."""
 
     def __init__(self, remote: str) -> None:
         self.remote = remote
@@ -72,6 +76,9 @@ class _os_errors:
         return None
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: object) -> None:
+        full = disk_full(value, self.remote) if value is not None else None
+        if full is not None:
+            raise full from value
         if isinstance(value, OSError):
             retryable = not isinstance(value, FileNotFoundError | PermissionError | IsADirectoryError)
             raise TransportError(f"{self.remote}: {value.strerror or value}", retryable=retryable) from value

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import paramiko
 
-from batchsync.errors import RemoteFolderMissing, TransportError
+from batchsync.errors import RemoteFolderMissing, TransportError, disk_full
 from batchsync.transport.base import RemoteEntry, Transport
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,9 @@ class SftpTransport(Transport):
         return f"SftpTransport({self.credentials.user}@{self.host}:{self.port})"
 
     # --- connection -------------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        self._client()
 
     def _client(self) -> paramiko.SFTPClient:
         if self._sftp is None:
@@ -245,6 +248,9 @@ class SftpTransport(Transport):
         except FileNotFoundError as exc:
             raise TransportError(f"{what}: no such file or folder", retryable=False) from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
+            full = disk_full(exc, what)
+            if full is not None:
+                raise full from exc
             self.close()
             message = str(exc) or type(exc).__name__
             raise TransportError(f"{what}: connection failed: {message}", retryable=True) from exc

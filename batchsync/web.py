@@ -1,0 +1,202 @@
+"""The daemon's HTTP listener (``batchsync daemon --listen HOST:PORT``): ``GET /healthz``, ``GET /metrics`` and a
+read-only status page at ``GET /``, served by aiohttp from a thread of its own::
+
+    listener = Listener(daemon, "127.0.0.1", 8080)
+    listener.start()          # returns once the port is bound; ConfigError when it cannot be
+    ...
+    listener.close()
+
+``/healthz`` answers 200 with JSON when the daemon's loop is alive (it came round lately, or a job is in hand)
+and every profile is healthy, else 503 with the reasons: a failed or missed night, a file stuck in staging,
+quarantine left for over a day, a database or server down, a profile that cannot be loaded. What it reads from
+the database is cached for a few seconds, so a probe every second costs nothing. The page and the answers hold
+counts, file names and reasons, never addresses or secrets; bind to loopback (or a private network) and put a
+reverse proxy in front for anything wider.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from batchsync import __version__
+from batchsync.errors import ConfigError
+from batchsync.status import ProfileStatus, broken_status, profile_status
+
+if TYPE_CHECKING:
+    from batchsync.daemon import Daemon
+
+log = logging.getLogger(__name__)
+CACHE_SECONDS = 5.0
+ALIVE_SECONDS = 60.0  # a loop that has not come round for this long, with no job in hand, is stuck
+LONGEST_JOB_SECONDS = 6 * 3600.0  # a job in hand longer than this is taken to hang (a database that never answers)
+
+
+@dataclass
+class Snapshot:
+    alive: bool
+    job: str | None
+    statuses: list[ProfileStatus]
+    taken: float
+
+    @property
+    def healthy(self) -> bool:
+        return self.alive and all(status.healthy for status in self.statuses)
+
+
+def snapshot(daemon: Daemon) -> Snapshot:
+    """What the daemon is doing and how each profile is; reads each profile's database."""
+    job, now = daemon.job, daemon.clock.monotonic()
+    looped = now - daemon.heartbeat < max(ALIVE_SECONDS, 5 * daemon.tick_seconds)
+    alive = looped or (job is not None and now - job[1] < LONGEST_JOB_SECONDS)
+    statuses = []
+    for runtime in list(daemon.runtimes.values()):
+        status = profile_status(runtime.profile, daemon.clock)
+        troubles = runtime.trouble.describe()
+        if runtime.reload_error is not None:
+            troubles.append(f"the profile file changed into one that cannot be used: {runtime.reload_error}")
+        if not runtime.prepared and not troubles:
+            troubles.append("not started yet")
+        status.problems[:0] = troubles
+        statuses.append(status)
+    statuses += [broken_status(str(path), reason) for path, reason in list(daemon.broken.items())]
+    if not statuses:
+        statuses.append(broken_status("(none)", "no profile files to run"))
+    return Snapshot(alive, job[0] if job else None, statuses, time.monotonic())
+
+
+class Listener:
+    def __init__(self, daemon: Daemon, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> None:
+        self.daemon, self.host, self.port, self.tls = daemon, host, port, tls
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, name="batchsync-listener", daemon=True)
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._runner: web.AppRunner | None = None
+        self._cache: Snapshot | None = None
+        self._cache_lock = asyncio.Lock()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait()
+        if self._error is not None:
+            raise ConfigError(f"cannot listen on {self.host}:{self.port}: {self._error}") from None
+        scheme = "https" if self.tls else "http"
+        log.info("listening on %s://%s:%d (/healthz, /metrics, /)", scheme, self.host, self.port)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._bind())
+        except OSError as exc:
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self._loop.run_forever()
+
+    async def _bind(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/", self._page)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls).start()
+
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _snapshot(self) -> Snapshot:
+        async with self._cache_lock:  # one reader at a time; the others get its result
+            if self._cache is None or time.monotonic() - self._cache.taken > CACHE_SECONDS:
+                self._cache = await asyncio.get_running_loop().run_in_executor(None, snapshot, self.daemon)
+            return self._cache
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        shot = await self._snapshot()
+        body = {
+            "healthy": shot.healthy,
+            "alive": shot.alive,
+            "job": shot.job,
+            "version": __version__,
+            "profiles": [{"profile": s.profile, "healthy": s.healthy, "problems": s.problems} for s in shot.statuses],
+        }
+        return web.json_response(body, status=200 if shot.healthy else 503, dumps=_dumps)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=self.daemon.metrics.text())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def _page(self, request: web.Request) -> web.Response:
+        return web.Response(text=status_page(await self._snapshot()), content_type="text/html", charset="utf-8")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=2)
+
+
+PAGE_STYLE = (
+    "body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 2em}"
+    "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}"
+    ".ok{color:#176f2c}.bad{color:#b00020;font-weight:bold}pre{background:#f7f7f7;padding:.6em}"
+)
+
+
+def status_page(shot: Snapshot) -> str:
+    """The status page: the daemon, then per profile its health, its problems and its last runs."""
+    state = "healthy" if shot.healthy else "NEEDS ATTENTION"
+    css = "ok" if shot.healthy else "bad"
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><meta http-equiv='refresh' content='30'>",
+        f"<title>batchsync: {state}</title><style>{PAGE_STYLE}</style></head><body>",
+        f"<h1>batchsync {html.escape(__version__)}: <span class='{css}'>{state}</span></h1>",
+        f"<p>Loop {'alive' if shot.alive else 'STUCK'}; job in hand: {html.escape(shot.job or 'none')}.</p>",
+    ]
+    for status in shot.statuses:
+        parts += _profile_section(status)
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _profile_section(status: ProfileStatus) -> list[str]:
+    e = html.escape
+    parts = [f"<h2>Profile {e(status.profile)}: {'ok' if status.healthy else 'needs attention'}</h2>"]
+    parts += [f"<p class='bad'>{e(problem)}</p>" for problem in status.problems]
+    due = f"{status.next_run:%Y-%m-%d %H:%M} UTC" if status.next_run else "not scheduled"
+    facts = [
+        ("next nightly run", due),
+        ("files waiting", ", ".join(status.waiting) or "none"),
+        ("quarantined or held", ", ".join(status.quarantined) or "none"),
+        ("rows rejected in the last run", str(status.rejected_last_run)),
+    ]
+    parts.append("<ul>" + "".join(f"<li>{e(label)}: {e(value)}</li>" for label, value in facts) + "</ul>")
+    parts.append(
+        "<table class='runs'><tr><th>run</th><th>kind</th><th>night</th><th>started (UTC)</th><th>outcome</th>"
+    )
+    parts.append("<th>counts</th><th>message</th></tr>")
+    for run in status.last_runs:
+        counts = ", ".join(f"{key}={value}" for key, value in (run.get("counts") or {}).items() if value)
+        started = f"{run['started_at']:%Y-%m-%d %H:%M}"
+        cells = [run["id"], run["kind"], run["slot"], started, run["outcome"], counts, run["message"]]
+        parts.append("<tr>" + "".join(f"<td>{e(str(cell or ''))}</td>" for cell in cells) + "</tr>")
+    parts.append("</table>")
+    return parts
