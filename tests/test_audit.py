@@ -1,4 +1,5 @@
-"""An address's history and the revert of an applied file, through the command line on SQLite and PostgreSQL."""
+"""An address's history and the revert of an applied file, through the command line on SQLite, PostgreSQL and the
+mapped example CRM of samples/mapped_crm (views over the CRM's own tables, on PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,22 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Connection, func, select, text, update
 
 from batchsync.db import crm
+from batchsync.db.mapping import crm_tables
 from batchsync.db.schema import activities, bs_changes, bs_files, bs_runs, contacts, subscriptions
+from batchsync.dbconfig import CRM_TABLES
 
+from .conftest import WITH_MAPPED_CRM, backend_url
 from .crmdata import T0, read_csv, set_status, status_of, suppressed, unsub_row, write_csv
 from .usercli import CHANGES_KIND, User, hours_ago, mailup_time, opt_out
+
+
+@pytest.fixture(params=WITH_MAPPED_CRM)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """SQLite, PostgreSQL, and the CRM of one's own of samples/mapped_crm (views over other tables) on PostgreSQL."""
+    return backend_url(request, tmp_path)
 
 
 @pytest.fixture
@@ -25,6 +35,11 @@ def user(tmp_path: Path, db_url: str, capsys: pytest.CaptureFixture[str]) -> Ite
     person = User(tmp_path, db_url, capsys, extra=CHANGES_KIND)
     yield person.start()
     person.close()
+
+
+def relation(connection: Connection, name: str) -> str:
+    """A table's name as SQL: a CRM table where the profile has it (a view of the mapped CRM), a bs_ table as is."""
+    return crm_tables(connection).sql_name(name, connection) if name in CRM_TABLES else name
 
 
 def subscription_rows(user: User) -> dict[tuple[int, int], tuple[Any, ...]]:
@@ -164,7 +179,9 @@ def test_revert_dry_run_changes_nothing(user: User) -> None:
 
     def snapshot() -> dict[str, Any]:
         with user.engine.connect() as connection:
-            found = {name: connection.scalar(text(f"SELECT COUNT(*) FROM {name}")) for name in tables}
+            found = {
+                name: connection.scalar(text(f"SELECT COUNT(*) FROM {relation(connection, name)}")) for name in tables
+            }
         return {**found, "rows": subscription_rows(user), "files": file_outcomes(user)}
 
     before = snapshot()
@@ -380,7 +397,7 @@ def _fresh_crm(user: User, states: list[Any], now: datetime) -> None:
     """Every table emptied; contacts p1..p4, and their subscriptions on the three lists as ``states`` say."""
     with user.engine.begin() as connection:
         for name in TABLES:
-            connection.execute(text(f"DELETE FROM {name}"))
+            connection.execute(text(f"DELETE FROM {relation(connection, name)}"))
         crm.ensure_lists(connection, {"newsletter": (None, []), "offers": (None, []), "events": (None, [])})
         ids = crm.list_ids(connection, ["newsletter", "offers", "events"])
         people = [

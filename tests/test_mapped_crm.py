@@ -2,11 +2,13 @@
 
 tests/test_export.py and tests/test_import.py run their scenarios on the views of samples/mapped_crm too; this
 module checks what they cannot see from the canonical side: that the rows land in the CRM's own tables, what
-init makes and refuses, quoting, a partial mapping on both backends, and two mappings in one process.
+init makes and refuses, quoting, a partial mapping on both backends, two mappings in one process, and history and
+revert in the CRM's own tables (tests/test_audit.py runs its scenarios on the views too).
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, MetaData, inspect, select, text
 
+from batchsync.audit import address_history
 from batchsync.check import run_checks
 from batchsync.clock import ManualClock
 from batchsync.config import load_profile
@@ -25,6 +28,7 @@ from batchsync.sync import Sync
 
 from .conftest import BACKENDS, ROOT, backend_url, mailup_profile, make_mapped_database
 from .crmdata import UNSUB_HEADER, build_tiny_crm, read_csv, set_status, status_of, unsub_row, write_csv
+from .usercli import CHANGES_KIND, User, opt_out
 
 # MailUp's Rome time: 09:00 UTC.
 EARLY = "20260105T100000"
@@ -147,6 +151,10 @@ def test_a_mapped_view_that_is_missing_or_lacks_a_column_stops_init_and_is_repor
     assert not database.ok and gone in database.detail and "run batchsync init" not in database.detail
     with pytest.raises(DatabaseError, match="does not exist"):
         sync.export("full")  # the other commands refuse too, with the same reason
+    with pytest.raises(DatabaseError, match="does not exist"):
+        sync.revert("unsubscribers_1.csv")
+    with pytest.raises(DatabaseError, match="batchsync never creates or alters"):
+        address_history([profile], "alice@example.com")
 
 
 def test_a_partial_mapping_onto_names_that_need_quoting(tmp_path: Path, plain_url: str, clock: ManualClock) -> None:
@@ -248,3 +256,43 @@ def test_the_sample_generator_fills_a_mapped_crm(tmp_path: Path, mapped_url: str
     assert counted == [(300, summary.subscriptions)]
     assert rows(sync.engine, "SELECT count(*) FROM crm.do_not_mail") == [(summary.suppressed,)]
     assert sync.export("full").rows > 0 and sync.export("diff").rows == 0
+
+
+def test_history_and_revert_read_and_write_the_crms_own_tables(
+    tmp_path: Path, mapped_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An admin's file (an opt-out that makes a row, one that changes a row) and an email change, reverted: the
+    CRM's own crm.optins and crm.people are as before, crm.contact_log has the revert; history reads them."""
+    user = User(tmp_path, mapped_url, capsys, extra=CHANGES_KIND).start()
+    engine = user.engine
+    try:
+        optin_rows = (
+            "SELECT person_id, newsletter_id, state, state_since, changed_by, why FROM crm.optins ORDER BY 1, 2"
+        )
+        before = rows(engine, optin_rows)
+        [(events,)] = rows(engine, "SELECT newsletter_id FROM crm.newsletters WHERE slug = 'events'")
+        mistake = user.admin_file([opt_out("alice@example.com", list_id="3"), opt_out("bob@example.com")])
+        moved = write_csv(
+            user.inbox / "changes_1.csv", [["old_email", "new_email"], ["carol@example.com", "caro@x.org"]]
+        )
+        assert user.batchsync("import").code == 0
+        assert optins(engine, f"person_id = 1 AND newsletter_id = {events}")[0][2::2] == ("N", "ADMIN")  # a new row
+        assert rows(engine, "SELECT mail FROM crm.people WHERE person_id = 3") == [("caro@x.org",)]
+
+        done = user.batchsync("revert", mistake.name)
+        assert done.code == 0 and "2 changes undone, 0 left" in done.out, done.out + done.err
+        assert user.batchsync("revert", moved.name).code == 0
+        assert rows(engine, optin_rows) == before  # alice's row on events deleted through the view, bob's put back
+        assert rows(engine, "SELECT mail FROM crm.people WHERE person_id = 3") == [("carol@example.com",)]
+        logged = rows(engine, "SELECT person_id FROM crm.contact_log WHERE what = 'revert' ORDER BY 1")
+        assert logged == [(1,), (2,), (3,)]
+
+        found = json.loads(user.batchsync("history", "alice@example.com", "--json").out)
+        assert found["contacts"] == [1]
+        changes = [(e["list"], e["rule"], e["file"]) for e in found["entries"] if e["what"] == "change"]
+        made = "opt-out for a list without CRM row: recorded"
+        assert changes == [("events", made, mistake.name), ("events", "revert", mistake.name)]
+        assert any(e["what"] == "activity" and e["detail"].startswith("revert") for e in found["entries"])
+        assert json.loads(user.batchsync("history", "caro@x.org", "--json").out)["contacts"] == [3]
+    finally:
+        user.close()
