@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from batchsync.collect import StagedFile
+from batchsync.collect import REPORTED, StagedFile
 from batchsync.config import Profile
 from batchsync.db import crm, ledger
 from batchsync.db.optouts import ProviderOptOuts
@@ -85,6 +85,9 @@ class EventApplier:
         self.profile, self.connection, self.run_id, self.now = profile, connection, run_id, now
         self.file_id = file_id  # the file's bs_files row: its changes name it, so that it can be reverted
         self.source, self.origin = staged.name, staged.origin
+        # A provider's callback is the provider's report, audited as a callback; its statuses are the provider's.
+        self.reported = staged.origin in REPORTED
+        self.status_source = "provider" if self.reported else staged.origin
         self.results, self.errors, self.list_ids = results, errors, list_ids
         self.opted_out: dict[str, set[str]] = defaultdict(set)  # list -> addresses this file took off it
         self.touched: set[tuple[int, int]] = set()  # (contact, list) rows an earlier row of this file changed
@@ -122,9 +125,9 @@ class EventApplier:
             tally.warnings += 1
         if event.kind in OPT_OUT_KINDS:
             self._note_suppression(event, event.kind)  # type: ignore[arg-type]
-            if self.origin == "provider":
+            if self.reported:
                 self._remember_report(event)
-        if event.kind == "email_change" and self.origin == "provider":
+        if event.kind == "email_change" and self.reported:
             # The provider has the new address now, whatever the CRM makes of the change: its opt-outs follow.
             assert event.new_email is not None
             self.reports.carry(event.email_key, email_key(event.new_email), event.new_email)
@@ -189,12 +192,12 @@ class EventApplier:
         if new_key != event.email_key:  # the next rows of the file see the address taken
             self.contacts[new_key] = sorted({*self.contacts.get(new_key, []), *contact_ids})
             del self.contacts[event.email_key]
-        if self.origin == "provider":  # the provider has the new address: the ledger's rows follow
+        if self.reported:  # the provider has the new address: the ledger's rows follow
             ledger.rename_exported(self.connection, self.profile.name, event.email_key, new_key, event.new_email)
         self._result(event, lists, "applied", f"email changed to {event.new_email}", tally)
 
     def _on_subscribe(self, event: InboundEvent, lists: list[str], tally: Tally) -> None:
-        if self.origin != "provider":
+        if not self.reported:
             self._result(event, lists, "unchanged", "only the provider's own subscribe clears its opt-outs", tally)
             return
         cleared = [code for code in self._lists(event, False) if self.reports.forget(code, event.email_key, event.at)]
@@ -263,13 +266,13 @@ class EventApplier:
         if before is not None and before.status in ("subscribed", "pending"):
             self.opted_out[code].add(event.email_key)
         self.touched.add(key)
-        self.current[key] = Subscription(decision.new_status, opt.at, self.origin, reason=opt.reason)
+        self.current[key] = Subscription(decision.new_status, opt.at, self.status_source, reason=opt.reason)
         self.changes[key] = {
             "contact_id": contact_id,
             "list_id": key[1],
             "status": decision.new_status,
             "status_at": opt.at,
-            "source": self.origin,
+            "source": self.status_source,
             "reason": opt.reason,
         }
         more = {"event": opt.kind, "new_status_at": opt.at, "new_reason": opt.reason}

@@ -209,7 +209,8 @@ def run(profile_path: Path, full: bool | None, force: bool, dry_run: bool) -> No
     "--listen",
     envvar="BATCHSYNC_LISTEN",
     metavar="HOST:PORT",
-    help="Serve /healthz, /metrics (Prometheus) and a status page at / on this address (env BATCHSYNC_LISTEN).",
+    help="Serve /healthz, /metrics (Prometheus), a status page at / and the providers' callbacks at "
+    "/hooks/PROFILE/CALLBACK on this address (env BATCHSYNC_LISTEN).",
 )
 @click.option("--tls-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Serve HTTPS: cert.")
 @click.option("--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Serve HTTPS: key.")
@@ -223,10 +224,35 @@ def daemon(
     then exit 0; a second one: stop at once. SIGHUP: reload the profiles (files added to a folder are taken up,
     removed ones dropped; a file now broken keeps its old profile).
     """
-    runner = Daemon(list(profiles), tick_seconds=tick)
+    _listen_and_run(Daemon(list(profiles), tick_seconds=tick), listen, tls_cert, tls_key)
+
+
+@cli.command()
+@click.option(
+    "--profile",
+    "-p",
+    "profile_paths",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path, exists=True),
+    help="A profile file or folder of them (repeatable).",
+)
+@click.option("--listen", envvar="BATCHSYNC_LISTEN", required=True, metavar="HOST:PORT", help="Where to listen.")
+@click.option("--tls-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Serve HTTPS: cert.")
+@click.option("--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Serve HTTPS: key.")
+def serve(profile_paths: tuple[Path, ...], listen: str, tls_cert: Path | None, tls_key: Path | None) -> None:
+    """Take the providers' callbacks alone (e.g. in a DMZ): journal them and cut them into the profiles' inbox
+    folders, which a daemon elsewhere shares and imports. No database is needed here.
+
+    Serves POST /hooks/PROFILE/CALLBACK (and the providers' validation GET or HEAD), /healthz and /metrics.
+    """
+    _listen_and_run(Daemon(list(profile_paths), receive_only=True), listen, tls_cert, tls_key)
+
+
+def _listen_and_run(runner: Daemon, listen: str | None, tls_cert: Path | None, tls_key: Path | None) -> None:
     listener = None
     if listen:
-        from batchsync.web import Listener  # aiohttp is imported only by a daemon that listens
+        from batchsync.web import Listener  # aiohttp is imported only by a process that listens
 
         host, port = _address(listen)
         listener = Listener(runner, host, port, tls=_tls(tls_cert, tls_key))

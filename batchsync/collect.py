@@ -36,8 +36,9 @@ from batchsync.workdir import WorkDir, move_unique, unique_path, write_whole
 
 log = logging.getLogger(__name__)
 IGNORED_SUFFIXES = (".part", ".tmp", ".crdownload", ".filepart")
-Origin = Literal["provider", "admin"]
-ORIGINS: tuple[Origin, ...] = ("provider", "admin")
+Origin = Literal["provider", "admin", "callback"]
+ORIGINS: tuple[Origin, ...] = ("provider", "admin", "callback")
+REPORTED: frozenset[str] = frozenset({"provider", "callback"})  # the provider's reports: remembered, not echoed
 
 
 @dataclass

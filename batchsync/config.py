@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from batchsync.dbconfig import DatabaseConfig
 from batchsync.dbconfig import FrozenModel as _Model
 from batchsync.errors import ConfigError
+from batchsync.hookconfig import CallbackConfig
 
 EventKind = Literal[
     "unsubscribe",
@@ -213,7 +214,8 @@ class InboundConfig(Dialect):
     # Who the file's events come from: "provider" (its reports: not echoed back, remembered for good) or "admin"
     # (a CRM-side change: sent in the next export). None: by where the file came from (the remote inbox is the
     # provider's; the local inbox and import --file are an admin's).
-    origin: Literal["provider", "admin"] | None = None
+    # "callback": the journal of a provider's callbacks (a [[callback]] section makes the kind).
+    origin: Literal["provider", "admin", "callback"] | None = None
     remote_dir: str | None = None
     after_import: Literal["move", "delete"] = "move"
     processed_dir: str = "processed"
@@ -353,6 +355,7 @@ class Profile(_Model):
     policy: PolicyConfig = PolicyConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     notify: NotifyConfig | None = None
+    callback: tuple[CallbackConfig, ...] = Field((), strict=False)
     base_dir: str = "."
 
     @model_validator(mode="after")
@@ -362,7 +365,7 @@ class Profile(_Model):
             raise ValueError("two lists share one provider id")
         kinds = [entry.kind for entry in self.inbound]
         if len(set(kinds)) != len(kinds):
-            raise ValueError("two inbound entries share one kind")
+            raise ValueError("two inbound entries share one kind (a callback's kind is callback_<name>)")
         return self
 
     def path(self, value: str) -> Path:
@@ -410,6 +413,11 @@ def load_profile(path: Path, overrides: Mapping[str, Any] | None = None) -> Prof
         _set_dotted(raw, dotted, value)
     _refuse_inline_secrets(path, raw, "")
     try:
+        profile = Profile.model_validate(raw)
+        if not profile.callback:
+            return profile
+        # Each callback's journal is cut into files of an inbound kind of its own: validated as every kind.
+        raw["inbound"] = list(raw.get("inbound", [])) + [entry.inbound() for entry in profile.callback]
         return Profile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(path, exc)) from None

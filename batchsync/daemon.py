@@ -34,6 +34,7 @@ from batchsync import __version__
 from batchsync.clock import Clock
 from batchsync.config import Profile, load_profile
 from batchsync.errors import BatchsyncError, ConfigError
+from batchsync.hooks import Hooks
 from batchsync.jobs import ProfileRuntime
 from batchsync.metrics import Metrics
 from batchsync.slots import next_nightly
@@ -52,8 +53,12 @@ def profile_paths(arguments: list[Path]) -> list[Path]:
 
 
 class Daemon:
-    def __init__(self, paths: list[Path], *, clock: Clock | None = None, tick_seconds: float = 1.0) -> None:
+    def __init__(
+        self, paths: list[Path], *, clock: Clock | None = None, tick_seconds: float = 1.0, receive_only: bool = False
+    ) -> None:
+        """``receive_only``: take callbacks and cut their journals into the inboxes, nothing else (``serve``)."""
         self.arguments = list(paths)
+        self.receive_only = receive_only
         profile_paths(self.arguments)  # nothing to run is a usage error, at once
         self.clock = clock or Clock()
         self.tick_seconds = tick_seconds
@@ -62,6 +67,7 @@ class Daemon:
         self.runtimes: dict[Path, ProfileRuntime] = {}
         self.broken: dict[Path, str] = {}  # profile files that cannot be used, and why
         self.metrics = Metrics()
+        self.hooks = Hooks(self.clock, self.metrics.registry)  # the callbacks the listener takes
         self.heartbeat = self.clock.monotonic()  # when the loop last came round (the listener's "alive")
         schedule.datetime = _clock_datetime(self.clock)  # type: ignore[attr-defined]  # see the docstring
 
@@ -129,6 +135,7 @@ class Daemon:
         self.broken = {path: reason for path, reason in self.broken.items() if path in paths}
         for path in paths:
             self._load(path)
+        self.hooks.use([runtime.profile for runtime in self.runtimes.values()])
 
     def close(self) -> None:
         for runtime in self.runtimes.values():
@@ -139,7 +146,7 @@ class Daemon:
         try:
             profile = load_profile(path)
             self._check_name(path, profile)
-            runtime = ProfileRuntime.start(profile, self.clock, self.stop, self.metrics)
+            runtime = ProfileRuntime.start(profile, self.clock, self.stop, self.metrics, self.hooks, self.receive_only)
         except (BatchsyncError, OSError) as exc:
             reason = str(exc)
             if old is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -30,8 +31,10 @@ from batchsync.alerts import Alerts
 from batchsync.clock import Clock
 from batchsync.config import Profile
 from batchsync.db import ledger
+from batchsync.db.schema import make_engine
 from batchsync.errors import BatchsyncError, first_line
 from batchsync.export import choose_mode
+from batchsync.hooks import Hooks
 from batchsync.locks import LockBusy
 from batchsync.logs import log_fields
 from batchsync.metrics import Metrics
@@ -43,6 +46,8 @@ from batchsync.watcher import InboxWatcher
 
 log = logging.getLogger(__name__)
 BUSY_RETRY = timedelta(minutes=1)
+CUT_AFTER = 1.0  # seconds a callback's rows wait in the journal, so that a burst makes one file
+CUT_ROWS = 5000  # ...or this many rows, whichever comes first
 Result = Literal["ok", "failed", "busy"]
 
 
@@ -67,19 +72,34 @@ class ProfileRuntime:
     slots_started: set[str] = field(default_factory=set)
     reload_error: str | None = None  # the profile file changed into one that cannot be used: this one runs on
     job: tuple[str, float] | None = None  # the job in hand and when it began (monotonic)
+    hooks: Hooks | None = None  # where the listener journals this profile's callbacks
+    receive_only: bool = False  # `serve`: cut the callbacks' journals into the inbox, nothing else
 
     @classmethod
-    def start(cls, profile: Profile, clock: Clock, stop: threading.Event, metrics: Metrics) -> ProfileRuntime:
+    def start(
+        cls,
+        profile: Profile,
+        clock: Clock,
+        stop: threading.Event,
+        metrics: Metrics,
+        hooks: Hooks | None = None,
+        receive_only: bool = False,
+    ) -> ProfileRuntime:
         """Make the profile's runtime and start watching its inbox; nothing touches its database yet."""
         watcher = InboxWatcher(clock)
-        sync = Sync(profile, clock=clock, stop=stop, inbox_busy=watcher.busy)
+        # A receiver alone (`serve`) never opens the CRM, which it may not reach: an engine that is never used.
+        engine = make_engine("sqlite://") if receive_only else None
+        sync = Sync(profile, clock=clock, engine=engine, stop=stop, inbox_busy=watcher.busy)
         runtime = cls(sync, Trouble(profile.name, clock), Alerts(profile, clock), metrics, watcher=watcher)
+        runtime.hooks, runtime.receive_only = hooks, receive_only
+        sync.work.inbox.mkdir(parents=True, exist_ok=True)
+        if receive_only:
+            return runtime
         config = profile.schedule
         if config.nightly:
             runtime.scheduler.every().day.at(config.nightly, config.timezone).do(runtime.scheduled_night)
         if config.poll_minutes:
             runtime.scheduler.every(config.poll_minutes).minutes.do(runtime.poll)
-        sync.work.inbox.mkdir(parents=True, exist_ok=True)
         runtime.observer = Observer()
         runtime.observer.schedule(watcher, str(sync.work.inbox), recursive=False)
         runtime.observer.start()
@@ -94,6 +114,11 @@ class ProfileRuntime:
         return self.sync.clock
 
     def run_due(self) -> None:
+        cut = self.cut_callbacks()  # journal -> inbox needs no database: done whatever else is down
+        if self.receive_only:
+            return
+        if cut and self.prepared and not self.trouble.blocked("callback"):
+            self.guarded("callback import", "callback", lambda: self.sync.import_files(ready=cut, remote=False))
         if not self.prepared:
             if not self.trouble.blocked("start"):
                 self.prepare()
@@ -194,6 +219,23 @@ class ProfileRuntime:
         log.debug("profile %s: inbox looked at, %d files ready", self.profile.name, len(ready))
         if ready:
             self.guarded("inbox import", "inbox", lambda: self.sync.import_files(ready=ready))
+
+    def cut_callbacks(self) -> set[str]:
+        """Cut the journals of the profile's callbacks into inbox files, once their oldest row waited CUT_AFTER
+        or CUT_ROWS rows came; the names of the files made."""
+        made: set[str] = set()
+        for config in self.profile.callback if self.hooks is not None else ():
+            journal = self.hooks.journal(self.profile, config)  # type: ignore[union-attr]
+            since = journal.waiting_since
+            fresh = since is not None and time.monotonic() - since < CUT_AFTER and journal.rows_waiting < CUT_ROWS
+            if fresh or not journal.has_rows():
+                continue
+            stamp = f"{self.clock.now():%Y%m%dT%H%M%S%f}"
+            try:
+                made |= {path.name for path in journal.cut(self.sync.work.inbox, config.kind, stamp)}
+            except (OSError, ValueError) as exc:
+                self.trouble.failed("callback", exc, f"cannot cut the {config.name} journal: {exc}")
+        return made
 
     # --- guarding ---------------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from batchsync import progress
 from batchsync.apply import EventApplier, Tally
 from batchsync.clock import Clock
-from batchsync.collect import ORIGINS, StagedFile
+from batchsync.collect import ORIGINS, REPORTED, StagedFile
 from batchsync.config import Profile
 from batchsync.db import crm, ledger
 from batchsync.errors import BadFile, ConfigError
@@ -143,7 +143,7 @@ class Reconciler:
             seen = ledger.collected_from_provider(connection, self.profile.name, snapshot.sha256)
         if not seen and "bs_origin" in header:
             first = next(read_records(snapshot.path, staged.kind), None)
-            seen = first is not None and first.values.get("bs_origin") == "provider"
+            seen = first is not None and first.values.get("bs_origin") in REPORTED
         if seen:
             staged.origin = "provider"
             log.info("%s: the provider's report (its content came from the provider's inbox)", staged.name)

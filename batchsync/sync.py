@@ -130,12 +130,13 @@ class Sync:
         dry_run: bool = False,
         ready: Collection[str] = (),
         force: bool = False,
+        remote: bool = True,
     ) -> ImportReport:
         """Collect and reconcile; ``ready`` names inbox files known to be complete (their writer closed them).
         ``files`` are taken instead of the inboxes, as an admin's unless ``origin`` (or their kind) says
         otherwise; every one is checked before any is staged."""
         with self._boundary(), self._locked(dry_run), self._recorded("import", dry_run) as run:
-            report = self._import(run, _Ask(files, kind, origin, ready, force), dry_run)
+            report = self._import(run, _Ask(files, kind, origin, ready, force, remote), dry_run)
             run.record_import(report)
         return report
 
@@ -205,7 +206,7 @@ class Sync:
         collector.from_local_inbox(collected, ask.ready, self.inbox_busy())
         transport = None
         try:
-            if any(entry.remote_dir for entry in self.profile.inbound):
+            if ask.remote and any(entry.remote_dir for entry in self.profile.inbound):
                 transport = self.transport_factory(self.profile)
                 collector.from_remote(transport, collected)
             for staged in collected.staged:
@@ -347,6 +348,7 @@ class _Ask:
     origin: Origin | None = None
     ready: Collection[str] = ()
     force: bool = False
+    remote: bool = True  # False: the local inbox and staging only (a callback's file, cut a moment ago)
 
 
 @dataclass

@@ -23,14 +23,16 @@ import logging
 import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from batchsync import __version__
+from batchsync.config import Profile
 from batchsync.errors import ConfigError
+from batchsync.hooks import Answer, Delivery
 from batchsync.status import ProfileStatus, broken_status, profile_status
 
 if TYPE_CHECKING:
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CACHE_SECONDS = 5.0
 ALIVE_SECONDS = 60.0  # a loop that has not come round for this long, with no job in hand, is stuck
+MAX_BODY = 16 * 1024 * 1024 + 1  # a callback's own limit is checked first (max_body_bytes, at most 16 MiB)
+JOURNAL_STALE_SECONDS = 60.0  # callbacks journalled this long ago and not cut yet: something is wrong
 LONGEST_JOB_SECONDS = 6 * 3600.0  # a job in hand longer than this is taken to hang (a database that never answers)
 
 
@@ -48,6 +52,7 @@ class Snapshot:
     job: str | None
     statuses: list[ProfileStatus]
     taken: float
+    callbacks: list[tuple[str, str, dict[str, int], int]] = field(default_factory=list)  # profile, name, tally, rows
 
     @property
     def healthy(self) -> bool:
@@ -61,18 +66,39 @@ def snapshot(daemon: Daemon) -> Snapshot:
     alive = looped or (job is not None and now - job[1] < LONGEST_JOB_SECONDS)
     statuses = []
     for runtime in list(daemon.runtimes.values()):
-        status = profile_status(runtime.profile, daemon.clock)
+        # A receiver alone (`serve`) may not reach the database: it answers for its journals only.
+        status = (
+            ProfileStatus(runtime.profile.name)
+            if daemon.receive_only
+            else profile_status(runtime.profile, daemon.clock)
+        )
         troubles = runtime.trouble.describe()
         if runtime.reload_error is not None:
             troubles.append(f"the profile file changed into one that cannot be used: {runtime.reload_error}")
-        if not runtime.prepared and not troubles:
+        if not runtime.prepared and not troubles and not daemon.receive_only:
             troubles.append("not started yet")
+        troubles += _journal_problems(daemon, runtime.profile)
         status.problems[:0] = troubles
         statuses.append(status)
     statuses += [broken_status(str(path), reason) for path, reason in list(daemon.broken.items())]
     if not statuses:
         statuses.append(broken_status("(none)", "no profile files to run"))
-    return Snapshot(alive, job[0] if job else None, statuses, time.monotonic())
+    callbacks = [
+        (name, hook, dict(daemon.hooks.tally.get((name, hook), {})), journal.rows_waiting)
+        for (name, hook), journal in list(daemon.hooks.journals.items())
+    ]
+    return Snapshot(alive, job[0] if job else None, statuses, time.monotonic(), callbacks)
+
+
+def _journal_problems(daemon: Daemon, profile: Profile) -> list[str]:
+    problems = []
+    for config in profile.callback:
+        journal = daemon.hooks.journals.get((profile.name, config.name))
+        since = journal.waiting_since if journal is not None else None
+        if journal is not None and since is not None and time.monotonic() - since > JOURNAL_STALE_SECONDS:
+            waited = f"{time.monotonic() - since:.0f} s"
+            problems.append(f"callback {config.name}: {journal.rows_waiting} rows journalled {waited} ago, not cut")
+    return problems
 
 
 class Listener:
@@ -112,10 +138,12 @@ class Listener:
         self._loop.run_forever()
 
     async def _bind(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._page)
+        for path in ("/hooks/{profile}/{callback}", "/hooks/{profile}/{callback}/{token}"):
+            app.router.add_route("*", path, self._hook)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port, ssl_context=self.tls).start()
@@ -146,6 +174,27 @@ class Listener:
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
+    async def _hook(self, request: web.Request) -> web.Response:
+        """A provider's callback: checked, journalled (fsynced) and answered; applied later by the daemon."""
+        if request.method not in ("GET", "HEAD", "POST"):
+            return web.Response(status=405, text="method not allowed")
+        hooks, info = self.daemon.hooks, request.match_info
+        delivery = Delivery(
+            info["profile"], info["callback"], info.get("token"), request.method, dict(request.query),
+            dict(request.headers), None, request.remote or "",
+        )  # fmt: skip
+        answer = hooks.early(delivery)
+        if answer is None:
+            found = hooks.find(delivery.profile, delivery.callback)
+            assert found is not None
+            limit = found[1].max_body_bytes
+            body = b"" if (request.content_length or 0) > limit else await request.content.read(limit + 1)
+            if (request.content_length or 0) > limit or len(body) > limit:
+                answer = hooks.count(delivery, Answer(413, f"the body is over {limit} bytes"))
+            else:
+                answer = await hooks.take(replace(delivery, body=body))
+        return web.Response(status=answer.status, text=answer.text)
+
     async def _page(self, request: web.Request) -> web.Response:
         return web.Response(text=status_page(await self._snapshot()), content_type="text/html", charset="utf-8")
 
@@ -173,6 +222,14 @@ def status_page(shot: Snapshot) -> str:
     ]
     for status in shot.statuses:
         parts += _profile_section(status)
+    if shot.callbacks:
+        parts.append("<h2>Callbacks</h2><table class='callbacks'><tr><th>profile</th><th>callback</th>")
+        parts.append("<th>calls by outcome</th><th>rows in the journal</th></tr>")
+        for name, hook, tally, rows in shot.callbacks:
+            counts = ", ".join(f"{outcome}={count}" for outcome, count in sorted(tally.items())) or "none yet"
+            cells = [name, hook, counts, str(rows)]
+            parts.append("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
+        parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
