@@ -417,7 +417,8 @@ def load_profile(path: Path, overrides: Mapping[str, Any] | None = None) -> Prof
         if not profile.callback:
             return profile
         # Each callback's journal is cut into files of an inbound kind of its own: validated as every kind.
-        raw["inbound"] = list(raw.get("inbound", [])) + [entry.inbound() for entry in profile.callback]
+        # First, so that a broad pattern of the profile's own (``*.csv``) never takes a callback's files.
+        raw["inbound"] = [entry.inbound() for entry in profile.callback] + list(raw.get("inbound", []))
         return Profile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(path, exc)) from None

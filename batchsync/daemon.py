@@ -40,6 +40,7 @@ from batchsync.metrics import Metrics
 from batchsync.slots import next_nightly
 
 log = logging.getLogger(__name__)
+CUT_EVERY = 0.5  # seconds between looks at the callbacks' journals
 
 
 def profile_paths(arguments: list[Path]) -> list[Path]:
@@ -100,6 +101,8 @@ class Daemon:
     def run_forever(self) -> int:
         self._install_signals()
         self.start()
+        cutter = threading.Thread(target=self._cut_forever, name="batchsync-cutter", daemon=True)
+        cutter.start()
         try:
             while not self.stop.is_set():
                 if self.reload_requested:
@@ -110,6 +113,15 @@ class Daemon:
             self.close()
         log.info("stopped")
         return 0
+
+    def _cut_forever(self) -> None:
+        """The callbacks' journals cut into inbox files every CUT_EVERY seconds, whatever job the loop is in."""
+        while not self.stop.wait(CUT_EVERY):
+            self.cut_callbacks()
+
+    def cut_callbacks(self) -> None:
+        for runtime in list(self.runtimes.values()):
+            runtime.cut_callbacks()
 
     def run_once(self) -> None:
         self.heartbeat = self.clock.monotonic()

@@ -95,7 +95,7 @@ class CallbackConfig(_Model):
         every: tuple[HookEvent, ...] = ("unsubscribe", "subscribe", "hard_bounce", "complaint", "clean", "email_change")
         return {
             "kind": self.kind,
-            "pattern": f"{self.kind}_*.csv",
+            "pattern": f"{self.kind}.*.csv",  # names hold no dot: one callback's files are never another's
             "origin": "callback" if self.origin == "provider" else "admin",  # audited as a callback
             "encoding": "utf-8",
             "delimiter": ",",

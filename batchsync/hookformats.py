@@ -75,7 +75,12 @@ def read_call(config: CallbackConfig, call: Call, now: datetime) -> list[HookRow
             raise BadCall("no email address in the call")
         if row.event == "email_change" and not row.new_email.strip():
             raise BadCall("an address change without the new address")
-    return [row for row in rows if row.event != "ignore"]
+    # A subscribe that names no list would clear the provider's opt-outs of every list (a row without a list
+    # concerns them all): fail safe, such a call changes nothing.
+    listless = not config.list_code
+    return [
+        row for row in rows if row.event != "ignore" and not (row.event == "subscribe" and listless and not row.list_id)
+    ]
 
 
 def _form(call: Call) -> dict[str, str]:
@@ -97,6 +102,8 @@ def _json(call: Call) -> Any:
 
 def _mailchimp(config: CallbackConfig, call: Call, now: datetime) -> list[HookRow]:
     form = _form(call)
+    if not call.body.strip() and "type" not in form:
+        return []  # some say Mailchimp validates with an empty POST (its page says a GET): answered, nothing kept
     kind, reason = form.get("type", ""), form.get("data[reason]", "")
     at = _parse_time(form["fired_at"], "%Y-%m-%d %H:%M:%S", ZoneInfo("UTC")) if form.get("fired_at") else now
     list_id = form.get("data[list_id]", "")
@@ -122,7 +129,10 @@ def _mailigen(config: CallbackConfig, call: Call, now: datetime) -> list[HookRow
     if not isinstance(body, dict):
         raise BadCall("a Mailigen call is a JSON object")
     if "events" in body:  # the page's prose: {"timestamp", "events": [{"type", "data"}]}
-        pairs = [(event.get("type", ""), event.get("data")) for event in body["events"] if isinstance(event, dict)]
+        events = body["events"] if isinstance(body["events"], list) else [body["events"]]
+        if not all(isinstance(event, dict) for event in events):
+            raise BadCall("a Mailigen call's events are objects")
+        pairs = [(event.get("type", ""), event.get("data")) for event in events]
     else:  # the page's examples: {"hook", "timestamp", "data": [...]}
         pairs = [(body.get("hook", ""), body.get("data"))]
     rows = []

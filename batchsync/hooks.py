@@ -18,9 +18,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -35,6 +38,7 @@ from batchsync.transport import read_secret
 
 log = logging.getLogger(__name__)
 REFUSED = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large", 429: "rate_limited"}
+URL_SECRETS = ("query", "path", "basic")  # checked before the body is read
 
 
 @dataclass(frozen=True)
@@ -56,29 +60,66 @@ class Answer:
 
 
 class RateLimiter:
-    """A token bucket per callback and source address: ``rate`` calls a second, bursts of twice that."""
+    """A token bucket per callback and source (an IPv6 source by its /64): ``rate`` calls a second, bursts of
+    twice that. At most MAX_SOURCES buckets are kept, the least recently seen forgotten first, so a flood of
+    sources costs bounded memory and time."""
+
+    MAX_SOURCES = 10_000
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
+        self._buckets: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()  # tokens, when; LRU order
 
     def allow(self, key: tuple[str, str], rate: float) -> bool:
         now, burst = self.clock.monotonic(), 2 * rate
-        tokens, last = self._buckets.get(key, (burst, now))
+        key = (key[0], _source(key[1]))
+        tokens, last = self._buckets.pop(key, (burst, now))
         tokens = min(burst, tokens + (now - last) * rate)
-        if len(self._buckets) > 10_000:  # many sources: forget the full buckets
-            self._buckets = {k: v for k, v in self._buckets.items() if v[0] < 2 * rate}
-        if tokens < 1:
-            self._buckets[key] = (tokens, now)
-            return False
-        self._buckets[key] = (tokens - 1, now)
-        return True
+        allowed = tokens >= 1
+        self._buckets[key] = (tokens - 1 if allowed else tokens, now)
+        while len(self._buckets) > self.MAX_SOURCES:  # the least recently seen go first
+            self._buckets.popitem(last=False)
+        return allowed
+
+
+def _source(address: str) -> str:
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    return str(ipaddress.ip_network(f"{parsed}/64", strict=False)) if parsed.version == 6 else address
+
+
+class FirstSeen:
+    """When each delivery (its body and parameters, the secret left out) was first received, for RETRY_WINDOW:
+    a provider retrying a call whose payload carries no time of its own gets that first time again, so a retry
+    a day later cannot override what the CRM did meanwhile. Kept in memory (MAX_KEPT deliveries)."""
+
+    RETRY_WINDOW = 48 * 3600.0
+    MAX_KEPT = 200_000
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._seen: OrderedDict[str, tuple[float, datetime]] = OrderedDict()
+
+    def of(self, delivery: Delivery, secret_param: str) -> datetime:
+        query = sorted((k, v) for k, v in delivery.query.items() if k != secret_param)
+        digest = hashlib.sha256(repr((delivery.profile, delivery.callback, query)).encode() + (delivery.body or b""))
+        key, now = digest.hexdigest(), self.clock.monotonic()
+        while self._seen and (
+            len(self._seen) > self.MAX_KEPT or now - next(iter(self._seen.values()))[0] > self.RETRY_WINDOW
+        ):
+            self._seen.popitem(last=False)
+        if key not in self._seen:
+            self._seen[key] = (now, self.clock.now())
+        return self._seen[key][1]
 
 
 class Hooks:
     def __init__(self, clock: Clock, registry: CollectorRegistry | None = None) -> None:
         self.clock = clock
         self.limiter = RateLimiter(clock)
+        self.first_seen = FirstSeen(clock)
         self.profiles: dict[str, Profile] = {}
         self.tally: dict[tuple[str, str], dict[str, int]] = {}  # (profile, callback) -> outcome -> calls
         self.journals: dict[tuple[str, str], Journal] = {}
@@ -111,11 +152,15 @@ class Hooks:
         return (profile, found[0]) if profile is not None and found else None
 
     def early(self, delivery: Delivery) -> Answer | None:
-        """The checks made before the body is read: the callback exists, the source is within its rate."""
+        """The checks made before the body is read: the callback exists; a secret in the URL or a header is
+        right (so that calls with a wrong one, e.g. through a shared proxy, never use up the provider's rate);
+        the source is within its rate."""
         found = self.find(delivery.profile, delivery.callback)
         if found is None:
             return self.count(delivery, Answer(404, "no such callback"))
-        _profile, config = found
+        profile, config = found
+        if config.secret_in in URL_SECRETS and not self._authentic(profile, config, delivery):
+            return self.count(delivery, Answer(401, "unauthorized"))
         if not self.limiter.allow((f"{delivery.profile}/{delivery.callback}", delivery.source), config.max_per_second):
             return self.count(delivery, Answer(429, "too many calls from this address; slow down"))
         return None
@@ -125,8 +170,10 @@ class Hooks:
         found = self.find(delivery.profile, delivery.callback)
         assert found is not None and delivery.body is not None
         profile, config = found
-        checking = delivery.method in ("GET", "HEAD") and (config.format != "mailup" or not delivery.query)
-        if checking and config.secret_in in ("hmac-sha256", "mailigen-signature"):
+        # A GET or HEAD is the provider checking the URL unless it carries parameters of its own (a MailUp
+        # webhook, or a form callback, sent by GET).
+        checking = delivery.method in ("GET", "HEAD") and not (set(delivery.query) - {config.key_param})
+        if checking and config.secret_in not in URL_SECRETS:
             # The provider checking the URL (Mailigen's HEAD) cannot sign an empty request: answered, nothing written
             return self.count(delivery, Answer(200, "ok"), "validated")
         if not self._authentic(profile, config, delivery):
@@ -134,7 +181,8 @@ class Hooks:
         if checking:  # Mailchimp's validation GET carries the URL's key
             return self.count(delivery, Answer(200, "ok"), "validated")
         try:
-            rows = read_call(config, Call(delivery.method, delivery.body, "", delivery.query), self.clock.now())
+            received = self.first_seen.of(delivery, config.key_param)
+            rows = read_call(config, Call(delivery.method, delivery.body, "", delivery.query), received)
         except BadCall as exc:
             return self.count(delivery, Answer(400, f"bad request: {exc}"))
         if rows:
@@ -192,4 +240,4 @@ def journal_folder(profile: Profile) -> Path:
 
 
 def _rows_waiting(journal: Journal) -> Callable[[], float]:
-    return lambda: float(journal.rows_waiting)
+    return lambda: float(journal.rows_waiting())

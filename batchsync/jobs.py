@@ -47,7 +47,6 @@ from batchsync.watcher import InboxWatcher
 log = logging.getLogger(__name__)
 BUSY_RETRY = timedelta(minutes=1)
 CUT_AFTER = 1.0  # seconds a callback's rows wait in the journal, so that a burst makes one file
-CUT_ROWS = 5000  # ...or this many rows, whichever comes first
 Result = Literal["ok", "failed", "busy"]
 
 
@@ -74,6 +73,8 @@ class ProfileRuntime:
     job: tuple[str, float] | None = None  # the job in hand and when it began (monotonic)
     hooks: Hooks | None = None  # where the listener journals this profile's callbacks
     receive_only: bool = False  # `serve`: cut the callbacks' journals into the inbox, nothing else
+    cut_waiting: set[str] = field(default_factory=set)  # callback files the cutter made, to import
+    _cut_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def start(
@@ -114,10 +115,10 @@ class ProfileRuntime:
         return self.sync.clock
 
     def run_due(self) -> None:
-        cut = self.cut_callbacks()  # journal -> inbox needs no database: done whatever else is down
         if self.receive_only:
             return
-        if cut and self.prepared and not self.trouble.blocked("callback"):
+        if self.prepared and self.cut_waiting and not self.trouble.blocked("callback"):
+            cut = self.take_cut()  # a file not imported now stays in the inbox: the watcher or the next run take it
             self.guarded("callback import", "callback", lambda: self.sync.import_files(ready=cut, remote=False))
         if not self.prepared:
             if not self.trouble.blocked("start"):
@@ -220,22 +221,27 @@ class ProfileRuntime:
         if ready:
             self.guarded("inbox import", "inbox", lambda: self.sync.import_files(ready=ready))
 
-    def cut_callbacks(self) -> set[str]:
-        """Cut the journals of the profile's callbacks into inbox files, once their oldest row waited CUT_AFTER
-        or CUT_ROWS rows came; the names of the files made."""
-        made: set[str] = set()
+    def cut_callbacks(self) -> None:
+        """Cut the journals of the profile's callbacks into inbox files once their oldest row waited CUT_AFTER;
+        called by the daemon's cutter thread, so that callbacks go on during a long job. The files made wait in
+        ``cut_waiting`` for the main loop to import."""
         for config in self.profile.callback if self.hooks is not None else ():
             journal = self.hooks.journal(self.profile, config)  # type: ignore[union-attr]
             since = journal.waiting_since
-            fresh = since is not None and time.monotonic() - since < CUT_AFTER and journal.rows_waiting < CUT_ROWS
-            if fresh or not journal.has_rows():
+            if not journal.has_rows() or (since is not None and time.monotonic() - since < CUT_AFTER):
                 continue
-            stamp = f"{self.clock.now():%Y%m%dT%H%M%S%f}"
             try:
-                made |= {path.name for path in journal.cut(self.sync.work.inbox, config.kind, stamp)}
-            except (OSError, ValueError) as exc:
-                self.trouble.failed("callback", exc, f"cannot cut the {config.name} journal: {exc}")
-        return made
+                made = journal.cut(self.sync.work.inbox, config.kind, f"{self.clock.now():%Y%m%dT%H%M%S%f}")
+            except Exception as exc:  # the thread goes on; the journal waits, and /healthz says so after a while
+                log.error("profile %s: cannot cut the %s journal: %s", self.profile.name, config.name, exc)
+                continue
+            with self._cut_lock:
+                self.cut_waiting |= {path.name for path in made}
+
+    def take_cut(self) -> set[str]:
+        with self._cut_lock:
+            names, self.cut_waiting = self.cut_waiting, set()
+        return names
 
     # --- guarding ---------------------------------------------------------------------------------------
 

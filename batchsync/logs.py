@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,22 @@ class _QuietWatchdog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("InotifyEmitter.queue_events() called when the thread is inactive")
+
+
+class _Redact(logging.Filter):
+    """aiohttp's server logs a request it cannot parse with its request line, which may hold a callback's secret
+    (a ``?key=`` parameter, a path token): the query's values and a hook URL's token are starred out."""
+
+    QUERY = re.compile(r"([?&][^=&\s'\"]*=)[^&\s'\"]*")
+    TOKEN = re.compile(r"(/hooks/[^/\s'\"?]+/[^/\s'\"?]+/)[^\s'\"?]+")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("aiohttp"):
+            text = self.TOKEN.sub(r"\1***", self.QUERY.sub(r"\1***", record.getMessage()))
+            record.msg, record.args = text, ()
+            if record.exc_info:  # the traceback may quote the line too
+                record.exc_info, record.exc_text = None, None
+        return True
 
 
 class _FieldsFilter(logging.Filter):
@@ -76,6 +93,7 @@ def setup_logging(level: str, log_format: str) -> None:
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(_FieldsFilter())
     handler.addFilter(_QuietWatchdog())
+    handler.addFilter(_Redact())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -243,7 +243,9 @@ def _later_changes(connection: Connection, changes: list[Row]) -> dict[tuple[int
 
 def _as_left(now: Subscription, change: Row) -> bool:
     """Whether the subscription is still as the change left it (older changes: its status and source)."""
-    if now.status != change["new_status"] or (change["origin"] is not None and now.source != change["origin"]):
+    # A callback's change sets the source "provider" (it is the provider's report), audited as "callback".
+    source = "provider" if change["origin"] == "callback" else change["origin"]
+    if now.status != change["new_status"] or (source is not None and now.source != source):
         return False
     if change["new_status_at"] is None:
         return True

@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from batchsync import __version__
 from batchsync.config import Profile
 from batchsync.errors import ConfigError
-from batchsync.hooks import Answer, Delivery
+from batchsync.hooks import Answer, Delivery, journal_folder
 from batchsync.status import ProfileStatus, broken_status, profile_status
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def snapshot(daemon: Daemon) -> Snapshot:
     if not statuses:
         statuses.append(broken_status("(none)", "no profile files to run"))
     callbacks = [
-        (name, hook, dict(daemon.hooks.tally.get((name, hook), {})), journal.rows_waiting)
+        (name, hook, dict(daemon.hooks.tally.get((name, hook), {})), journal.rows_waiting())
         for (name, hook), journal in list(daemon.hooks.journals.items())
     ]
     return Snapshot(alive, job[0] if job else None, statuses, time.monotonic(), callbacks)
@@ -92,12 +92,15 @@ def snapshot(daemon: Daemon) -> Snapshot:
 
 def _journal_problems(daemon: Daemon, profile: Profile) -> list[str]:
     problems = []
+    folder, known = journal_folder(profile), {config.name for config in profile.callback}
+    strays = {path.name.split(".")[0] for path in folder.glob("*.journal*")} - known if folder.is_dir() else set()
+    problems += [f"callback {name} is no longer in the profile, but its journal holds rows" for name in sorted(strays)]
     for config in profile.callback:
         journal = daemon.hooks.journals.get((profile.name, config.name))
         since = journal.waiting_since if journal is not None else None
         if journal is not None and since is not None and time.monotonic() - since > JOURNAL_STALE_SECONDS:
             waited = f"{time.monotonic() - since:.0f} s"
-            problems.append(f"callback {config.name}: {journal.rows_waiting} rows journalled {waited} ago, not cut")
+            problems.append(f"callback {config.name}: {journal.rows_waiting()} rows journalled {waited} ago, not cut")
     return problems
 
 
@@ -188,15 +191,31 @@ class Listener:
             found = hooks.find(delivery.profile, delivery.callback)
             assert found is not None
             limit = found[1].max_body_bytes
-            body = b"" if (request.content_length or 0) > limit else await request.content.read(limit + 1)
-            if (request.content_length or 0) > limit or len(body) > limit:
+            body = await _whole_body(request, limit)
+            if body is None:
                 answer = hooks.count(delivery, Answer(413, f"the body is over {limit} bytes"))
+            elif request.content_length is not None and len(body) != request.content_length:
+                answer = hooks.count(delivery, Answer(400, "bad request: the body is shorter than its Content-Length"))
             else:
                 answer = await hooks.take(replace(delivery, body=body))
         return web.Response(status=answer.status, text=answer.text)
 
     async def _page(self, request: web.Request) -> web.Response:
         return web.Response(text=status_page(await self._snapshot()), content_type="text/html", charset="utf-8")
+
+
+async def _whole_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, read to its end (a read returns what has arrived so far), or None when it is over ``limit``
+    bytes (said by its Content-Length, or found while reading)."""
+    if (request.content_length or 0) > limit:
+        return None
+    chunks, size = [], 0
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _dumps(value: Any) -> str:
