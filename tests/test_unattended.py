@@ -64,6 +64,14 @@ def ftp_transport(port: int, password_file: Path) -> str:
     )
 
 
+def local_profile(folder: Path, db_url: str) -> Path:
+    """profiles/mailup.toml on a local provider folder, its CRM made and filled with the tiny sample."""
+    profile = folder / "mailup.toml"
+    profile.write_text(profile_text(folder, db_url, transport=local_transport(folder)))
+    prepare_crm(profile)
+    return profile
+
+
 def prepare_crm(path: Path) -> None:
     sync = Sync(load_profile(path))
     sync.init()
@@ -257,9 +265,7 @@ def test_postgresql_down_for_a_minute_is_said_a_few_times_and_the_file_dropped_m
     tmp_path: Path, own_pg_server: PostgresServer
 ) -> None:
     db_url = make_database(own_pg_server.url)
-    profile = tmp_path / "mailup.toml"
-    profile.write_text(profile_text(tmp_path, db_url, transport=local_transport(tmp_path)))
-    prepare_crm(profile)
+    profile = local_profile(tmp_path, db_url)
     log = tmp_path / "daemon.log"
     with daemon_process(str(profile), log=log):
         wait_until(lambda: "started" in log.read_text(), log)
@@ -343,9 +349,7 @@ def test_a_run_whose_lock_session_dies_stops_before_its_next_commit_and_the_othe
     tmp_path: Path, pg_server: str
 ) -> None:
     db_url = make_database(pg_server)
-    profile = tmp_path / "mailup.toml"
-    profile.write_text(profile_text(tmp_path, db_url, transport=local_transport(tmp_path)))
-    prepare_crm(profile)
+    profile = local_profile(tmp_path, db_url)
     reached, release = threading.Event(), threading.Event()
 
     def held_up(loaded: Profile) -> Transport:  # the real local transport, once the test lets the run go on
@@ -394,9 +398,7 @@ def _catch(failure: list[BaseException], action: Callable[[], object]) -> None:
 
 def test_json_log_lines_carry_the_profile_and_the_run(tmp_path: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'crm.sqlite'}"
-    profile = tmp_path / "mailup.toml"
-    profile.write_text(profile_text(tmp_path, db_url, transport=local_transport(tmp_path)))
-    prepare_crm(profile)
+    profile = local_profile(tmp_path, db_url)
     write_csv(
         tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
         [UNSUB_HEADER, unsub_row("bob@example.com", "1", "20260105T100000", "2")],
@@ -416,9 +418,7 @@ def test_the_daemon_starts_with_postgresql_down_says_so_on_healthz_and_catches_u
     tmp_path: Path, own_pg_server: PostgresServer
 ) -> None:
     db_url = make_database(own_pg_server.url)
-    profile = tmp_path / "mailup.toml"
-    profile.write_text(profile_text(tmp_path, db_url, transport=local_transport(tmp_path)))
-    prepare_crm(profile)
+    profile = local_profile(tmp_path, db_url)
     own_pg_server.stop()
     write_csv(
         tmp_path / "work" / "inbox" / "unsubscribers_1.csv",
