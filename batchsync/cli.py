@@ -7,7 +7,6 @@ Nothing else in batchsync prints or exits. Exit codes: 0 done, 1 failed, 2 usage
 from __future__ import annotations
 
 import logging
-import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -252,10 +251,10 @@ def serve(profile_paths: tuple[Path, ...], listen: str, tls_cert: Path | None, t
 def _listen_and_run(runner: Daemon, listen: str | None, tls_cert: Path | None, tls_key: Path | None) -> None:
     listener = None
     if listen:
-        from batchsync.web import Listener  # aiohttp is imported only by a process that listens
+        from batchsync.web import Listener, listen_address, tls_context  # aiohttp only where a process listens
 
-        host, port = _address(listen)
-        listener = Listener(runner, host, port, tls=_tls(tls_cert, tls_key))
+        host, port = listen_address(listen)
+        listener = Listener(runner, host, port, tls=tls_context(tls_cert, tls_key))
         listener.start()
     try:
         code = runner.run_forever()
@@ -263,27 +262,6 @@ def _listen_and_run(runner: Daemon, listen: str | None, tls_cert: Path | None, t
         if listener is not None:
             listener.close()
     raise SystemExit(code)
-
-
-def _address(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"--listen wants HOST:PORT, such as 127.0.0.1:8080, got {listen!r}")
-    return host, int(port)
-
-
-def _tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
-    if cert is None and key is None:
-        return None
-    if cert is None or key is None:
-        raise ConfigError("--tls-cert and --tls-key go together")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"cannot use the TLS certificate {cert} and key {key}: {exc}") from None
-    return context
 
 
 @cli.command()

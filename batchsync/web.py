@@ -24,6 +24,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -276,3 +277,26 @@ def _profile_section(status: ProfileStatus) -> list[str]:
         parts.append("<tr>" + "".join(f"<td>{e(str(cell or ''))}</td>" for cell in cells) + "</tr>")
     parts.append("</table>")
     return parts
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` too) as a host and a port."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--listen wants HOST:PORT, such as 127.0.0.1:8080, got {listen!r}")
+    return host, int(port)
+
+
+def tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The server's TLS context for ``--tls-cert``/``--tls-key``, or None for plain HTTP."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"cannot use the TLS certificate {cert} and key {key}: {exc}") from None
+    return context
