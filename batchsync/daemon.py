@@ -70,6 +70,7 @@ class Daemon:
         self.metrics = Metrics()
         self.hooks = Hooks(self.clock, self.metrics.registry)  # the callbacks the listener takes
         self.heartbeat = self.clock.monotonic()  # when the loop last came round (the listener's "alive")
+        self.started = False  # the profiles were loaded once (the listener may answer before)
         schedule.datetime = _clock_datetime(self.clock)  # type: ignore[attr-defined]  # see the docstring
 
     @property
@@ -86,6 +87,7 @@ class Daemon:
         """Load the profiles (a broken one is reported and skipped), say what will run when, and prepare each
         profile (a database that is down is tried again by the loop)."""
         self.load_profiles()
+        self.started = True
         now = self.clock.now()
         plans = [f"{r.profile.name} next night {_when(next_nightly(r.profile, now))}" for r in self.runtimes.values()]
         skipped = f"; {len(self.broken)} skipped: " + ", ".join(str(path) for path in self.broken)

@@ -82,7 +82,9 @@ def snapshot(daemon: Daemon) -> Snapshot:
         status.problems[:0] = troubles
         statuses.append(status)
     statuses += [broken_status(str(path), reason) for path, reason in list(daemon.broken.items())]
-    if not statuses:
+    if not statuses and not daemon.started:
+        statuses.append(ProfileStatus("(starting)", problems=["the daemon is loading its profiles"]))
+    elif not statuses:
         statuses.append(broken_status("(none)", "no profile files to run"))
     callbacks = [
         (name, hook, dict(daemon.hooks.tally.get((name, hook), {})), journal.rows_waiting())

@@ -426,9 +426,13 @@ def test_the_daemon_starts_with_postgresql_down_says_so_on_healthz_and_catches_u
     )
     port, log = free_port(), tmp_path / "daemon.log"
     with daemon_process(str(profile), "--listen", f"127.0.0.1:{port}", log=log) as process:
-        wait_until(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 503, log)
-        [reported] = json.loads(http_get(f"http://127.0.0.1:{port}/healthz")[1])["profiles"]
-        assert any(problem.startswith("database down since") for problem in reported["problems"]), reported
+
+        def database_down() -> bool:
+            code, body = http_get(f"http://127.0.0.1:{port}/healthz")
+            problems = [p for item in json.loads(body or '{"profiles": []}')["profiles"] for p in item["problems"]]
+            return code == 503 and any(problem.startswith("database down since") for problem in problems)
+
+        wait_until(database_down, log)
         assert process.poll() is None
         own_pg_server.start()
         wait_until(lambda: applied_files(db_url) == 1, log, timeout=90)
