@@ -138,13 +138,15 @@ class Hooks:
         self.profiles = {profile.name: profile for profile in profiles}
         for profile in profiles:
             for config in profile.callback:
-                key = (profile.name, config.name)
-                if key not in self.journals:
-                    journal = self.journals[key] = Journal(journal_folder(profile), config.name)
-                    self.backlog.labels(*key).set_function(_rows_waiting(journal))
+                self.journal(profile, config)
 
     def journal(self, profile: Profile, config: CallbackConfig) -> Journal:
-        return self.journals.setdefault((profile.name, config.name), Journal(journal_folder(profile), config.name))
+        """The callback's journal, made (and its backlog gauge set) on first use."""
+        key = (profile.name, config.name)
+        if key not in self.journals:
+            journal = self.journals[key] = Journal(journal_folder(profile), config.name)
+            self.backlog.labels(*key).set_function(_rows_waiting(journal))
+        return self.journals[key]
 
     def find(self, profile_name: str, callback: str) -> tuple[Profile, CallbackConfig] | None:
         profile = self.profiles.get(profile_name)

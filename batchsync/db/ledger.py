@@ -92,19 +92,24 @@ UNFINISHED = ("failed", "interrupted")  # outcomes of a night that may be run ag
 
 def slot_taken(connection: Connection, profile: str, slot: str) -> bool:
     """Whether a run of this slot is under way or done; a failed or interrupted one may be tried again."""
-    query = (
-        select(func.count())
-        .select_from(bs_runs)
-        .where(bs_runs.c.profile == profile, bs_runs.c.slot == slot, bs_runs.c.outcome.not_in(UNFINISHED))
-    )
-    return bool(connection.scalar(query))
+    return bool(_slot_runs(connection, profile, slot, bs_runs.c.outcome.not_in(UNFINISHED)))
 
 
 def slot_done(connection: Connection, profile: str, slot: str) -> bool:
     """Whether a run of this slot ended (not failed, interrupted or still marked running)."""
-    ended = bs_runs.c.outcome.not_in((*UNFINISHED, "running"))
-    query = select(func.count()).select_from(bs_runs).where(bs_runs.c.profile == profile, bs_runs.c.slot == slot, ended)
-    return bool(connection.scalar(query))
+    return bool(_slot_runs(connection, profile, slot, bs_runs.c.outcome.not_in((*UNFINISHED, "running"))))
+
+
+def slot_attempts(connection: Connection, profile: str, slot: str) -> int:
+    """How many runs of this slot were started, whatever their outcome."""
+    return _slot_runs(connection, profile, slot)
+
+
+def _slot_runs(connection: Connection, profile: str, slot: str, *where: ColumnElement[bool]) -> int:
+    query = (
+        select(func.count()).select_from(bs_runs).where(bs_runs.c.profile == profile, bs_runs.c.slot == slot, *where)
+    )
+    return int(connection.scalar(query) or 0)
 
 
 def later_success(connection: Connection, profile: str, after_id: int) -> bool:
@@ -128,12 +133,6 @@ def last_nightly(connection: Connection, profile: str) -> dict[str, Any] | None:
     )
     row = connection.execute(query).first()
     return dict(row._mapping) if row is not None else None
-
-
-def slot_attempts(connection: Connection, profile: str, slot: str) -> int:
-    """How many runs of this slot were started, whatever their outcome."""
-    query = select(func.count()).select_from(bs_runs).where(bs_runs.c.profile == profile, bs_runs.c.slot == slot)
-    return int(connection.scalar(query) or 0)
 
 
 def last_runs(connection: Connection, profile: str, limit: int = 10) -> list[dict[str, Any]]:
