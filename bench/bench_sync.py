@@ -120,7 +120,7 @@ def run_child(name: str, folder: Path, url: str, size: int, mapped: bool) -> dic
     return result
 
 
-def database_for(base: str | None, folder: Path, size: int, mapped: bool) -> str:
+def database_for(base: str | None, folder: Path, size: int, mapped: bool = False) -> str:
     if base is None:
         if mapped:
             raise SystemExit("--mapped needs --pg: the example CRM is PostgreSQL's")
