@@ -1,5 +1,5 @@
 """One address's history: every change to its subscriptions (``bs_changes``), every activity on its contacts, and
-what the export ledger (``bs_exported``) and the provider's remembered opt-outs (``bs_provider_optouts``) hold for
+what the export ledger (``db.snapshots``) and the provider's remembered opt-outs (``bs_provider_optouts``) hold for
 it, each with its time, rule, file and line, origin and run, in time order::
 
     found = address_history([load_profile(Path("profiles/mailup.toml"))], "Bob@Example.com")

@@ -105,6 +105,11 @@ def init(profile_path: Path, dry_run: bool) -> None:
         f"ready: {where} (tables created: {missing}), {report.lists_added} lists or groups added, "
         f"work folder {sync.work.root}"
     )
+    if report.ledger_rows_migrated:
+        click.echo(
+            f"the export ledger of an earlier version ({report.ledger_rows_migrated} rows) is now in snapshots: "
+            "the next export sends every row once"
+        )
 
 
 @cli.command()

@@ -121,6 +121,64 @@ def export_decision(
     return None
 
 
+TOMBSTONE = "tombstone"  # the ledger's status of an address that left the list
+LIVE: frozenset[str] = frozenset({"subscribed", "pending"})  # the provider has the address from us on the list
+
+
+class Exported(NamedTuple):
+    """The export ledger's row of an address on a list: what the provider has from us."""
+
+    status: str  # a Status, or TOMBSTONE
+    fingerprint: int | None  # of the row's content, status aside (None: not comparable, say after an upgrade)
+    origin: str  # "export": what we sent; "provider": what it reported; "consent": sent as pending
+
+
+class CrmRow(NamedTuple):
+    """An address's row on a list as the CRM has it now, built for the provider."""
+
+    status: Status  # merged over its contacts, suppression applied
+    decided: Status | None  # what export_decision lets go out (None: nothing)
+    fingerprint: int
+    provider_opt_out: bool  # the provider's opt-out of the address is remembered
+    from_provider: bool  # every contact's status was last set by the provider
+
+
+class ExportStep(NamedTuple):
+    write: bool  # a row goes into the file
+    tombstone: bool  # that row is a tombstone: the address left the list
+    takes_off: bool  # it takes an address the provider has from us as subscribed off the list
+    ledger: Exported | None  # the ledger's row after the upload (None: no row)
+
+
+def export_step(row: CrmRow | None, known: Exported | None, full: bool, tombstones: bool) -> ExportStep:
+    """What an export does with one address on one list, given the ledger's row: a full export writes every row
+    it may send, a diff the changed ones (another fingerprint or status, or none in the ledger) that the
+    provider does not know already (an opt-out it reported itself, for an address it does not have from us as
+    subscribed: an echo would be harmless, but a missing opt-out where it has one is not); an address that
+    left the list gets a tombstone where the provider has it from us as subscribed and the format can say so."""
+    if row is None:
+        if known is None or known.status == TOMBSTONE:
+            return ExportStep(False, False, False, known)
+        stone = known.status in LIVE and tombstones
+        return ExportStep(stone, stone, stone, Exported(TOMBSTONE, 0, "export"))
+    if row.decided is None:
+        return ExportStep(False, False, False, known)
+    live = known is not None and known.status in LIVE
+    changed = known is None or known.fingerprint != row.fingerprint or known.status != row.decided
+    opted = row.decided in OPTED_OUT
+    reported = row.provider_opt_out or (known is None and row.from_provider)
+    write = full or (changed and not (opted and not live and reported))
+    if not changed:
+        return ExportStep(write, False, write and opted and live, known)
+    if row.decided == "pending" and row.status == "subscribed":
+        origin = "consent"  # a re-subscription sent as pending: it stays so until the provider confirms
+    elif known is not None and known.origin == "provider" and opted:
+        origin = "provider"
+    else:
+        origin = "export"
+    return ExportStep(write, False, write and opted and live, Exported(row.decided, row.fingerprint, origin))
+
+
 def suppresses(kind: EventKind, hard_bounce_suppresses: bool) -> bool:
     """Whether the event puts the address on the global do-not-mail list."""
     if kind == "complaint":

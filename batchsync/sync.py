@@ -26,11 +26,12 @@ from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from batchsync.clock import Clock
 from batchsync.collect import Collector, CollectReport, Origin, StagedFile
 from batchsync.config import Profile
-from batchsync.db import crm, ledger
+from batchsync.db import crm, ledger, snapshots
 from batchsync.db.mapping import bind_crm_tables, create_all, missing_tables, refuse_misfits
 from batchsync.db.schema import make_engine
+from batchsync.engine.diff import Mode
 from batchsync.errors import BatchsyncError, DatabaseError, DatabaseUnavailable, LockLost, disk_full, first_line
-from batchsync.export import Exporter, ExportResult, Mode
+from batchsync.export import Exporter, ExportResult
 from batchsync.locks import profile_lock
 from batchsync.logs import log_fields
 from batchsync.reconcile import FileOutcome, Reconciler
@@ -82,6 +83,7 @@ class RunReport:
 class InitReport:
     tables_missing: list[str]
     lists_added: int = 0
+    ledger_rows_migrated: int = 0  # rows of an earlier version's export ledger carried into snapshots
 
 
 class Sync:
@@ -115,6 +117,7 @@ class Sync:
             if dry_run:
                 return report
             create_all(self.engine)
+            report.ledger_rows_migrated = snapshots.migrate_exported(self.engine)
             self.work.create()
             wanted = {code: (entry.name, list(entry.groups)) for code, entry in self.profile.lists.items()}
             with self.engine.begin() as connection:

@@ -343,8 +343,9 @@ TABLES = (
     "bs_changes",
     "bs_files",
     "bs_runs",
-    "bs_exported",
-    "bs_pending",
+    "bs_snapshots",
+    "bs_snapshot_chunks",
+    "bs_ledger_notes",
     "bs_provider_optouts",
 )
 

@@ -72,7 +72,7 @@ def _profile(tmp_path: Path) -> Path:
 def test_init_samples_run_and_import_with_rejected_rows_exit_3(tmp_path: Path) -> None:
     profile = str(_profile(tmp_path))
     planned = batchsync("init", "-p", profile, "--dry-run", cwd=tmp_path)
-    assert planned.returncode == 0 and "would create" in planned.stdout and "bs_exported" in planned.stdout
+    assert planned.returncode == 0 and "would create" in planned.stdout and "bs_snapshots" in planned.stdout
     assert not (tmp_path / "work").exists()
     assert batchsync("init", "-p", profile, cwd=tmp_path).returncode == 0
     assert batchsync("init", "-p", profile, cwd=tmp_path).returncode == 0  # safe twice

@@ -16,7 +16,7 @@ from sqlalchemy import update
 
 from batchsync.clock import ManualClock
 from batchsync.collect import Collector, CollectReport
-from batchsync.db import ledger
+from batchsync.db import snapshots
 from batchsync.db.schema import contacts
 from batchsync.errors import TransportError
 from batchsync.ftpserver import LoopbackFtpServer
@@ -181,7 +181,7 @@ def test_a_cut_upload_leaves_no_final_file_and_the_next_attempt_completes_it(
     landed = tmp_path / "provider" / "import" / "1"
     assert [p.name for p in landed.iterdir() if p.name.endswith(".csv")] == []
     with sync.engine.connect() as connection:
-        assert ledger.exported_count(connection, "mailup") == 0
+        assert snapshots.exported_count(connection, "mailup") == 0
     restarted = LoopbackFtpServer(tmp_path / "provider", "provider", "s3cret-ftp-password").start()
     try:
         result = Sync(_with_note_column(tmp_path, db_url, ftp_transport(restarted)), clock=clock).export("full")
@@ -193,7 +193,7 @@ def test_a_cut_upload_leaves_no_final_file_and_the_next_attempt_completes_it(
         assert item.local_path is not None and item.remote_path is not None
         assert (tmp_path / "provider" / item.remote_path).read_bytes() == item.local_path.read_bytes()
     with sync.engine.connect() as connection:
-        assert ledger.exported_count(connection, "mailup", "newsletter") == 10
+        assert snapshots.exported_count(connection, "mailup", "newsletter") == 10
     assert not list((tmp_path / "provider").rglob("*.part"))
 
 

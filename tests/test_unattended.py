@@ -26,7 +26,7 @@ from sqlalchemy import func, select, text
 from batchsync.clock import Clock
 from batchsync.config import Profile, load_profile
 from batchsync.db import ledger
-from batchsync.db.schema import bs_exported, bs_files, bs_runs, make_engine
+from batchsync.db.schema import bs_files, bs_runs, bs_snapshots, make_engine
 from batchsync.errors import LockLost
 from batchsync.ftpserver import LoopbackFtpServer
 from batchsync.sync import Sync
@@ -379,7 +379,9 @@ def test_a_run_whose_lock_session_dies_stops_before_its_next_commit_and_the_othe
     assert isinstance(error, LockLost) and "stopped before writing more" in str(error)
     with engine.connect() as connection:
         runs = connection.execute(select(bs_runs.c.id, bs_runs.c.outcome).order_by(bs_runs.c.id)).all()
-        stamps = connection.execute(select(func.count(), func.max(bs_exported.c.at))).one()
+        stamps = connection.execute(
+            select(func.count(), func.max(bs_snapshots.c.made_at)).where(bs_snapshots.c.state == "current")
+        ).one()
     engine.dispose()
     assert [outcome for _, outcome in runs] == ["failed", "ok"]  # the first closed by the second as interrupted
     uploaded = sorted((tmp_path / "provider" / "import").rglob("*.csv"))

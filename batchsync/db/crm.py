@@ -1,4 +1,4 @@
-"""Every statement on the CRM tables but the export's reads (``db.sources``).
+"""Every statement on the CRM tables but the export's reads (``engine.crmread``).
 
 Each one starts from ``crm_tables(connection)`` (``db.mapping``): the canonical tables, or the relations the
 profile maps them onto; raw SQL takes the relation's quoted name from it.

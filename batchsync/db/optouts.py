@@ -6,7 +6,7 @@ say, and writes them back in the chunk's transaction::
     reports.remember("newsletter", "bob@example.com", "bob@example.com", "unsubscribe", at, "link", "file:2")
     reports.save(now)
 
-Every export reads the table (``db.sources``): such an address is never sent as subscribed.
+Every export reads the table (``engine.crmread``): such an address is never sent as subscribed.
 """
 
 from __future__ import annotations

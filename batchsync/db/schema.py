@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -36,7 +37,6 @@ from sqlalchemy import (
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.schema import CreateTable
 
-from batchsync.db.digest import digest48
 from batchsync.errors import DatabaseError, DatabaseUnavailable, first_line
 
 
@@ -183,34 +183,55 @@ bs_files = Table(
     ),
 )
 
-exported_columns = (
-    ("profile", String(100)),
-    ("list_code", String(100)),
-    ("email_key", EMAIL),
+# The export ledger (``db.snapshots``): per profile and list, a snapshot of what the provider has from us, one
+# row per address (key, address as sent, fingerprint, status, origin), written once per export as a new
+# generation of compressed Arrow chunks while the file is made, and made current by one small commit once the
+# upload is confirmed. What the provider reports between two exports goes into ``bs_ledger_notes``, read over the
+# snapshot until the next generation takes it in.
+bs_snapshots = Table(
+    "bs_snapshots",
+    metadata,
+    Column("profile", String(100), primary_key=True),
+    Column("list_code", String(100), primary_key=True),
+    Column("generation", Integer, primary_key=True, autoincrement=False),
+    Column("state", String(10), nullable=False),  # "pending" (written, not yet confirmed) or "current"
+    Column("rows", BigInteger, nullable=False),
+    Column("notes_upto", BigInteger, nullable=False),  # the notes it took in: ids up to this one
+    Column("hasher", String(60), nullable=False),  # what made its fingerprints: others are not comparable
+    Column("made_at", UtcDateTime, nullable=False),
 )
 
+bs_snapshot_chunks = Table(
+    "bs_snapshot_chunks",
+    metadata,
+    Column("profile", String(100), primary_key=True),
+    Column("list_code", String(100), primary_key=True),
+    Column("generation", Integer, primary_key=True, autoincrement=False),
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("first_key", EMAIL, nullable=False),  # the chunk's rows are sorted by key, from first_key to last_key
+    Column("last_key", EMAIL, nullable=False),
+    Column("rows", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),  # Arrow IPC, LZ4: db.snapshots.CHUNK_SCHEMA
+)
 
-def _exported_table(name: str) -> Table:
-    """bs_exported and its staging twin bs_pending share one shape."""
-    return Table(
-        name,
-        metadata,
-        *(Column(col, kind, primary_key=True) for col, kind in exported_columns),
-        Column("email", EMAIL, nullable=False),
-        Column("contact_id", Integer),
-        Column("fingerprint", BigInteger, nullable=False),
-        Column("status", String(16), nullable=False),
-        Column("origin", String(10), nullable=False, default="export"),  # "provider": it reported the status
-        # The digest of the CRM rows the exported row was made from (db.digest): a diff skips the rows whose
-        # inputs did not change. NULL: not known, the row is compared in full.
-        Column("source_digest", BigInteger),
-        Column("at", UtcDateTime, nullable=False),
-        sqlite_with_rowid=False,  # the primary key is the table: one B-tree to write and search, not two
-    )
-
-
-bs_exported = _exported_table("bs_exported")
-bs_pending = _exported_table("bs_pending")
+bs_ledger_notes = Table(
+    "bs_ledger_notes",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("profile", String(100), nullable=False),
+    Column("list_code", String(100), nullable=False),
+    Column("email_key", EMAIL, nullable=False),
+    # "status": the provider reported this status (applies where the snapshot has the address); "put": the
+    # row as given (an address the provider changed takes its old row); "remove": no row any more.
+    Column("kind", String(8), nullable=False),
+    Column("email", EMAIL),
+    Column("contact_id", Integer),
+    Column("fingerprint", BigInteger),
+    Column("status", String(16)),
+    Column("origin", String(10)),
+    Column("at", UtcDateTime, nullable=False),
+    Index("ix_bs_ledger_notes_key", "profile", "list_code", "email_key"),
+)
 
 bs_changes = Table(
     "bs_changes",
@@ -301,7 +322,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
-    dbapi_connection.create_function("bs_digest", 1, digest48, deterministic=True)
 
 
 def _redact(url: str) -> str:

@@ -13,8 +13,9 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, func, or_, select, update
 
+from batchsync.db import snapshots
 from batchsync.db.ledger import APPLIED
-from batchsync.db.schema import bs_changes, bs_exported, bs_files, bs_provider_optouts, bs_runs
+from batchsync.db.schema import bs_changes, bs_files, bs_provider_optouts, bs_runs
 
 Row = dict[str, Any]
 
@@ -93,8 +94,8 @@ def email_changes(connection: Connection) -> list[Row]:
 
 
 def exported_rows(connection: Connection, profile: str, key: str) -> list[Row]:
-    e = bs_exported.c
-    return _rows(connection, select(bs_exported).where(e.profile == profile, e.email_key == key))
+    """What the export ledger holds for the address on each list (db.snapshots, notes folded in)."""
+    return snapshots.rows_for_keys(connection, profile, [key]).to_dicts()
 
 
 def provider_opt_outs(connection: Connection, profile: str, key: str) -> list[Row]:

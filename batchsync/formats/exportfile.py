@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 from batchsync.config import Profile
-from batchsync.rows import written_columns
+from batchsync.engine.build import written_columns
 
 
 def read_export(profile: Profile, path: Path) -> list[dict[str, str]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from batchsync.config import Profile
-from batchsync.rows import written_columns
+from batchsync.engine.build import written_columns
 
 SYNC_FIELD = "EMAIL"
 
