@@ -72,7 +72,10 @@ class FrameBuilder:
     def cell_names(self) -> list[str]:
         return [f"c{index}" for index in range(len(self.columns))]
 
-    def build(self, frame: pl.DataFrame) -> Built:
+    def build(self, frame: pl.DataFrame, *, every_invalid: bool = True) -> Built:
+        """The partition's rows. The skipped report lists every invalid address in a full export
+        (``every_invalid``); a diff lists those that would go out were they valid (a status the provider takes,
+        or several contacts), as the ones it cannot send."""
         frame = self._segment(frame) if self.list.segment is not None else frame
         first = pl.col("email_key").is_first_distinct()  # the frame is in key, then id, order
         frame = frame.with_columns(
@@ -81,7 +84,7 @@ class FrameBuilder:
             .otherwise(pl.col("status")),
             valid=pl.when(first).then(valid_email(pl.col("email"))).otherwise(None).forward_fill(),
         )
-        invalid = self._invalid(frame.filter(~pl.col("valid")))
+        invalid = self._invalid(frame.filter(~pl.col("valid")), every_invalid)
         frame = frame.filter(pl.col("valid"))
         twice = pl.col("email_key").is_duplicated()
         rows = pl.concat([self._singles(frame.filter(~twice)), self._merged(frame.filter(twice))])
@@ -89,7 +92,9 @@ class FrameBuilder:
         if self.needs_groups:
             rows = rows.with_columns(group_names=self._group_names(rows["codes"]))
         rows = rows.with_columns(self._cells()).with_columns(fingerprint=self._fingerprint())
-        duplicates = rows.filter(pl.col("ids").is_not_null()).select("email", "ids", "statuses", "status")
+        duplicates = rows.filter(pl.col("ids").is_not_null()).select(
+            pl.col("email").str.strip_chars(), "ids", "statuses", "status"
+        )
         dropped = ["codes", "custom", "first_name", "last_name", "ids", "statuses"]
         return Built(rows.drop(dropped + (["group_names"] if self.needs_groups else [])), duplicates, invalid)
 
@@ -145,9 +150,12 @@ class FrameBuilder:
             status=pl.col("status").fill_null("subscribed"), source=pl.col("source").fill_null("segment")
         )
 
-    def _invalid(self, frame: pl.DataFrame) -> pl.DataFrame:
+    def _invalid(self, frame: pl.DataFrame, every: bool) -> pl.DataFrame:
         """The contacts skipped for their address's first contact's address, with rules.email_problem's reason
         (a few rows: the reasons are worded one at a time)."""
+        if not every:
+            sendable = pl.col("xstatus").is_in(list(self.sendable_statuses)).any().over("email_key")
+            frame = frame.filter(sendable | (pl.len().over("email_key") > 1))
         first = frame.group_by("email_key", maintain_order=True).agg(pl.col("email").first().alias("first"))
         reasons = {row[0]: email_problem(row[1]) or "invalid email" for row in first.iter_rows()}
         return frame.select(

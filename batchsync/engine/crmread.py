@@ -11,8 +11,6 @@ A partition ends where the key changes, so an address's contacts always travel t
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from sqlalchemy.sql import ColumnElement, FromClause
 from batchsync.db.crm import ordered_key
 from batchsync.db.mapping import CrmTables, crm_tables
 from batchsync.db.schema import bs_provider_optouts
+from batchsync.engine.sqlitereader import ReaderError, SqliteReader
 from batchsync.errors import DatabaseError, first_line
 
 GROUP_SEP = "\x1f"
@@ -75,22 +74,11 @@ def arrow_batches(engine: Engine, sql: str) -> Iterator[Iterator[pa.RecordBatch]
         finally:
             connection.close()
         return
-    command = [sys.executable, "-m", "batchsync.engine.sqlitereader", url.database or ":memory:"]
-    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as reader:
-        assert reader.stdin is not None and reader.stdout is not None and reader.stderr is not None
-        reader.stdin.write(sql.encode("utf-8"))
-        reader.stdin.close()
-        try:
-            yield iter(pa.ipc.open_stream(reader.stdout))
-        except pa.ArrowInvalid:
-            pass  # the reader failed before it wrote a schema: its own error follows
-        finally:
-            reader.stdout.close()
-            problem = reader.stderr.read().decode("utf-8", "replace").strip()
-            if reader.wait() != 0:
-                raise DatabaseError(
-                    f"cannot read the CRM's rows: {problem.splitlines()[-1] if problem else 'reader failed'}"
-                )
+    try:
+        with SqliteReader.of(url.database or ":memory:").query(sql) as batches:
+            yield batches
+    except ReaderError as exc:
+        raise DatabaseError(f"cannot read the CRM's rows: {exc}") from None
 
 
 def list_rows_sql(connection: Connection, place: ListPlace, *, custom: bool, groups: bool, segment: bool) -> str:
@@ -101,8 +89,7 @@ def list_rows_sql(connection: Connection, place: ListPlace, *, custom: bool, gro
     codes, group_table = _group_codes(connection, t, place.list_id) if groups else (null(), None)
     suppressed = t.suppressions.c.email_key.is_not(None)
     consent = case((and_(s.consent_by.is_not(None), s.consent_by != ""), s.consent_at), else_=null())
-    columns: list[ColumnElement[Any]] = [
-        c.id.label("contact_id"),
+    texts: list[ColumnElement[Any]] = [
         c.email,
         c.email_key,
         c.first_name,
@@ -110,10 +97,18 @@ def list_rows_sql(connection: Connection, place: ListPlace, *, custom: bool, gro
         (cast(c.custom, Text) if custom else null()).label("custom"),
         s.status,
         s.source,
+    ]
+    later: list[ColumnElement[Any]] = [codes.label("codes"), consent.label("consent_at"), o.at.label("opt_out_at")]
+    if connection.dialect.name == "sqlite":
+        # SQLite's ADBC driver takes a column's type from its first batch of rows: a column NULL there would be
+        # read as integers, and its first text later fail. Text columns come as '' instead (NULL again below).
+        texts = [func.coalesce(text, "").label(text.name) for text in texts]
+        later = [func.coalesce(text, "").label(text.name) for text in later]
+    columns: list[ColumnElement[Any]] = [
+        c.id.label("contact_id"),
+        *texts[:7],
         case((suppressed, 1), else_=0).label("suppressed"),
-        codes.label("codes"),
-        consent.label("consent_at"),
-        o.at.label("opt_out_at"),
+        *later,
     ]
     on_list = and_(s.contact_id == c.id, s.list_id == place.list_id)
     rows: FromClause = t.contacts.join(t.subscriptions, on_list, isouter=segment)
@@ -178,14 +173,16 @@ def normalised(frame: pl.DataFrame) -> pl.DataFrame:
         pl.col("email_key").cast(pl.String),
         pl.col("first_name").cast(pl.String),
         pl.col("last_name").cast(pl.String),
-        pl.col("custom").cast(pl.String),
-        pl.col("status").cast(pl.String),
-        pl.col("source").cast(pl.String),
+        *(_none_if_empty(name) for name in ("custom", "status", "source", "codes")),
         pl.col("suppressed").cast(pl.Int64).fill_null(0).cast(pl.Boolean),
-        pl.col("codes").cast(pl.String),
         _time(frame, "consent_at"),
         _time(frame, "opt_out_at"),
-    )
+    ).select(ROW_COLUMNS)
+
+
+def _none_if_empty(name: str) -> pl.Expr:
+    text = pl.col(name).cast(pl.String)
+    return pl.when(text == "").then(None).otherwise(text).alias(name)
 
 
 def _time(frame: pl.DataFrame, name: str) -> pl.Expr:
@@ -194,7 +191,12 @@ def _time(frame: pl.DataFrame, name: str) -> pl.Expr:
     column = pl.col(name)
     dtype = frame.schema[name]
     if dtype == pl.String:
-        parsed = column.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_unit="us", strict=False)
+        parsed = (
+            pl.when(column == "")
+            .then(None)
+            .otherwise(column)
+            .str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_unit="us", strict=False)
+        )
         return parsed.dt.replace_time_zone("UTC").alias(name)
     if isinstance(dtype, pl.Datetime):
         moment = column.cast(pl.Datetime("us"))

@@ -82,7 +82,7 @@ def export_list(
     seen = 0
     with arrow_batches(engine, sql) as batches:
         for crm_rows, last_key in partitions(batches, PARTITION_ROWS):
-            built = builder.build(crm_rows)
+            built = builder.build(crm_rows, every_invalid=mode == "full" or builder.list.segment is not None)
             known = stream.upto(last_key)
             done.subscribed += known.filter(pl.col("status").is_in(list(LIVE))).height
             written, snapshot = compare(built.rows, known, builder, mode, now)

@@ -1,41 +1,154 @@
-"""Reads one query's rows from a SQLite file with ADBC and writes them to stdout as an Arrow IPC stream.
+"""Reads queries' rows from a SQLite file with ADBC, in a process of its own, and hands them out as Arrow.
 
-It runs in a process of its own (``engine.crmread.arrow_batches`` starts it): the ADBC driver carries its own
-copy of SQLite, and a second copy in the process that writes through Python's sqlite3 module reads stale rows
-(seen here: a row updated and committed a moment before read as it was; SQLite's "How To Corrupt", 2.2.1,
-warns against two copies in one process). A process of its own also reads while the exporter works on the rows
-already read. It uses ADBC's low-level API: the DB-API module imports pandas, three times the start-up.
+Why a process of its own: the ADBC driver carries its own copy of SQLite, and a second copy in the process that
+writes through Python's sqlite3 module reads stale rows (seen here: a row updated and committed a moment before
+read as it was; SQLite's "How To Corrupt", 2.2.1, warns against two copies in one process). A process of its
+own also reads while the exporter works on the rows already read. It lives as long as the process that started
+it (one per database file, started on first use), so each query costs no start-up::
 
-    python -m batchsync.engine.sqlitereader crm.sqlite < query.sql > rows.arrows
+    with SqliteReader.of("crm.sqlite").query("SELECT ...") as batches:
+        for batch in batches:          # pyarrow.RecordBatch
+            ...
+
+The child speaks a small framed protocol over its pipes: the parent writes a query (4-byte length, UTF-8
+text); the child answers with frames of a tag byte and an 8-byte length: ``S`` the schema, ``B`` a record
+batch, ``E`` the end, ``X`` an error's text. It uses ADBC's low-level API: the DB-API module imports pandas.
 """
 
 from __future__ import annotations
 
+import atexit
+import struct
+import subprocess
 import sys
-
-import adbc_driver_manager
-import adbc_driver_sqlite
-import pyarrow as pa
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any, ClassVar
 
 BATCH_ROWS = 65_536  # the driver's default of 1024 costs a conversion each
+FRAME = struct.Struct(">cQ")
+QUERY = struct.Struct(">I")
 
 
-def main(path: str) -> int:
-    sql = sys.stdin.read()
-    with (
-        adbc_driver_sqlite.connect(path) as database,
-        adbc_driver_manager.AdbcConnection(database) as connection,
-        adbc_driver_manager.AdbcStatement(connection) as statement,
-    ):
-        statement.set_options(**{"adbc.sqlite.query.batch_rows": str(BATCH_ROWS)})
-        statement.set_sql_query(sql)
-        stream, _ = statement.execute_query()
-        reader = pa.RecordBatchReader._import_from_c(stream.address)
-        with pa.ipc.new_stream(sys.stdout.buffer, reader.schema) as output:
-            for batch in reader:
-                output.write_batch(batch)
-    return 0
+class ReaderError(RuntimeError):
+    """The reader process could not run the query (its message), or died."""
+
+
+class SqliteReader:
+    """The reader process of one SQLite file; one query at a time (a lock serialises the callers)."""
+
+    _readers: ClassVar[dict[str, SqliteReader]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def of(cls, path: str) -> SqliteReader:
+        with cls._registry_lock:
+            reader = cls._readers.get(path)
+            if reader is None:
+                reader = cls._readers[path] = cls(path)
+            return reader
+
+    @contextmanager
+    def query(self, sql: str) -> Iterator[Iterator[Any]]:
+        import pyarrow as pa
+
+        with self._lock:
+            process = self._started()
+            assert process.stdin is not None and process.stdout is not None
+            data = sql.encode("utf-8")
+            try:
+                process.stdin.write(QUERY.pack(len(data)) + data)
+                process.stdin.flush()
+            except OSError as exc:
+                self._stop()
+                raise ReaderError(f"the SQLite reader process is gone: {exc}") from None
+            batches = _answer(process.stdout, pa)
+            try:
+                yield batches
+                for _ in batches:  # the caller stopped early: read the rest, so the next answer starts clean
+                    pass
+            except BaseException:
+                self._stop()  # the answer may be half read: a new process for the next query
+                raise
+
+    def _started(self) -> subprocess.Popen[bytes]:
+        if self._process is None or self._process.poll() is not None:
+            command = [sys.executable, "-m", "batchsync.engine.sqlitereader", self.path]
+            self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        return self._process
+
+    def _stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    @classmethod
+    def stop_all(cls) -> None:
+        with cls._registry_lock:
+            for reader in cls._readers.values():
+                reader._stop()
+            cls._readers.clear()
+
+
+def _answer(stream: IO[bytes], pa: Any) -> Iterator[Any]:
+    schema = None
+    while True:
+        head = stream.read(FRAME.size)
+        if len(head) < FRAME.size:
+            raise ReaderError("the SQLite reader process stopped in the middle of an answer")
+        tag, size = FRAME.unpack(head)
+        body = stream.read(size)
+        if tag == b"E":
+            return
+        if tag == b"X":
+            raise ReaderError(body.decode("utf-8", "replace"))
+        if tag == b"S":
+            schema = pa.ipc.read_schema(pa.py_buffer(body))
+        else:
+            yield pa.ipc.read_record_batch(pa.py_buffer(body), schema)
+
+
+atexit.register(SqliteReader.stop_all)
+
+
+# --- the child process -----------------------------------------------------------------------------------------
+
+
+def serve(path: str, requests: IO[bytes], answers: IO[bytes]) -> None:
+    import adbc_driver_manager
+    import adbc_driver_sqlite
+    import pyarrow as pa
+
+    with adbc_driver_sqlite.connect(path) as database, adbc_driver_manager.AdbcConnection(database) as connection:
+        while head := requests.read(QUERY.size):
+            sql = requests.read(QUERY.unpack(head)[0]).decode("utf-8")
+            try:
+                with adbc_driver_manager.AdbcStatement(connection) as statement:
+                    statement.set_options(**{"adbc.sqlite.query.batch_rows": str(BATCH_ROWS)})
+                    statement.set_sql_query(sql)
+                    stream, _ = statement.execute_query()
+                    reader = pa.RecordBatchReader._import_from_c(stream.address)
+                    _frame(answers, b"S", reader.schema.serialize())
+                    for batch in reader:
+                        _frame(answers, b"B", batch.serialize())
+                    _frame(answers, b"E", b"")
+            except Exception as exc:
+                _frame(answers, b"X", f"{type(exc).__name__}: {exc}".encode())
+            answers.flush()
+
+
+def _frame(answers: IO[bytes], tag: bytes, body: Any) -> None:
+    data = memoryview(body)
+    answers.write(FRAME.pack(tag, data.nbytes))
+    answers.write(data)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    serve(sys.argv[1], sys.stdin.buffer, sys.stdout.buffer)
