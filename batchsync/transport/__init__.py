@@ -9,10 +9,12 @@ from batchsync.errors import ConfigError
 from batchsync.transport.base import RemoteEntry, Transport, check_remote_name, upload_confirmed
 from batchsync.transport.ftp import FtpsTransport, FtpTransport
 from batchsync.transport.local import LocalTransport
+from batchsync.transport.retry import RetryPolicy
 from batchsync.transport.sftp import SftpCredentials, SftpTransport
 
 __all__ = [
     "RemoteEntry",
+    "RetryPolicy",
     "Transport",
     "check_remote_name",
     "open_transport",

@@ -2,7 +2,8 @@
 
 Remote paths are POSIX strings relative to the transport's root. Names read from a listing are data, never
 paths: :func:`check_remote_name` refuses anything but a plain file name. Implementations translate their native
-errors into :class:`~batchsync.errors.TransportError` at this boundary.
+errors into :class:`~batchsync.errors.TransportError` at this boundary, each marked retryable or not; whether and
+when an operation is tried again is :class:`~batchsync.transport.retry.RetryPolicy`'s alone.
 """
 
 from __future__ import annotations
@@ -10,19 +11,15 @@ from __future__ import annotations
 import logging
 import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
 
-from batchsync.clock import Clock
 from batchsync.errors import RemoteFolderMissing, TransportError, UnsafeRemoteName
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-__all__ = ["RemoteEntry", "RemoteFolderMissing", "Transport", "check_remote_name", "upload_confirmed", "with_retries"]
+__all__ = ["RemoteEntry", "RemoteFolderMissing", "Transport", "check_remote_name", "upload_confirmed"]
 
 
 @dataclass(frozen=True)
@@ -116,17 +113,3 @@ def _remove_quietly(transport: Transport, remote: str) -> None:
         transport.delete(remote)
     except TransportError as exc:
         log.warning("could not remove the partial upload %s: %s", remote, exc)
-
-
-def with_retries(action: Callable[[], T], *, attempts: int, clock: Clock, what: str, base_delay: float = 1.0) -> T:
-    """Run ``action``, trying again with exponential back-off (capped at 60 s) on retryable errors only."""
-    for attempt in range(attempts + 1):
-        try:
-            return action()
-        except TransportError as exc:
-            if not exc.retryable or attempt == attempts:
-                raise
-            delay = min(base_delay * 2**attempt, 60.0)
-            log.warning("%s failed (%s); trying again in %.0f s", what, exc, delay)
-            clock.sleep(delay)
-    raise AssertionError("unreachable")
