@@ -37,20 +37,11 @@ from batchsync.errors import BatchsyncError, ConfigError
 from batchsync.hooks import Hooks
 from batchsync.jobs import ProfileRuntime
 from batchsync.metrics import Metrics
+from batchsync.profiles import profile_paths
 from batchsync.slots import next_nightly
 
 log = logging.getLogger(__name__)
 CUT_EVERY = 0.5  # seconds between looks at the callbacks' journals
-
-
-def profile_paths(arguments: list[Path]) -> list[Path]:
-    """Profile files named directly, or every ``*.toml`` in a named folder."""
-    found: list[Path] = []
-    for path in arguments:
-        found += sorted(path.glob("*.toml")) if path.is_dir() else [path]
-    if not found:
-        raise ConfigError("no profile files given (name files, or a folder of *.toml)")
-    return found
 
 
 class Daemon:

@@ -34,7 +34,7 @@ from batchsync.errors import BatchsyncError
 from batchsync.hookconfig import CallbackConfig
 from batchsync.hookformats import BadCall, Call, read_call
 from batchsync.journal import Journal
-from batchsync.transport import read_secret
+from batchsync.secret import read_secret
 
 log = logging.getLogger(__name__)
 REFUSED = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large", 429: "rate_limited"}
