@@ -154,7 +154,7 @@ class ExportConfig(Dialect):
         fields = [c.field for c in self.columns if c.direction != "in"]
         if "email" not in fields:
             raise ValueError("the export columns need one with field = 'email'")
-        if "status" in fields and ("subscribed" not in self.status_values or "unsubscribed" not in self.status_values):
+        if self.has_status and ("subscribed" not in self.status_values or "unsubscribed" not in self.status_values):
             raise ValueError("status_values needs at least 'subscribed' and 'unsubscribed'")
         return self
 

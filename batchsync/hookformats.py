@@ -1,6 +1,6 @@
 """The providers' callback payloads, read into rows of events (the columns of hookconfig.CUT_COLUMNS)::
 
-    rows = read_call(config, Call("POST", body, "application/x-www-form-urlencoded", query), now)
+    rows = read_call(config, Call("POST", body, query), now)
 
 A payload that cannot be read raises BadCall with the reason (the listener answers 400). A call about nothing
 batchsync keeps (a Mailchimp ``profile`` or ``campaign`` event) reads as no rows and is still answered 2xx, so
@@ -48,7 +48,6 @@ class BadCall(Exception):
 class Call:
     method: str
     body: bytes
-    content_type: str
     query: Mapping[str, str]
 
 

@@ -184,7 +184,7 @@ class Hooks:
             return self.count(delivery, Answer(200, "ok"), "validated")
         try:
             received = self.first_seen.of(delivery, config.key_param)
-            rows = read_call(config, Call(delivery.method, delivery.body, "", delivery.query), received)
+            rows = read_call(config, Call(delivery.method, delivery.body, delivery.query), received)
         except BadCall as exc:
             return self.count(delivery, Answer(400, f"bad request: {exc}"))
         if rows:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from pyftpdlib.filesystems import AbstractedFS
-from pyftpdlib.handlers import FTPHandler, ThrottledDTPHandler
+from pyftpdlib.handlers import ThrottledDTPHandler
 from sqlalchemy import update
 
 from batchsync.clock import ManualClock
@@ -50,7 +50,9 @@ def collect(profile: Any, clock: ManualClock, transport: Any) -> CollectReport:
 def test_hostile_names_from_a_real_ftp_server_are_refused_and_reported(tmp_path: Path, clock: ManualClock) -> None:
     root = tmp_path / "provider"
     write_csv(root / "export" / "unsubscribers_ok.csv", [UNSUB_HEADER])
-    with LoopbackFtpServer(root, "provider", "pw", attributes={"abstracted_fs": HostileFS}) as server:
+    server = LoopbackFtpServer(root, "provider", "pw")
+    server.handler.abstracted_fs = HostileFS
+    with server:
         profile = mailup_profile(tmp_path, "sqlite://")
         with FtpTransport("127.0.0.1", server.port, "provider", "pw") as ftp:
             report = collect(profile, clock, ftp)
@@ -158,9 +160,8 @@ def slow_ftp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loopba
     """A real FTP server whose data channel runs at 256 KiB/s, so a transfer can be cut in the middle."""
     monkeypatch.setenv(FTP_PASSWORD_ENV, "s3cret-ftp-password")
     dtp = type("SlowDTP", (ThrottledDTPHandler,), {"read_limit": 256 * 1024, "write_limit": 256 * 1024})
-    server = LoopbackFtpServer(
-        tmp_path / "provider", "provider", "s3cret-ftp-password", handler=FTPHandler, attributes={"dtp_handler": dtp}
-    )
+    server = LoopbackFtpServer(tmp_path / "provider", "provider", "s3cret-ftp-password")
+    server.handler.dtp_handler = dtp
     server.start()
     yield server
     server.stop()

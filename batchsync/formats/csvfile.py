@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import codecs
 import csv
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -150,10 +150,6 @@ class CsvWriter:
     def write(self, row: Sequence[Any]) -> None:
         self._writer.writerow(row)
         self.rows += 1
-
-    def write_many(self, rows: Iterable[Sequence[Any]]) -> None:
-        for row in rows:
-            self.write(row)
 
     def close(self) -> None:
         self._handle.close()

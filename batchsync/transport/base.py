@@ -9,7 +9,6 @@ when an operation is tried again is :class:`~batchsync.transport.retry.RetryPoli
 from __future__ import annotations
 
 import logging
-import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,12 +65,6 @@ class Transport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the connection; safe to call twice."""
-
-    def move(self, remote: str, folder: str) -> str:
-        """Move a file into ``folder``, keeping its name; returns the new path."""
-        target = posixpath.join(folder, posixpath.basename(remote))
-        self.rename(remote, target)
-        return target
 
     def __enter__(self) -> Transport:
         return self
