@@ -32,6 +32,8 @@ PROBE = b"batchsync check\n"
 
 @dataclass(frozen=True)
 class CheckResult:
+    """One line of ``batchsync check``: what was checked, whether it passed, and the fault with its fix."""
+
     name: str
     ok: bool
     detail: str

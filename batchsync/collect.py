@@ -42,6 +42,8 @@ REPORTED: frozenset[str] = frozenset({"provider", "callback"})  # the provider's
 
 @dataclass
 class StagedFile:
+    """An inbound file copied into staging, with its kind, where it came from and whose report it is."""
+
     path: Path
     name: str
     kind: InboundConfig
@@ -53,12 +55,17 @@ class StagedFile:
 
 @dataclass
 class CollectReport:
+    """What a collection found: files staged, names refused (with why), and files left to wait for the next look."""
+
     staged: list[StagedFile] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
 
 
 class Collector:
+    """Finds complete inbound files (remote inbox, local inbox, named files, zip members) and stages them; after a file
+    is applied, moves or deletes its remote original."""
+
     def __init__(self, profile: Profile, clock: Clock, *, dry_run: bool = False) -> None:
         self.profile, self.clock, self.dry_run = profile, clock, dry_run
         self.retry = RetryPolicy.of(profile.transport, clock)

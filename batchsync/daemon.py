@@ -45,6 +45,9 @@ CUT_EVERY = 0.5  # seconds between looks at the callbacks' journals
 
 
 class Daemon:
+    """Runs every profile unattended: loads them (skipping a broken one), runs what is due through each ProfileRuntime,
+    cuts the callbacks' journals, and answers stop and reload signals."""
+
     def __init__(
         self, paths: list[Path], *, clock: Clock | None = None, tick_seconds: float = 1.0, receive_only: bool = False
     ) -> None:
@@ -199,6 +202,8 @@ def _clock_datetime(clock: Clock) -> types.ModuleType:
     """A stand-in for the datetime module whose ``datetime.now`` reads the daemon's clock."""
 
     class ClockDatetime(dt.datetime):
+        """``datetime`` whose ``now`` is the daemon's clock."""
+
         @classmethod
         def now(cls, tz: dt.tzinfo | None = None) -> dt.datetime:  # type: ignore[override]
             moment = clock.now()

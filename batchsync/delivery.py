@@ -32,6 +32,8 @@ PART = ".part"
 
 
 class Delivery:
+    """Gets an export's files to the provider whole (see the module docstring), under the transport's retry policy."""
+
     def __init__(self, profile: Profile, clock: Clock, work: WorkDir) -> None:
         self.profile, self.work = profile, work
         self.retry = RetryPolicy.of(profile.transport, clock)  # its waits are the only use of the clock here

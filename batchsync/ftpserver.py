@@ -23,6 +23,9 @@ _ftp_log.setLevel(logging.WARNING)
 
 
 class LoopbackFtpServer:
+    """A pyftpdlib FTP (or FTPS) server on 127.0.0.1 with one account, in a thread of its own; ``port`` is known once
+    started."""
+
     def __init__(self, root: Path, user: str, password: str, *, tls: tuple[Path, Path] | None = None) -> None:
         """``tls`` is (certificate, key): explicit TLS then required on the control and data channels. The
         server's own handler class is ``self.handler``: set attributes on it before ``start`` to change how it

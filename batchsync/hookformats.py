@@ -46,6 +46,8 @@ class BadCall(Exception):
 
 @dataclass(frozen=True)
 class Call:
+    """A callback's request as the reader needs it: method, raw body and query parameters."""
+
     method: str
     body: bytes
     query: Mapping[str, str]
@@ -53,6 +55,8 @@ class Call:
 
 @dataclass(frozen=True)
 class HookRow:
+    """One event read from a callback, as a row of the journal (the columns of CUT_COLUMNS)."""
+
     email: str
     list_id: str
     at: datetime

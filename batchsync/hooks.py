@@ -43,6 +43,8 @@ URL_SECRETS = ("query", "path", "basic")  # checked before the body is read
 
 @dataclass(frozen=True)
 class Delivery:
+    """One callback request as the listener received it, before any check."""
+
     profile: str
     callback: str
     token: str | None  # the URL's last part after the callback's name (secret_in = "path")
@@ -55,6 +57,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Answer:
+    """What the listener answers a callback: the HTTP status and a short text."""
+
     status: int
     text: str
 
@@ -116,6 +120,9 @@ class FirstSeen:
 
 
 class Hooks:
+    """The callbacks of the loaded profiles: routes each request to its profile and callback, checks its rate and
+    secret, and journals its rows; keeps the counts /metrics and /healthz show."""
+
     def __init__(self, clock: Clock, registry: CollectorRegistry | None = None) -> None:
         self.clock = clock
         self.limiter = RateLimiter(clock)

@@ -26,6 +26,8 @@ csv.field_size_limit(1 << 24)
 
 @dataclass(frozen=True)
 class Record:
+    """One record of an inbound file: its fields by header name, as read, and the line it starts on."""
+
     line: int  # the line the record starts on, 1-based, counting the header as line 1
     values: dict[str, str]
     raw: list[str]
@@ -34,6 +36,8 @@ class Record:
 
 @dataclass(frozen=True)
 class FileShape:
+    """An inbound file checked whole before anything of it is applied: its header and how many records follow it."""
+
     header: list[str]
     records: int
 

@@ -23,6 +23,8 @@ __all__ = ["RemoteEntry", "RemoteFolderMissing", "Transport", "check_remote_name
 
 @dataclass(frozen=True)
 class RemoteEntry:
+    """One plain file in a remote listing: its name, size and time."""
+
     name: str
     size: int
     mtime: datetime | None  # aware UTC, or None where the server does not say
