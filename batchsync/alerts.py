@@ -25,6 +25,8 @@ SAME_KIND_EVERY = timedelta(days=1)
 
 
 class Alerts:
+    """Mails a profile's job failures, each kind (job and error class) at most once a day, across restarts."""
+
     def __init__(self, profile: Profile, clock: Clock) -> None:
         self.profile = profile
         self.clock = clock

@@ -36,6 +36,8 @@ ORDER = {"change": 0, "activity": 1, "provider opt-out": 2, "exported": 3}  # wi
 
 @dataclass(frozen=True)
 class Entry:
+    """One thing known of an address at one moment: a change, an activity, a provider's opt-out or an exported row."""
+
     at: datetime
     what: str  # change | activity | provider opt-out | exported
     detail: str
@@ -51,6 +53,8 @@ class Entry:
 
 @dataclass
 class History:
+    """Everything known of one address: the contacts that have or had it, and their entries in time order."""
+
     address: str
     key: str
     contacts: list[int] = field(default_factory=list)

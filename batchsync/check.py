@@ -5,7 +5,8 @@
 
 Checks the CRM database and its tables, the server (it answers, its host key or certificate is trusted, the
 login works), and that every remote and local folder can be listed and written: a probe file is written and
-removed again.
+removed again. The server is asked under the profile's retry policy, as an export or import would ask it: a
+failure a run would get past by trying again does not fail the check.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import secrets
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from batchsync.clock import Clock
@@ -22,7 +24,7 @@ from batchsync.config import Profile
 from batchsync.db.mapping import mapped_problems, missing_tables, open_engine
 from batchsync.errors import BatchsyncError, RemoteFolderMissing
 from batchsync.export import remote_folder
-from batchsync.transport import Transport, open_transport
+from batchsync.transport import RetryPolicy, Transport, open_transport
 from batchsync.workdir import WorkDir
 
 PROBE = b"batchsync check\n"
@@ -30,14 +32,20 @@ PROBE = b"batchsync check\n"
 
 @dataclass(frozen=True)
 class CheckResult:
+    """One line of ``batchsync check``: what was checked, whether it passed, and the fault with its fix."""
+
     name: str
     ok: bool
     detail: str
 
 
 def run_checks(
-    profile: Profile, transport_factory: Callable[[Profile], Transport] = open_transport
+    profile: Profile,
+    transport_factory: Callable[[Profile], Transport] = open_transport,
+    clock: Clock | None = None,
 ) -> list[CheckResult]:
+    """Every check of the profile, in order; the remote ones wait on ``clock`` between tries."""
+    clock = clock or Clock()
     results = [CheckResult("profile", True, f"{profile.name} is valid")]
     results += _database(profile)
     results += _local_folders(profile)
@@ -46,7 +54,7 @@ def run_checks(
     except BatchsyncError as exc:
         return [*results, CheckResult("server", False, str(exc))]
     try:
-        results += _server(profile, transport)
+        results += _server(profile, _Remote(transport, RetryPolicy.of(profile.transport, clock)), clock)
     finally:
         transport.close()
     return results
@@ -84,21 +92,29 @@ def _local_folders(profile: Profile) -> Iterator[CheckResult]:
             yield CheckResult(f"local {folder}", False, f"{exc.strerror}: make it writable for this user")
 
 
-def _server(profile: Profile, transport: Transport) -> Iterator[CheckResult]:
+@dataclass(frozen=True)
+class _Remote:
+    """The server being checked, and the retry policy every question to it goes through."""
+
+    transport: Transport
+    retry: RetryPolicy
+
+
+def _server(profile: Profile, remote: _Remote, clock: Clock) -> Iterator[CheckResult]:
     config = profile.transport
     where = config.path or "." if config.kind == "local" else f"{config.kind}://{config.host}:{config.port_or_default}"
     try:
-        transport.list(".")
+        remote.retry.call(partial(remote.transport.list, "."), what=f"listing the root of {where}")
     except BatchsyncError as exc:
         yield CheckResult(f"server {where}", False, str(exc))
         return
     yield CheckResult(f"server {where}", True, "answers; host key or certificate trusted; login accepted")
-    for folder in dict.fromkeys(remote_folder(profile, code, Clock().now()) for code in profile.lists):
-        yield _probe(transport, folder, create=True)
+    for folder in dict.fromkeys(remote_folder(profile, code, clock.now()) for code in profile.lists):
+        yield _probe(remote, folder, create=True)
     for entry in profile.inbound:
         if entry.remote_dir is not None:
-            yield _probe(transport, entry.remote_dir, create=False, kind=entry.kind)
-            yield _processed(transport, posixpath.join(entry.remote_dir, entry.processed_dir))
+            yield _probe(remote, entry.remote_dir, create=False, kind=entry.kind)
+            yield _processed(remote, posixpath.join(entry.remote_dir, entry.processed_dir))
     if profile.provider == "mailup":
         yield CheckResult("note", True, MAILUP_NOTE)
 
@@ -110,7 +126,7 @@ MAILUP_NOTE = (
 )
 
 
-def _probe(transport: Transport, folder: str, *, create: bool, kind: str | None = None) -> CheckResult:
+def _probe(remote: _Remote, folder: str, *, create: bool, kind: str | None = None) -> CheckResult:
     """List the folder, then write, size and remove a probe file in it. An export folder is made by the first
     upload anyway (``create``); an inbound folder must already be there: a mistyped one would stop every
     opt-out, so it is reported, never made."""
@@ -119,12 +135,11 @@ def _probe(transport: Transport, folder: str, *, create: bool, kind: str | None 
         local = Path(scratch) / "probe"
         local.write_bytes(PROBE)
         try:
-            if not create:
-                transport.list(folder)
-            transport.upload(local, probe)
-            written = transport.size(probe)
-            transport.delete(probe)
-            transport.list(folder)
+            # Tried again as a whole: a probe cut after its upload is written again under the same name.
+            written = remote.retry.call(
+                partial(_write_size_remove, remote.transport, local, probe, list_first=not create),
+                what=f"the probe of {folder}/",
+            )
         except RemoteFolderMissing:
             return CheckResult(
                 f"remote {folder}/",
@@ -139,13 +154,26 @@ def _probe(transport: Transport, folder: str, *, create: bool, kind: str | None 
     return CheckResult(f"remote {folder}/", True, "listed, written and cleaned up")
 
 
-def _processed(transport: Transport, folder: str) -> CheckResult:
+def _write_size_remove(transport: Transport, local: Path, probe: str, *, list_first: bool) -> int:
+    """Write ``local`` as ``probe``, ask its size, remove it and list its folder again; returns the size the
+    server gave. ``list_first``: list the folder before writing (a missing one is then reported as missing)."""
+    folder = posixpath.dirname(probe)
+    if list_first:
+        transport.list(folder)
+    transport.upload(local, probe)
+    written = transport.size(probe)
+    transport.delete(probe)
+    transport.list(folder)
+    return written
+
+
+def _processed(remote: _Remote, folder: str) -> CheckResult:
     """Where taken files are moved: probed when it exists; otherwise the first move makes it, in the inbound
     folder probed just before."""
     try:
-        transport.list(folder)
+        remote.retry.call(partial(remote.transport.list, folder), what=f"listing {folder}")
     except RemoteFolderMissing:
         return CheckResult(f"remote {folder}/", True, "not there yet: the first file taken is moved into it")
     except BatchsyncError as exc:
         return CheckResult(f"remote {folder}/", False, f"{exc}: give the account list and write rights there")
-    return _probe(transport, folder, create=False)
+    return _probe(remote, folder, create=False)

@@ -22,10 +22,10 @@ from batchsync.cli_echo import echo_demo, echo_export, echo_import, echo_revert
 from batchsync.clock import Clock
 from batchsync.config import Profile, load_profile
 from batchsync.daemon import Daemon
-from batchsync.daemon import profile_paths as daemon_profile_paths
 from batchsync.demo import run_demo
 from batchsync.errors import BatchsyncError, ConfigError
 from batchsync.logs import final_line, json_output, setup_logging
+from batchsync.profiles import profile_paths as find_profile_paths
 from batchsync.progress import TerminalProgress, set_listener
 from batchsync.samples import write_sample_crm, write_unsubscribers_file
 from batchsync.status import as_json, as_table, broken_status, profile_status
@@ -279,7 +279,7 @@ def status(profile_paths: tuple[Path, ...], as_json_output: bool) -> None:
     was missed, a file is stuck in staging, a file sat in quarantine for over a day, or it cannot be loaded.
     """
     statuses = []
-    for path in daemon_profile_paths(list(profile_paths) or [Path("profiles")]):
+    for path in find_profile_paths(list(profile_paths) or [Path("profiles")]):
         try:
             statuses.append(profile_status(load_profile(path), Clock()))
         except BatchsyncError as exc:
@@ -346,7 +346,7 @@ def demo(folder: Path, contacts: int) -> None:
 
 def _profiles(paths: tuple[Path, ...]) -> list[Profile]:
     """The profiles of -p files and folders (default: profiles/)."""
-    return [load_profile(path) for path in daemon_profile_paths(list(paths) or [Path("profiles")])]
+    return [load_profile(path) for path in find_profile_paths(list(paths) or [Path("profiles")])]
 
 
 def _mode(full: bool | None) -> Any:

@@ -30,8 +30,7 @@ from typing import Literal
 from batchsync.clock import Clock
 from batchsync.config import InboundConfig, Profile
 from batchsync.errors import ConfigError, RemoteFolderMissing, UnsafeRemoteName
-from batchsync.transport import RemoteEntry, Transport, check_remote_name
-from batchsync.transport.base import with_retries
+from batchsync.transport import RemoteEntry, RetryPolicy, Transport, check_remote_name
 from batchsync.workdir import WorkDir, move_unique, unique_path, write_whole
 
 log = logging.getLogger(__name__)
@@ -43,6 +42,8 @@ REPORTED: frozenset[str] = frozenset({"provider", "callback"})  # the provider's
 
 @dataclass
 class StagedFile:
+    """An inbound file copied into staging, with its kind, where it came from and whose report it is."""
+
     path: Path
     name: str
     kind: InboundConfig
@@ -54,14 +55,20 @@ class StagedFile:
 
 @dataclass
 class CollectReport:
+    """What a collection found: files staged, names refused (with why), and files left to wait for the next look."""
+
     staged: list[StagedFile] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
 
 
 class Collector:
+    """Finds complete inbound files (remote inbox, local inbox, named files, zip members) and stages them; after a file
+    is applied, moves or deletes its remote original."""
+
     def __init__(self, profile: Profile, clock: Clock, *, dry_run: bool = False) -> None:
         self.profile, self.clock, self.dry_run = profile, clock, dry_run
+        self.retry = RetryPolicy.of(profile.transport, clock)
         self.work = WorkDir.of(profile)
         self.staging = self.work.dry_run / "staging" if dry_run else self.work.staging
 
@@ -236,12 +243,7 @@ class Collector:
             report.staged += [self._download(transport, entry, remote.name) for remote in ready]
 
     def _list(self, transport: Transport, folder: str) -> list[RemoteEntry]:
-        return with_retries(
-            partial(transport.list, folder),
-            attempts=self.profile.transport.retries,
-            clock=self.clock,
-            what=f"listing {folder}",
-        )
+        return self.retry.call(partial(transport.list, folder), what=f"listing {folder}")
 
     def _candidates(self, entry: InboundConfig, listing: list[RemoteEntry], report: CollectReport) -> list[RemoteEntry]:
         found = []
@@ -274,14 +276,16 @@ class Collector:
         """After the reconcile committed: move the remote file to ``processed/`` or delete it."""
         if staged.remote_path is None or self.dry_run:
             return
+        remote = staged.remote_path
         if staged.kind.after_import == "delete":
-            transport.delete(staged.remote_path)
+            self.retry.call(partial(transport.delete, remote), what=f"removing {remote}")
         else:
-            folder = posixpath.join(posixpath.dirname(staged.remote_path), staged.kind.processed_dir)
-            stamp = self.clock.now().strftime("%Y%m%dT%H%M%S")
-            transport.rename(staged.remote_path, posixpath.join(folder, f"{stamp}_{staged.name}"))
+            folder = posixpath.join(posixpath.dirname(remote), staged.kind.processed_dir)
+            target = posixpath.join(folder, f"{self.clock.now():%Y%m%dT%H%M%S}_{staged.name}")
+            self.retry.call(partial(transport.rename, remote, target), what=f"moving {remote} to {folder}")
         if staged.kind.marker:
-            transport.delete(staged.remote_path + staged.kind.marker)
+            marker = remote + staged.kind.marker
+            self.retry.call(partial(transport.delete, marker), what=f"removing {marker}")
 
     def _download(self, transport: Transport, entry: InboundConfig, name: str) -> StagedFile:
         remote_path = posixpath.join(entry.remote_dir or "", name)
@@ -289,11 +293,8 @@ class Collector:
         target = self._stage_path(entry, name, origin)
         write_whole(
             target,
-            lambda part: with_retries(
-                partial(transport.download, remote_path, part),
-                attempts=self.profile.transport.retries,
-                clock=self.clock,
-                what=f"download of {remote_path}",
+            lambda part: self.retry.call(
+                partial(transport.download, remote_path, part), what=f"download of {remote_path}"
             ),
         )
         return StagedFile(target, name, entry, f"remote:{remote_path}", origin, remote_path)

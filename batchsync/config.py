@@ -57,6 +57,8 @@ def known_zone(value: str) -> str:
 
 
 class WorkConfig(_Model):
+    """``[work]``: the local work folder, the inbox admins drop files into, and the limits on what is kept."""
+
     dir: str = "var"
     inbox_dir: str | None = None  # where admins drop files; default: inbox/ in the work folder
     retention_days: int = Field(30, ge=1)
@@ -64,6 +66,9 @@ class WorkConfig(_Model):
 
 
 class TransportConfig(_Model):
+    """``[transport]``: the server a profile exchanges files with, its credentials by reference, and its timeouts and
+    retries."""
+
     kind: Literal["local", "ftp", "ftps", "sftp"]
     path: str | None = None
     host: str | None = None
@@ -119,12 +124,16 @@ class ExportColumn(_Model):
 
 
 class Dialect(_Model):
+    """How a CSV file is written or read: encoding, delimiter and quote character."""
+
     encoding: Literal["utf-8", "utf-8-sig", "cp1252", "latin-1", "utf-16", "utf-16-le", "utf-16-be"] = "utf-8"
     delimiter: Literal[";", ",", "|", "\t"] = ";"
     quote: Literal['"', "'"] = '"'  # the character that quotes a field holding the delimiter or a newline
 
 
 class ExportConfig(Dialect):
+    """``[export]``: the export files' columns, dialect, names, folders, mode and packaging."""
+
     remote_dir: str = "import/{list_id}"
     file_name: str = "{profile}_{list}_{stamp}_{mode}.csv"
     group_separator: str = ","
@@ -154,7 +163,7 @@ class ExportConfig(Dialect):
         fields = [c.field for c in self.columns if c.direction != "in"]
         if "email" not in fields:
             raise ValueError("the export columns need one with field = 'email'")
-        if "status" in fields and ("subscribed" not in self.status_values or "unsubscribed" not in self.status_values):
+        if self.has_status and ("subscribed" not in self.status_values or "unsubscribed" not in self.status_values):
             raise ValueError("status_values needs at least 'subscribed' and 'unsubscribed'")
         return self
 
@@ -172,6 +181,8 @@ class SegmentConfig(_Model):
 
 
 class ListConfig(_Model):
+    """One CRM list (``[lists.<code>]``): the provider's id for it, its groups, and a segment that may define it."""
+
     id: str
     name: str | None = None
     groups: dict[str, str] = Field(default_factory=dict)
@@ -179,11 +190,15 @@ class ListConfig(_Model):
 
 
 class EventCode(_Model):
+    """What one reason code of an inbound file means: the event it is and the reason recorded."""
+
     event: EventKind
     reason: str
 
 
 class InboundColumns(_Model):
+    """The names of an inbound file's columns that batchsync reads; other columns are allowed and ignored."""
+
     email: str
     list_id: str | None = None
     at: str | None = None
@@ -209,6 +224,9 @@ def parse_duration(value: str) -> timedelta:
 
 
 class InboundConfig(Dialect):
+    """One kind of inbound file (``[[inbound]]``): which names it takes, where from, its dialect and columns, and the
+    event each row is."""
+
     kind: str
     pattern: str | Annotated[tuple[str, ...], Field(strict=False)]  # one file-name pattern, or several
     # Who the file's events come from: "provider" (its reports: not echoed back, remembered for good) or "admin"
@@ -290,6 +308,8 @@ class InboundConfig(Dialect):
 
 
 class ScheduleConfig(_Model):
+    """``[schedule]``: the daemon's nightly run, its inbox polls, and the retries of a failed night."""
+
     nightly: str | None = None  # "HH:MM" in ``timezone``; the export's full_weekday decides full or diff
     timezone: str = "UTC"
     poll_minutes: int = Field(0, ge=0)  # look at the remote inbox this often during the day; 0: never
@@ -319,6 +339,8 @@ class ScheduleConfig(_Model):
 
 
 class NotifyConfig(_Model):
+    """``[notify]``: who gets the run summaries and failure mails, and the SMTP server that sends them."""
+
     email_to: tuple[str, ...] = Field(strict=False)
     email_from: str
     smtp_host: str
@@ -332,6 +354,8 @@ class NotifyConfig(_Model):
 
 
 class PolicyConfig(_Model):
+    """``[policy]``: how events weigh (all lists, bounces) and the safety stops on both ways."""
+
     unsubscribe_all_lists: bool = False
     hard_bounce_suppresses: bool = True
     soft_bounce_threshold: int = Field(3, ge=1)  # this many soft bounces clean the address
@@ -344,6 +368,9 @@ class PolicyConfig(_Model):
 
 
 class Profile(_Model):
+    """One provider account, read from a TOML file: the CRM, the server, the export, the lists, the inbound kinds, the
+    schedule, notification and policy. Relative paths are read from the file's folder."""
+
     name: str
     provider: str = "mailup"
     database: DatabaseConfig

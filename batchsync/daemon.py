@@ -37,23 +37,17 @@ from batchsync.errors import BatchsyncError, ConfigError
 from batchsync.hooks import Hooks
 from batchsync.jobs import ProfileRuntime
 from batchsync.metrics import Metrics
+from batchsync.profiles import profile_paths
 from batchsync.slots import next_nightly
 
 log = logging.getLogger(__name__)
 CUT_EVERY = 0.5  # seconds between looks at the callbacks' journals
 
 
-def profile_paths(arguments: list[Path]) -> list[Path]:
-    """Profile files named directly, or every ``*.toml`` in a named folder."""
-    found: list[Path] = []
-    for path in arguments:
-        found += sorted(path.glob("*.toml")) if path.is_dir() else [path]
-    if not found:
-        raise ConfigError("no profile files given (name files, or a folder of *.toml)")
-    return found
-
-
 class Daemon:
+    """Runs every profile unattended: loads them (skipping a broken one), runs what is due through each ProfileRuntime,
+    cuts the callbacks' journals, and answers stop and reload signals."""
+
     def __init__(
         self, paths: list[Path], *, clock: Clock | None = None, tick_seconds: float = 1.0, receive_only: bool = False
     ) -> None:
@@ -208,6 +202,8 @@ def _clock_datetime(clock: Clock) -> types.ModuleType:
     """A stand-in for the datetime module whose ``datetime.now`` reads the daemon's clock."""
 
     class ClockDatetime(dt.datetime):
+        """``datetime`` whose ``now`` is the daemon's clock."""
+
         @classmethod
         def now(cls, tz: dt.tzinfo | None = None) -> dt.datetime:  # type: ignore[override]
             moment = clock.now()

@@ -64,6 +64,9 @@ class CrmTableNames(FrozenModel):
 
 
 class DatabaseConfig(FrozenModel):
+    """``[database]``: the CRM's URL (or the variable holding it), and where its CRM tables are when they are the CRM's
+    own."""
+
     url: str | None = None
     url_env: str | None = None
     # "schema" is the key; the attribute is named otherwise, as pydantic's models have a ``schema`` of their own.

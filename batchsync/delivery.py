@@ -24,8 +24,7 @@ from pathlib import Path
 from batchsync.clock import Clock
 from batchsync.config import Profile
 from batchsync.errors import RemoteFolderMissing, TransportError
-from batchsync.transport import Transport, upload_confirmed
-from batchsync.transport.base import with_retries
+from batchsync.transport import RetryPolicy, Transport, upload_confirmed
 from batchsync.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -33,8 +32,11 @@ PART = ".part"
 
 
 class Delivery:
+    """Gets an export's files to the provider whole (see the module docstring), under the transport's retry policy."""
+
     def __init__(self, profile: Profile, clock: Clock, work: WorkDir) -> None:
-        self.profile, self.clock, self.work = profile, clock, work
+        self.profile, self.work = profile, work
+        self.retry = RetryPolicy.of(profile.transport, clock)  # its waits are the only use of the clock here
 
     def send(self, transport: Transport, files: list[Path], folder: str) -> list[Path]:
         """Upload ``files`` into the remote ``folder`` in order, each confirmed whole; returns their copies in
@@ -42,12 +44,8 @@ class Delivery:
         for local in files:
             remote = f"{folder}/{local.name}"
             _note(local).write_text(remote, encoding="utf-8")
-            with_retries(
-                partial(upload_confirmed, transport, local, remote, PART),
-                attempts=self.profile.transport.retries,
-                clock=self.clock,
-                what=f"upload of {remote}",
-            )
+            # Tried again as a whole (upload, size, rename): a rename whose answer was lost cannot be repeated alone.
+            self.retry.call(partial(upload_confirmed, transport, local, remote, PART), what=f"upload of {remote}")
             log.info("sent %s to %s", local.name, remote)
         kept = self.work.keep_sent(files)
         for local in files:
@@ -74,7 +72,7 @@ class Delivery:
         local = note.with_name(note.name[1 : -len(".remote")])
         remote = note.read_text(encoding="utf-8").strip()
         if local.exists():
-            final, partial = _size(transport, remote), _size(transport, remote + PART)
+            final, partial = self._size(transport, remote), self._size(transport, remote + PART)
             if final == local.stat().st_size:
                 [kept] = self.work.keep_sent([local])
                 log.warning("%s reached the provider before the last export stopped: kept as %s", remote, kept)
@@ -90,7 +88,7 @@ class Delivery:
         for code, folder in folders.items():
             pattern = partial_upload_pattern(self.profile, code)
             try:
-                listing = transport.list(folder)
+                listing = self.retry.call(partial(transport.list, folder), what=f"listing {folder}")
             except RemoteFolderMissing:
                 continue
             except TransportError as exc:  # tidying up is no reason to hold back tonight's files
@@ -98,18 +96,19 @@ class Delivery:
                 return
             for entry in listing:
                 if pattern.fullmatch(entry.name):
+                    remote = posixpath.join(folder, entry.name)
                     try:
-                        transport.delete(posixpath.join(folder, entry.name))
+                        self.retry.call(partial(transport.delete, remote), what=f"removing {remote}")
                         log.warning("removed %s/%s, left by an upload that was stopped", folder, entry.name)
                     except TransportError as exc:
                         log.warning("could not remove the partial upload %s/%s: %s", folder, entry.name, exc)
 
-
-def _size(transport: Transport, remote: str) -> int | None:
-    try:
-        return transport.size(remote)
-    except TransportError:
-        return None
+    def _size(self, transport: Transport, remote: str) -> int | None:
+        """The size of a remote file, None where it is not there (or the server cannot say after every try)."""
+        try:
+            return self.retry.call(partial(transport.size, remote), what=f"the size of {remote}")
+        except TransportError:
+            return None
 
 
 def _note(local: Path) -> Path:

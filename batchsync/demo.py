@@ -26,6 +26,8 @@ PASSWORD_ENV = "BATCHSYNC_DEMO_FTP_PASSWORD"
 
 @dataclass
 class DemoSummary:
+    """What ``batchsync demo`` made and did, for the CLI to print."""
+
     folder: Path
     crm_url: str
     samples: SampleSummary

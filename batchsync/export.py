@@ -34,7 +34,7 @@ from batchsync.formats.package import package
 from batchsync.locks import ensure_lock_held
 from batchsync.rules import export_safety_stop
 from batchsync.transport import Transport, open_transport
-from batchsync.transport.base import with_retries
+from batchsync.transport.retry import RetryPolicy
 from batchsync.workdir import WorkDir, unique_path
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,8 @@ class Exporter:
         try:
             if not dry_run:  # connected first: a wrong password fails the export even with nothing to send
                 transport = self.transport_factory(self.profile)
-                attempts = self.profile.transport.retries
-                with_retries(
-                    transport.connect, attempts=attempts, clock=self.clock, what="the connection to the provider"
-                )
+                retry = RetryPolicy.of(self.profile.transport, self.clock)
+                retry.call(transport.connect, what="the connection to the provider")
                 ensure_lock_held(self.engine)  # partial uploads may be the lock holder's, in flight
                 self._remove_partial_uploads(transport)
             for code in self.profile.lists:

@@ -23,26 +23,22 @@ _ftp_log.setLevel(logging.WARNING)
 
 
 class LoopbackFtpServer:
-    def __init__(
-        self,
-        root: Path,
-        user: str,
-        password: str,
-        *,
-        tls: tuple[Path, Path] | None = None,
-        handler: type[Any] | None = None,
-        attributes: dict[str, Any] | None = None,
-    ) -> None:
-        """``tls`` is (certificate, key): explicit TLS then required on the control and data channels."""
+    """A pyftpdlib FTP (or FTPS) server on 127.0.0.1 with one account, in a thread of its own; ``port`` is known once
+    started."""
+
+    def __init__(self, root: Path, user: str, password: str, *, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls`` is (certificate, key): explicit TLS then required on the control and data channels. The
+        server's own handler class is ``self.handler``: set attributes on it before ``start`` to change how it
+        answers."""
         root.mkdir(parents=True, exist_ok=True)
         authorizer = DummyAuthorizer()
         authorizer.add_user(user, password, str(root), perm="elradfmwMT")
-        settings: dict[str, Any] = {"authorizer": authorizer, "banner": "batchsync test", **(attributes or {})}
-        base: type[Any] = handler or FTPHandler
+        settings: dict[str, Any] = {"authorizer": authorizer, "banner": "batchsync test"}
+        base: type[Any] = FTPHandler
         if tls is not None:
             from pyftpdlib.handlers import TLS_FTPHandler
 
-            base = handler or TLS_FTPHandler
+            base = TLS_FTPHandler
             settings.update(
                 certfile=str(tls[0]), keyfile=str(tls[1]), tls_control_required=True, tls_data_required=True
             )

@@ -31,6 +31,8 @@ CUT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
 
 class HookFields(_Model):
+    """The payload field names a ``form`` or ``json`` callback's rows are read from."""
+
     email: str
     list_id: str | None = None
     at: str | None = None
@@ -39,6 +41,8 @@ class HookFields(_Model):
 
 
 class CallbackConfig(_Model):
+    """One ``[[callback]]``: the provider payload format a URL takes, how its secret is checked, and its limits."""
+
     name: str
     format: Literal["mailchimp", "mailigen", "mailup", "form", "json"]
     secret_env: str | None = None

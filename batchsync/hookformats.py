@@ -1,6 +1,6 @@
 """The providers' callback payloads, read into rows of events (the columns of hookconfig.CUT_COLUMNS)::
 
-    rows = read_call(config, Call("POST", body, "application/x-www-form-urlencoded", query), now)
+    rows = read_call(config, Call("POST", body, query), now)
 
 A payload that cannot be read raises BadCall with the reason (the listener answers 400). A call about nothing
 batchsync keeps (a Mailchimp ``profile`` or ``campaign`` event) reads as no rows and is still answered 2xx, so
@@ -46,14 +46,17 @@ class BadCall(Exception):
 
 @dataclass(frozen=True)
 class Call:
+    """A callback's request as the reader needs it: method, raw body and query parameters."""
+
     method: str
     body: bytes
-    content_type: str
     query: Mapping[str, str]
 
 
 @dataclass(frozen=True)
 class HookRow:
+    """One event read from a callback, as a row of the journal (the columns of CUT_COLUMNS)."""
+
     email: str
     list_id: str
     at: datetime

@@ -34,7 +34,7 @@ from batchsync.errors import BatchsyncError
 from batchsync.hookconfig import CallbackConfig
 from batchsync.hookformats import BadCall, Call, read_call
 from batchsync.journal import Journal
-from batchsync.transport import read_secret
+from batchsync.secret import read_secret
 
 log = logging.getLogger(__name__)
 REFUSED = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large", 429: "rate_limited"}
@@ -43,6 +43,8 @@ URL_SECRETS = ("query", "path", "basic")  # checked before the body is read
 
 @dataclass(frozen=True)
 class Delivery:
+    """One callback request as the listener received it, before any check."""
+
     profile: str
     callback: str
     token: str | None  # the URL's last part after the callback's name (secret_in = "path")
@@ -55,6 +57,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Answer:
+    """What the listener answers a callback: the HTTP status and a short text."""
+
     status: int
     text: str
 
@@ -116,6 +120,9 @@ class FirstSeen:
 
 
 class Hooks:
+    """The callbacks of the loaded profiles: routes each request to its profile and callback, checks its rate and
+    secret, and journals its rows; keeps the counts /metrics and /healthz show."""
+
     def __init__(self, clock: Clock, registry: CollectorRegistry | None = None) -> None:
         self.clock = clock
         self.limiter = RateLimiter(clock)
@@ -184,7 +191,7 @@ class Hooks:
             return self.count(delivery, Answer(200, "ok"), "validated")
         try:
             received = self.first_seen.of(delivery, config.key_param)
-            rows = read_call(config, Call(delivery.method, delivery.body, "", delivery.query), received)
+            rows = read_call(config, Call(delivery.method, delivery.body, delivery.query), received)
         except BadCall as exc:
             return self.count(delivery, Answer(400, f"bad request: {exc}"))
         if rows:

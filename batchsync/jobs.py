@@ -52,6 +52,8 @@ Result = Literal["ok", "failed", "busy"]
 
 @dataclass
 class Retry:
+    """A failed night to try again: its slot, the tries used, and when."""
+
     slot: Slot
     attempt: int  # tries of this slot used so far by this daemon
     at: datetime
@@ -59,6 +61,9 @@ class Retry:
 
 @dataclass
 class ProfileRuntime:
+    """One profile under the daemon: its schedule, inbox watcher, back-off, alerts and the state of its nights; runs
+    each job guarded, so a failure never reaches the daemon."""
+
     sync: Sync
     trouble: Trouble
     alerts: Alerts

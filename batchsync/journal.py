@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 
 class Journal:
+    """One callback's journal file: rows appended (fsynced in batches) by the listener, cut into inbox files by the
+    cutter."""
+
     def __init__(self, folder: Path, name: str) -> None:
         self.folder = folder
         self.name = name

@@ -58,12 +58,16 @@ class _Redact(logging.Filter):
 
 
 class _FieldsFilter(logging.Filter):
+    """Puts the fields bound by ``log_fields`` on every record."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.fields = _fields.get()
         return True
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, the bound fields, the message (and the traceback)."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -78,6 +82,8 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """A plain line per record, with the bound fields in brackets before the message."""
+
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -19,6 +19,8 @@ DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 7200, float("inf"))
 
 
 class Metrics:
+    """The daemon's Prometheus counters, gauges and histograms, in a registry of their own."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         by_profile = ["profile"]

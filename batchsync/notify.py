@@ -16,8 +16,8 @@ from typing import Any
 from batchsync.config import NotifyConfig, Profile
 from batchsync.errors import BatchsyncError, ConfigError
 from batchsync.reconcile import FileOutcome
+from batchsync.secret import read_secret
 from batchsync.sync import ImportReport, RunReport
-from batchsync.transport import read_secret
 
 MAX_ATTACHMENTS = 10
 

@@ -12,6 +12,8 @@ from typing import Protocol, TextIO
 
 
 class Listener(Protocol):
+    """Whoever is told how far long work got: a label and the count done so far."""
+
     def __call__(self, label: str, done: int) -> None: ...
 
 

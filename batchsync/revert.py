@@ -59,6 +59,8 @@ class Step:
 
 @dataclass
 class RevertPlan:
+    """What reverting one applied file would do: the changes undone, those left (each with why), and notes."""
+
     file: Row
     undone: list[Step] = field(default_factory=list)
     left: list[Step] = field(default_factory=list)
@@ -67,6 +69,9 @@ class RevertPlan:
 
 
 class Reverter:
+    """Finds an applied file by name, path, content or sha256, plans its undo, and applies the plan in one
+    transaction."""
+
     def __init__(self, profile: Profile, engine: Engine, clock: Clock) -> None:
         self.profile, self.engine, self.clock = profile, engine, clock
 

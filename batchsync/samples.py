@@ -106,6 +106,9 @@ OPTOUT_TYPES = ("0", "01", "2", "21", "32", "640", "4", "41", "1024", "128", "25
 
 @dataclass
 class SampleSummary:
+    """What ``write_sample_crm`` wrote: counts of contacts, subscriptions and the deliberate faults, and addresses to
+    use."""
+
     contacts: int = 0
     subscriptions: int = 0
     duplicates: int = 0

@@ -18,6 +18,8 @@ from batchsync.config import Profile
 
 @dataclass(frozen=True)
 class Slot:
+    """One night of a profile's schedule: its name (by local date and time) and when it is due."""
+
     name: str
     due: dt.datetime  # aware UTC
 

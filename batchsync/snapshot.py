@@ -32,6 +32,8 @@ NAME = ".{name}.applying"
 
 @dataclass(frozen=True)
 class Snapshot:
+    """The private copy a staged file is applied from: its path, and the sha256 and size of what was copied."""
+
     path: Path
     sha256: str
     size: int

@@ -31,6 +31,8 @@ QUARANTINE_NOTICED_FOR = timedelta(days=1)  # a file left this long in quarantin
 
 @dataclass
 class ProfileStatus:
+    """One profile's state for ``status``, ``/healthz`` and the status page; healthy when it has no problems."""
+
     profile: str
     next_run: datetime | None = None
     last_runs: list[dict[str, Any]] = field(default_factory=list)

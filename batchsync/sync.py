@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ImportReport:
+    """What an import did: each file's outcome, names refused, files left waiting."""
+
     files: list[FileOutcome] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
@@ -74,6 +76,8 @@ class ImportReport:
 
 @dataclass
 class RunReport:
+    """What a run did: its ``bs_runs`` id, its import and its export."""
+
     run_id: int | None = None
     imported: ImportReport | None = None
     exported: ExportResult | None = None
@@ -81,12 +85,17 @@ class RunReport:
 
 @dataclass
 class InitReport:
+    """What ``init`` found missing and what it added."""
+
     tables_missing: list[str]
     lists_added: int = 0
     ledger_rows_migrated: int = 0  # rows of an earlier version's export ledger carried into snapshots
 
 
 class Sync:
+    """One profile's runs: init, import, export, run (import then export) and revert, each under the run lock and
+    recorded in ``bs_runs``."""
+
     def __init__(
         self,
         profile: Profile,
@@ -356,6 +365,8 @@ class _Ask:
 
 @dataclass
 class _Run:
+    """The ``bs_runs`` row of the run in hand: its id, and the counts, files and stops it finishes with."""
+
     id: int | None = None
     counts: dict[str, int] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)

@@ -44,6 +44,8 @@ def kind_of(exc: BaseException) -> str:
 
 @dataclass
 class _State:
+    """One job's failing state: what is wrong since when, the back-off, and when it was last said."""
+
     kind: str
     message: str
     since: datetime
@@ -55,6 +57,8 @@ class _State:
 
 
 class Trouble:
+    """A profile's failing jobs: which wait and until when, and the log lines said once per change of state."""
+
     def __init__(self, profile: str, clock: Clock) -> None:
         self.profile = profile
         self.clock = clock

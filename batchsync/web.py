@@ -49,6 +49,9 @@ LONGEST_JOB_SECONDS = 6 * 3600.0  # a job in hand longer than this is taken to h
 
 @dataclass
 class Snapshot:
+    """What the listener answers from: whether the daemon is alive, the job in hand, each profile's status and the
+    callbacks' counts."""
+
     alive: bool
     job: str | None
     statuses: list[ProfileStatus]
@@ -108,6 +111,9 @@ def _journal_problems(daemon: Daemon, profile: Profile) -> list[str]:
 
 
 class Listener:
+    """The daemon's HTTP(S) listener (aiohttp, in a thread and event loop of its own): /healthz, /metrics, the status
+    page and the callbacks."""
+
     def __init__(self, daemon: Daemon, host: str, port: int, *, tls: ssl.SSLContext | None = None) -> None:
         self.daemon, self.host, self.port, self.tls = daemon, host, port, tls
         self._loop = asyncio.new_event_loop()

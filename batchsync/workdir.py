@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class WorkDir:
+    """A profile's local work folders, and moving files between them whole."""
+
     def __init__(self, root: Path, inbox: Path | None = None) -> None:
         self.root = root
         self.inbox = inbox or root / "inbox"

@@ -28,6 +28,9 @@ from batchsync.db.mapping import CANONICAL, crm_tables_for, open_engine
 from batchsync.db.schema import make_engine
 from batchsync.dbconfig import CRM_TABLES, DatabaseConfig
 from batchsync.ftpserver import LoopbackFtpServer
+from batchsync.transport import Transport
+from batchsync.transport.ftp import FtpTransport
+from batchsync.transport.sftp import SftpTransport
 
 from .peers import (
     PASSPHRASE,
@@ -288,6 +291,19 @@ def own_folder(root: Path, user: str | None = None) -> Path:
     if user is not None:
         give_to(folder, user)
     return folder
+
+
+def cut_connection(transport: Transport) -> None:
+    """Cut an FTP, FTPS or SFTP transport's connection under it, as a reset network does: its next operation
+    fails (a retryable error), and the one after that connects again."""
+    transport.connect()
+    if isinstance(transport, FtpTransport):
+        live = transport._ftp.sock  # type: ignore[union-attr]
+    elif isinstance(transport, SftpTransport):
+        live = transport._ssh.sock  # type: ignore[union-attr]
+    else:
+        raise TypeError(f"{transport!r} has no connection to cut")
+    live.shutdown(socket.SHUT_RDWR)
 
 
 def sftp_transport(server: SshServer, folder: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:

@@ -129,12 +129,12 @@ def test_a_form_callback_sent_by_get_is_a_delivery_and_a_listless_subscribe_chan
         {"name": "get", "format": "form", "secret_env": "X", "event": "unsubscribe",
          "fields": {"email": "eml", "list_id": "idl"}}
     )  # fmt: skip
-    [row] = read_call(config, Call("GET", b"", "", {"eml": "a@example.com", "idl": "1", "key": "s"}), NOW)
+    [row] = read_call(config, Call("GET", b"", {"eml": "a@example.com", "idl": "1", "key": "s"}), NOW)
     assert (row.email, row.list_id, row.event) == ("a@example.com", "1", "unsubscribe")
     mailup = CallbackConfig.model_validate({"name": "mu", "format": "mailup", "secret_env": "X"})
     subscribe = {"customerEmail": "a@example.com", "eventType": "SUBSCRIBE"}
-    assert read_call(mailup, Call("GET", b"", "", subscribe), NOW) == []  # would clear every list's opt-outs
-    listed = read_call(mailup, Call("GET", b"", "", {**subscribe, "customerList": "1"}), NOW)
+    assert read_call(mailup, Call("GET", b"", subscribe), NOW) == []  # would clear every list's opt-outs
+    listed = read_call(mailup, Call("GET", b"", {**subscribe, "customerList": "1"}), NOW)
     assert [row.event for row in listed] == ["subscribe"]
 
 

@@ -145,7 +145,8 @@ def callback_files(db_url: str) -> list[tuple[str, str]]:
 
 
 def reached(check: Callable[[], bool], log: Path, seconds: float = 5.0) -> None:
-    """Wait for ``check``; it must come true within ``seconds`` (the issue's bar for a callback)."""
+    """Wait for ``check``; it must come true within ``seconds`` (the bar for a callback: in the CRM within seconds
+    of the call)."""
     started = time.monotonic()
     wait_until(check, log, timeout=30)
     assert time.monotonic() - started <= seconds, f"took {time.monotonic() - started:.1f} s"

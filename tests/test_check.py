@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from batchsync.check import run_checks
 from batchsync.cli import main
+from batchsync.clock import ManualClock
+from batchsync.config import Profile, load_profile
+from batchsync.transport import Transport, open_transport
 
-from .conftest import ROOT, own_folder
+from .conftest import ROOT, cut_connection, own_folder
 from .peers import PASSPHRASE, SshServer, give_to
 
 
@@ -81,3 +86,36 @@ def test_check_names_each_fault_and_how_to_fix_it(
     assert main(["check", "-p", str(unknown)]) == 1
     out = capsys.readouterr().out
     assert "FAIL server sftp://127.0.0.1" in out and "unknown host key" in out and "ssh-keyscan" in out
+
+
+def test_a_probe_cut_halfway_is_tried_again_on_a_new_connection(
+    tmp_path: Path, sshd: SshServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECK_PASSPHRASE", PASSPHRASE)
+    folder = own_folder(sshd.root, sshd.user)
+    (folder / "export").mkdir()
+    give_to(folder / "export", sshd.user)
+    path = sftp_profile(tmp_path, sshd, folder, sshd.known_hosts)
+    path.write_text(path.read_text().replace("retries = 0", "retries = 2"))
+    cuts: list[str] = []
+
+    def cut_before_the_first_upload(profile: Profile) -> Transport:
+        transport = open_transport(profile)
+        upload = transport.upload
+
+        def cut_then_upload(local: Path, remote: str) -> None:
+            if not cuts:
+                cuts.append(remote)
+                cut_connection(transport)
+            upload(local, remote)
+
+        transport.upload = cut_then_upload  # type: ignore[method-assign]
+        return transport
+
+    clock = ManualClock(datetime(2026, 1, 5, 2, 30, tzinfo=UTC))
+    results = run_checks(load_profile(path), cut_before_the_first_upload, clock)
+    remote = [result for result in results if result.name.startswith("remote ")]
+    assert [result.name for result in remote if not result.ok] == []
+    assert cuts and cuts[0].startswith("import/1/.batchsync-probe-")
+    assert clock.monotonic() == 1  # the cut probe waited once and was made again whole
+    assert not [path for path in folder.rglob("*") if ".batchsync-probe-" in path.name]

@@ -14,12 +14,12 @@ from sqlalchemy import Engine, func, select
 from batchsync.clock import ManualClock
 from batchsync.config import Profile, load_profile
 from batchsync.db.schema import activities, contacts, lists, subscriptions, suppressions
-from batchsync.formats.exportfile import read_export
 from batchsync.rules import email_key, email_problem, export_status, merge_statuses
 from batchsync.sync import Sync
 
 from .conftest import ROOT, with_remote_inboxes
 from .crmdata import build_tiny_crm, status_of, suppressed
+from .exportfile import read_export
 
 PROVIDERS = ["mailup", "mailchimp", "sfmc", "acoustic", "flexmail", "generic"]
 

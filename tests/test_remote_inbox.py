@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from pyftpdlib.filesystems import AbstractedFS
-from pyftpdlib.handlers import FTPHandler, ThrottledDTPHandler
+from pyftpdlib.handlers import ThrottledDTPHandler
 from sqlalchemy import update
 
 from batchsync.clock import ManualClock
@@ -21,10 +21,11 @@ from batchsync.db.schema import contacts
 from batchsync.errors import TransportError
 from batchsync.ftpserver import LoopbackFtpServer
 from batchsync.sync import Sync
+from batchsync.transport import open_transport
 from batchsync.transport.ftp import FtpTransport
 from batchsync.transport.sftp import SftpCredentials, SftpTransport
 
-from .conftest import FTP_PASSWORD_ENV, ftp_transport, mailup_profile, own_folder
+from .conftest import FTP_PASSWORD_ENV, cut_connection, ftp_transport, mailup_profile, own_folder
 from .crmdata import UNSUB_HEADER, build_tiny_crm, status_of, unsub_row, write_csv
 from .peers import SshServer
 
@@ -49,7 +50,9 @@ def collect(profile: Any, clock: ManualClock, transport: Any) -> CollectReport:
 def test_hostile_names_from_a_real_ftp_server_are_refused_and_reported(tmp_path: Path, clock: ManualClock) -> None:
     root = tmp_path / "provider"
     write_csv(root / "export" / "unsubscribers_ok.csv", [UNSUB_HEADER])
-    with LoopbackFtpServer(root, "provider", "pw", attributes={"abstracted_fs": HostileFS}) as server:
+    server = LoopbackFtpServer(root, "provider", "pw")
+    server.handler.abstracted_fs = HostileFS
+    with server:
         profile = mailup_profile(tmp_path, "sqlite://")
         with FtpTransport("127.0.0.1", server.port, "provider", "pw") as ftp:
             report = collect(profile, clock, ftp)
@@ -131,14 +134,34 @@ def test_with_markers_only_announced_files_are_taken_and_the_marker_goes(
     assert status_of(sync.engine, 2, "newsletter") == "unsubscribed"
 
 
+@pytest.mark.parametrize("after_import", ["move", "delete"])
+def test_a_taken_file_is_moved_or_deleted_on_a_new_connection_when_the_old_one_was_cut(
+    tmp_path: Path, clock: ManualClock, ftp_server: LoopbackFtpServer, after_import: str
+) -> None:
+    root = tmp_path / "provider"
+    write_csv(root / "export" / "unsubscribers_a.csv", [UNSUB_HEADER])
+    (root / "export" / "unsubscribers_a.csv.done").write_text("")
+    overrides = {"inbound.0.marker": ".done", "inbound.0.after_import": after_import}
+    profile = mailup_profile(tmp_path, "sqlite://", transport=ftp_transport(ftp_server), **overrides)
+    with open_transport(profile) as ftp:
+        collector = Collector(profile, clock)
+        [staged] = collect(profile, clock, ftp).staged
+        cut_connection(ftp)  # the file was applied meanwhile; then the connection dropped
+        started = clock.now()
+        collector.finish_remote(ftp, staged)
+    assert (clock.now() - started).total_seconds() == 1  # one more try, after the first wait
+    left = sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+    moved = [f"export/processed/{started:%Y%m%dT%H%M%S}_unsubscribers_a.csv"]
+    assert left == ([] if after_import == "delete" else moved)  # the marker went with the file
+
+
 @pytest.fixture
 def slow_ftp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackFtpServer]:
     """A real FTP server whose data channel runs at 256 KiB/s, so a transfer can be cut in the middle."""
     monkeypatch.setenv(FTP_PASSWORD_ENV, "s3cret-ftp-password")
     dtp = type("SlowDTP", (ThrottledDTPHandler,), {"read_limit": 256 * 1024, "write_limit": 256 * 1024})
-    server = LoopbackFtpServer(
-        tmp_path / "provider", "provider", "s3cret-ftp-password", handler=FTPHandler, attributes={"dtp_handler": dtp}
-    )
+    server = LoopbackFtpServer(tmp_path / "provider", "provider", "s3cret-ftp-password")
+    server.handler.dtp_handler = dtp
     server.start()
     yield server
     server.stop()

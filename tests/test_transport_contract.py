@@ -1,22 +1,27 @@
-"""One contract, run against every transport: a local folder and FTP (pyftpdlib) on loopback."""
+"""One contract, run against every transport: a local folder, FTP and FTPS (pyftpdlib, vsftpd) and SFTP
+(OpenSSH) on loopback; and the retry policy every caller reaches the transports through."""
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from batchsync.clock import ManualClock
 from batchsync.errors import DiskFull, RemoteFolderMissing, TransportError, UnsafeRemoteName
 from batchsync.ftpserver import LoopbackFtpServer
-from batchsync.transport import Transport, check_remote_name, upload_confirmed
+from batchsync.transport import RetryPolicy, Transport, check_remote_name, upload_confirmed
 from batchsync.transport.ftp import FtpsTransport, FtpTransport
 from batchsync.transport.local import LocalTransport
 from batchsync.transport.sftp import SftpCredentials, SftpTransport
 
-from .conftest import own_folder
+from .conftest import cut_connection, own_folder
 
 KINDS = ["local", "ftp", "ftps-pyftpdlib", "ftps-vsftpd", "sftp-openssh"]
 
@@ -84,7 +89,7 @@ def test_a_missing_folder_is_an_error_and_an_empty_one_lists_as_empty(
     assert client.list("empty") == []
 
 
-def test_download_size_rename_move_delete(transport: tuple[Transport, Path], tmp_path: Path) -> None:
+def test_download_size_rename_delete(transport: tuple[Transport, Path], tmp_path: Path) -> None:
     client, root = transport
     data = os.urandom(3 * 1024 * 1024 + 17)  # several transfer blocks
     client.upload(_file(tmp_path, "big.bin", data), "export/big.bin")
@@ -92,8 +97,8 @@ def test_download_size_rename_move_delete(transport: tuple[Transport, Path], tmp
     client.download("export/big.bin", tmp_path / "back.bin")
     assert (tmp_path / "back.bin").read_bytes() == data
     client.rename("export/big.bin", "export/renamed.bin")
-    moved = client.move("export/renamed.bin", "export/processed")
-    assert moved == "export/processed/renamed.bin"
+    moved = "export/processed/renamed.bin"
+    client.rename("export/renamed.bin", moved)  # into a folder that is not there yet: rename makes it
     assert (root / "export" / "processed" / "renamed.bin").stat().st_size == len(data)
     client.delete(moved)
     assert client.list("export/processed") == []
@@ -131,3 +136,74 @@ def test_a_full_local_disk_is_disk_full_never_a_network_error_to_retry(
     with pytest.raises(DiskFull, match="no space left") as caught:
         client.download("import/big.csv", Path("/dev/full"))  # the kernel's own ENOSPC on every write
     assert not isinstance(caught.value, TransportError)
+
+
+def _fail_next_copy_as_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local folder's transient fault: the next file copy finds the file busy (EBUSY), the one after works."""
+    real = shutil.copyfile
+
+    def busy_once(source: object, target: object) -> object:
+        monkeypatch.setattr(shutil, "copyfile", real)
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+
+    monkeypatch.setattr(shutil, "copyfile", busy_once)
+
+
+def _counted(tries: list[str], action: Callable[[], None]) -> Callable[[], None]:
+    def counted() -> None:
+        tries.append("try")
+        action()
+
+    return counted
+
+
+def test_each_backend_s_transient_failures_are_tried_again_and_its_final_ones_are_not(
+    transport: tuple[Transport, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend marks what it translates retryable or not; the policy acts on that mark alone."""
+    client, _ = transport
+    client.upload(_file(tmp_path, "a.csv", b"x;y\r\n"), "export/a.csv")
+    clock = ManualClock(datetime(2026, 1, 5, 2, 30, tzinfo=UTC))
+    retry, started = RetryPolicy(3, clock), clock.now()
+    if isinstance(client, LocalTransport):
+        _fail_next_copy_as_busy(monkeypatch)
+    else:
+        cut_connection(client)  # a reset connection: the download fails, the next try connects again
+    tries: list[str] = []
+    retry.call(_counted(tries, partial(client.download, "export/a.csv", tmp_path / "back.csv")), what="download")
+    assert len(tries) == 2 and (clock.now() - started).total_seconds() == 1
+    assert (tmp_path / "back.csv").read_bytes() == b"x;y\r\n"
+    tries.clear()
+    with pytest.raises(TransportError) as caught:  # no such file: waiting does not make it appear
+        retry.call(_counted(tries, partial(client.download, "export/missing.csv", tmp_path / "x")), what="download")
+    assert not caught.value.retryable
+    assert len(tries) == 1 and (clock.now() - started).total_seconds() == 1
+    with pytest.raises(RemoteFolderMissing):
+        retry.call(_counted(tries, partial(client.list, "no/such/folder")), what="listing")
+    assert len(tries) == 2 and (clock.now() - started).total_seconds() == 1
+
+
+def test_the_policy_doubles_its_waits_up_to_a_minute_and_gives_up_after_its_retries() -> None:
+    clock = ManualClock(datetime(2026, 1, 5, 2, 30, tzinfo=UTC))
+    tries: list[float] = []
+
+    def reset() -> None:
+        tries.append(clock.monotonic())
+        raise TransportError("connection reset", retryable=True)
+
+    with pytest.raises(TransportError, match="connection reset"):
+        RetryPolicy(8, clock).call(reset, what="an upload")
+    assert tries == [0, 1, 3, 7, 15, 31, 63, 123, 183]  # waits of 1, 2, 4 ... 32 s, then 60 s at most
+    tries.clear()
+    with pytest.raises(TransportError):
+        RetryPolicy(0, clock).call(reset, what="an upload")  # retries = 0: one try
+    assert len(tries) == 1
+
+    def full() -> None:
+        tries.append(clock.monotonic())
+        raise DiskFull("no space left on the disk")
+
+    tries.clear()
+    with pytest.raises(DiskFull):
+        RetryPolicy(3, clock).call(full, what="a download")  # not a transfer error: never tried again
+    assert len(tries) == 1

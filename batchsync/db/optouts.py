@@ -21,6 +21,8 @@ from batchsync.db import driver
 
 @dataclass(frozen=True)
 class ProviderReport:
+    """The latest opt-out the provider reported for one list and address: its kind, time, reason and source."""
+
     email: str
     kind: str
     at: datetime

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import codecs
 import csv
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -26,6 +26,8 @@ csv.field_size_limit(1 << 24)
 
 @dataclass(frozen=True)
 class Record:
+    """One record of an inbound file: its fields by header name, as read, and the line it starts on."""
+
     line: int  # the line the record starts on, 1-based, counting the header as line 1
     values: dict[str, str]
     raw: list[str]
@@ -34,6 +36,8 @@ class Record:
 
 @dataclass(frozen=True)
 class FileShape:
+    """An inbound file checked whole before anything of it is applied: its header and how many records follow it."""
+
     header: list[str]
     records: int
 
@@ -150,10 +154,6 @@ class CsvWriter:
     def write(self, row: Sequence[Any]) -> None:
         self._writer.writerow(row)
         self.rows += 1
-
-    def write_many(self, rows: Iterable[Sequence[Any]]) -> None:
-        for row in rows:
-            self.write(row)
 
     def close(self) -> None:
         self._handle.close()

@@ -2,39 +2,22 @@
 
 from __future__ import annotations
 
-import os
-
 from batchsync.config import Profile, TransportConfig
-from batchsync.errors import ConfigError
+from batchsync.secret import read_secret
 from batchsync.transport.base import RemoteEntry, Transport, check_remote_name, upload_confirmed
 from batchsync.transport.ftp import FtpsTransport, FtpTransport
 from batchsync.transport.local import LocalTransport
+from batchsync.transport.retry import RetryPolicy
 from batchsync.transport.sftp import SftpCredentials, SftpTransport
 
 __all__ = [
     "RemoteEntry",
+    "RetryPolicy",
     "Transport",
     "check_remote_name",
     "open_transport",
-    "read_secret",
     "upload_confirmed",
 ]
-
-
-def read_secret(profile: Profile, env: str | None, file: str | None, what: str) -> str:
-    """A secret named by an environment variable or a file; its value is never logged."""
-    if env:
-        value = os.environ.get(env)
-        if value is None:
-            raise ConfigError(f"profile {profile.name}: {what}: environment variable {env} is not set")
-        return value
-    if file:
-        path = profile.path(file)
-        try:
-            return path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"profile {profile.name}: {what}: cannot read {path}: {exc.strerror}") from None
-    return ""
 
 
 def open_transport(profile: Profile) -> Transport:

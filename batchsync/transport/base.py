@@ -2,31 +2,29 @@
 
 Remote paths are POSIX strings relative to the transport's root. Names read from a listing are data, never
 paths: :func:`check_remote_name` refuses anything but a plain file name. Implementations translate their native
-errors into :class:`~batchsync.errors.TransportError` at this boundary.
+errors into :class:`~batchsync.errors.TransportError` at this boundary, each marked retryable or not; whether and
+when an operation is tried again is :class:`~batchsync.transport.retry.RetryPolicy`'s alone.
 """
 
 from __future__ import annotations
 
 import logging
-import posixpath
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
 
-from batchsync.clock import Clock
 from batchsync.errors import RemoteFolderMissing, TransportError, UnsafeRemoteName
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-__all__ = ["RemoteEntry", "RemoteFolderMissing", "Transport", "check_remote_name", "upload_confirmed", "with_retries"]
+__all__ = ["RemoteEntry", "RemoteFolderMissing", "Transport", "check_remote_name", "upload_confirmed"]
 
 
 @dataclass(frozen=True)
 class RemoteEntry:
+    """One plain file in a remote listing: its name, size and time."""
+
     name: str
     size: int
     mtime: datetime | None  # aware UTC, or None where the server does not say
@@ -70,12 +68,6 @@ class Transport(ABC):
     def close(self) -> None:
         """Release the connection; safe to call twice."""
 
-    def move(self, remote: str, folder: str) -> str:
-        """Move a file into ``folder``, keeping its name; returns the new path."""
-        target = posixpath.join(folder, posixpath.basename(remote))
-        self.rename(remote, target)
-        return target
-
     def __enter__(self) -> Transport:
         return self
 
@@ -116,17 +108,3 @@ def _remove_quietly(transport: Transport, remote: str) -> None:
         transport.delete(remote)
     except TransportError as exc:
         log.warning("could not remove the partial upload %s: %s", remote, exc)
-
-
-def with_retries(action: Callable[[], T], *, attempts: int, clock: Clock, what: str, base_delay: float = 1.0) -> T:
-    """Run ``action``, trying again with exponential back-off (capped at 60 s) on retryable errors only."""
-    for attempt in range(attempts + 1):
-        try:
-            return action()
-        except TransportError as exc:
-            if not exc.retryable or attempt == attempts:
-                raise
-            delay = min(base_delay * 2**attempt, 60.0)
-            log.warning("%s failed (%s); trying again in %.0f s", what, exc, delay)
-            clock.sleep(delay)
-    raise AssertionError("unreachable")

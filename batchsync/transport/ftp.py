@@ -23,6 +23,8 @@ BLOCK = 256 * 1024
 
 
 class FtpTransport(Transport):
+    """FTP in passive, binary mode; connects on first use and again after a broken connection."""
+
     def __init__(
         self, host: str, port: int, user: str, password: str, *, root: str = "", timeout: float = 30.0
     ) -> None:

@@ -12,6 +12,8 @@ from batchsync.transport.base import RemoteEntry, Transport
 
 
 class LocalTransport(Transport):
+    """A folder standing in for the server; paths may not leave it."""
+
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)

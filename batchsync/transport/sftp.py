@@ -32,6 +32,8 @@ WINDOW = 4 * 1024 * 1024  # reads in flight on a download: bounds memory
 
 @dataclass(frozen=True)
 class SftpCredentials:
+    """The SFTP login: a user with a password or a private key (and its passphrase); shown without secrets."""
+
     user: str
     password: str | None = None
     key_file: Path | None = None
@@ -52,6 +54,8 @@ def fingerprint(key: paramiko.PKey) -> str:
 
 
 class SftpTransport(Transport):
+    """SFTP over paramiko; connects on first use, checking the host key, and again after a broken connection."""
+
     def __init__(
         self,
         host: str,

@@ -1,4 +1,5 @@
-"""Reading an export file back with the profile that wrote it: the round trip that proves a profile's format.
+"""Reading an export file back with the profile that wrote it: the round trip that proves a profile's format
+(tests/test_providers.py). batchsync itself never reads an export back.
 
     rows = read_export(profile, Path("sent/acme_newsletter_20260105T023000Z_full.csv.zip"))
     rows[0]  # {"email": "ada@example.com", "first_name": "Ada", "status": "subscribed", ...}
@@ -20,6 +21,7 @@ from batchsync.engine.build import written_columns
 
 
 def read_export(profile: Profile, path: Path) -> list[dict[str, str]]:
+    """The file's rows as CRM values, by the profile's export columns; a header not the profile's is an error."""
     text = _text(profile, path)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=profile.export.delimiter)
     header = next(reader)
