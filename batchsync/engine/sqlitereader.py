@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from typing import IO, Any, ClassVar
 
 BATCH_ROWS = 65_536  # the driver's default of 1024 costs a conversion each
+CACHE_KB = 65_536
 FRAME = struct.Struct(">cQ")
 QUERY = struct.Struct(">I")
 
@@ -127,6 +128,11 @@ def serve(path: str, requests: IO[bytes], answers: IO[bytes]) -> None:
     import pyarrow as pa
 
     with adbc_driver_sqlite.connect(path) as database, adbc_driver_manager.AdbcConnection(database) as connection:
+        with adbc_driver_manager.AdbcStatement(connection) as statement:
+            # A 64 MB page cache: the sort of a list's rows by address stays in memory far longer (a 1M-contact
+            # list read in 5.6 s rather than 9.7 s, at 180 MB); a bigger list spills to disk, in the same memory.
+            statement.set_sql_query(f"PRAGMA cache_size = -{CACHE_KB}")
+            statement.execute_update()
         while head := requests.read(QUERY.size):
             sql = requests.read(QUERY.unpack(head)[0]).decode("utf-8")
             try:
