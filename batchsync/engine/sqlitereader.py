@@ -24,10 +24,13 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from queue import Full, Queue
 from typing import IO, Any, ClassVar
 
 BATCH_ROWS = 65_536  # the driver's default of 1024 costs a conversion each
 CACHE_KB = 65_536
+KEPT = 4  # reader processes kept waiting for queries
+AHEAD = 4  # batches read ahead of the exporter: about 50 MB at 65k rows
 FRAME = struct.Struct(">cQ")
 QUERY = struct.Struct(">I")
 
@@ -49,10 +52,21 @@ class SqliteReader:
 
     @classmethod
     def of(cls, path: str) -> SqliteReader:
+        """The reader of ``path``; the least recently asked of more than KEPT readers is stopped (a daemon has
+        one database or a few; a process that opens many, such as a test run, keeps no crowd of them)."""
         with cls._registry_lock:
-            reader = cls._readers.get(path)
-            if reader is None:
-                reader = cls._readers[path] = cls(path)
+            reader = cls._readers.pop(path, None) or cls(path)
+            cls._readers[path] = reader  # the most recently asked last
+            while len(cls._readers) > KEPT:
+                path_of_oldest = next(iter(cls._readers))
+                oldest = cls._readers[path_of_oldest]
+                if not oldest._lock.acquire(blocking=False):
+                    break  # it is reading: leave it for now
+                try:
+                    del cls._readers[path_of_oldest]
+                    oldest._stop()
+                finally:
+                    oldest._lock.release()
             return reader
 
     @contextmanager
@@ -69,13 +83,15 @@ class SqliteReader:
             except OSError as exc:
                 self._stop()
                 raise ReaderError(f"the SQLite reader process is gone: {exc}") from None
-            batches = _answer(process.stdout, pa)
+            ahead = _ReadAhead(_answer(process.stdout, pa), AHEAD)
+            batches = iter(ahead)
             try:
                 yield batches
                 for _ in batches:  # the caller stopped early: read the rest, so the next answer starts clean
                     pass
             except BaseException:
                 self._stop()  # the answer may be half read: a new process for the next query
+                ahead.stop()
                 raise
 
     def _started(self) -> subprocess.Popen[bytes]:
@@ -114,6 +130,46 @@ def _answer(stream: IO[bytes], pa: Any) -> Iterator[Any]:
             schema = pa.ipc.read_schema(pa.py_buffer(body))
         else:
             yield pa.ipc.read_record_batch(pa.py_buffer(body), schema)
+
+
+class _ReadAhead:
+    """The batches, read by a thread of their own up to ``depth`` ahead of the caller: the reader process keeps
+    querying while the caller builds rows (reading a pipe releases the interpreter)."""
+
+    _DONE = object()
+
+    def __init__(self, batches: Iterator[Any], depth: int) -> None:
+        self._queue: Queue[Any] = Queue(maxsize=depth)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._pump, args=(batches,), name="sqlite-read-ahead", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[Any]:
+        while (item := self._queue.get()) is not self._DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _pump(self, batches: Iterator[Any]) -> None:
+        try:
+            for batch in batches:
+                self._put(batch)
+            self._put(self._DONE)
+        except BaseException as exc:  # handed to the caller's thread
+            self._put(exc)
+
+    def _put(self, item: Any) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except Full:
+                continue
+
+    def stop(self) -> None:
+        """The caller gives up (its reader process is being killed): the thread ends without a reader."""
+        self._stopped.set()
+        self._thread.join(5)
 
 
 atexit.register(SqliteReader.stop_all)
