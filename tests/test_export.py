@@ -375,3 +375,48 @@ def test_an_address_several_contacts_share_is_sent_with_its_lowest_id_contact_s_
     sync.export("diff")
     [row] = data_rows(max(uploaded(tmp_path)["1"]))
     assert row == ["eve@example.com", "Evelyn", "Two", "1", "", "1"]  # the one left
+
+
+OLD_LEDGER = """CREATE TABLE bs_exported (profile VARCHAR(100) NOT NULL, list_code VARCHAR(100) NOT NULL,
+email_key VARCHAR(320) NOT NULL, email VARCHAR(320) NOT NULL, contact_id INTEGER, fingerprint BIGINT NOT NULL,
+status VARCHAR(16) NOT NULL, origin VARCHAR(10) NOT NULL, source_digest BIGINT, at {time} NOT NULL,
+PRIMARY KEY (profile, list_code, email_key))"""
+
+
+@pytest.mark.canonical_crm("it drops batchsync's own tables to make a database of an earlier version")
+def test_init_carries_the_ledger_of_an_earlier_version_into_snapshots(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    sync = make_sync(tmp_path, db_url, clock)
+    time = "TIMESTAMP" if sync.engine.dialect.name == "postgresql" else "DATETIME"
+    at = "2026-01-01 00:00:00" + ("" if sync.engine.dialect.name == "postgresql" else ".000000")
+    with sync.engine.begin() as connection:  # what an earlier version left: its ledger, no snapshots
+        for name in ("bs_ledger_notes", "bs_snapshot_chunks", "bs_snapshots"):
+            connection.exec_driver_sql(f"DROP TABLE {name}")
+        connection.exec_driver_sql(OLD_LEDGER.format(time=time))
+        connection.exec_driver_sql("CREATE TABLE bs_pending AS SELECT * FROM bs_exported")
+        rows = [
+            ("alice@example.com", "subscribed", "export"),
+            ("bob@example.com", "unsubscribed", "provider"),
+            ("zed@example.com", "subscribed", "export"),  # no contact: gone from the CRM
+        ]
+        for key, status, origin in rows:
+            connection.exec_driver_sql(
+                "INSERT INTO bs_exported VALUES ('mailup', 'newsletter', "
+                f"'{key}', '{key}', NULL, 7, '{status}', '{origin}', NULL, '{at}')"
+            )
+    with pytest.raises(DatabaseError, match=r"lacks bs_snapshots.*run `batchsync init -p mailup`"):
+        sync.export("diff")
+    sync.init()
+    assert "bs_exported" not in inspect(sync.engine).get_table_names()
+    assert (ledger_row(sync, "newsletter", "bob@example.com")["status"], "provider") == (
+        "unsubscribed",
+        ledger_row(sync, "newsletter", "bob@example.com")["origin"],
+    )
+    clock.advance(3600)
+    sync.export("diff")
+    sent = {row[0]: row[5] for row in data_rows(max(uploaded(tmp_path)["1"]))}
+    assert sent["alice@example.com"] == "1"  # every row once: the old fingerprints compare with nothing
+    assert sent["zed@example.com"] == "0"  # the address the provider has from us, gone: a tombstone
+    clock.advance(3600)
+    assert sync.export("diff").rows == 0

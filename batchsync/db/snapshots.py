@@ -357,7 +357,7 @@ def _carry_list(connection: Connection, profile: str, code: str) -> int:
         .where(old.c.profile == profile, old.c.list_code == code)
         .order_by(ordered_key(old.c.email_key, connection))
     )
-    result = connection.execution_options(stream_results=True).execute(query)
+    result = connection.execute(query.execution_options(stream_results=True))
     while rows := result.fetchmany(CHUNK_ROWS):
         frame = pl.DataFrame([tuple(row) for row in rows], schema=list(CHUNK_SCHEMA), orient="row")
         writer.add(frame.with_columns(_utc(frame, "at")).cast({"contact_id": pl.Int64, "fingerprint": pl.Int64}))
