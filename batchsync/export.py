@@ -26,9 +26,9 @@ from batchsync.config import Profile
 from batchsync.db import crm, snapshots
 from batchsync.delivery import Delivery
 from batchsync.engine.build import written_columns
-from batchsync.engine.crmread import ListPlace
+from batchsync.engine.crmread import ListPlace, read_ahead
 from batchsync.engine.csvout import ListFiles
-from batchsync.engine.diff import Mode, export_list
+from batchsync.engine.diff import Mode, export_list, list_sql
 from batchsync.errors import ConfigError
 from batchsync.formats.package import package
 from batchsync.locks import ensure_lock_held
@@ -127,6 +127,8 @@ class Exporter:
                 retry.call(transport.connect, what="the connection to the provider")
                 ensure_lock_held(self.engine)  # partial uploads may be the lock holder's, in flight
                 self._remove_partial_uploads(transport)
+            for code in self.profile.lists:  # every list's rows asked for now: the database reads them meanwhile
+                read_ahead(self.engine, list_sql(connection, self.profile, self._place(code, ids)), code)
             for code in self.profile.lists:
                 if self.stop.is_set():
                     log.info("stopping: the export of %s and later lists is left for the next run", code)
@@ -147,7 +149,7 @@ class Exporter:
         path = self._free_path(self.work.dry_run if dry_run else self.work.outbox, code, mode, now)
         staged = ExportedFile(code, remote_path=self._remote_dir(code) + "/" + path.name)
         headers = [column.header for column in written_columns(self.profile)]
-        place = ListPlace(self.profile.name, code, list_id)
+        place = self._place(code, {code: list_id})
         with connection.begin() as transaction:
             writer = ListFiles(self.profile, code, path, headers)
             try:
@@ -174,6 +176,9 @@ class Exporter:
                 staged.reports = [self.work.keep_report(report, code) for report in staged.reports]
         log.info("list %s: %d rows (%d tombstones) for a %s export", code, staged.rows, staged.tombstones, mode)
         return staged
+
+    def _place(self, code: str, ids: dict[str, int]) -> ListPlace:
+        return ListPlace(self.profile.name, code, ids[code])
 
     def _safety_stop(self, code: str, taken_off: int, subscribed: int) -> str | None:
         """Why the list's file may not go up unasked: it takes too large a share of the addresses the provider

@@ -56,7 +56,7 @@ class ListPlace:
 
 
 @contextmanager
-def arrow_batches(engine: Engine, sql: str) -> Iterator[Iterator[pa.RecordBatch]]:
+def arrow_batches(engine: Engine, sql: str, slot: str = "") -> Iterator[Iterator[pa.RecordBatch]]:
     """The query's rows as Arrow record batches: from PostgreSQL through ADBC (COPY in binary), from SQLite
     through ADBC in a reader process of its own (``engine.sqlitereader`` says why)."""
     url = engine.url
@@ -75,10 +75,17 @@ def arrow_batches(engine: Engine, sql: str) -> Iterator[Iterator[pa.RecordBatch]
             connection.close()
         return
     try:
-        with SqliteReader.of(url.database or ":memory:").query(sql) as batches:
+        with SqliteReader.of(url.database or ":memory:", slot).query(sql) as batches:
             yield batches
     except ReaderError as exc:
         raise DatabaseError(f"cannot read the CRM's rows: {exc}") from None
+
+
+def read_ahead(engine: Engine, sql: str, slot: str) -> None:
+    """Start the query now where the backend allows it (SQLite: in the slot's reader process), so that it runs
+    while the caller works on another; :func:`arrow_batches` with the same text and slot takes its rows."""
+    if engine.url.get_backend_name() == "sqlite":
+        SqliteReader.of(engine.url.database or ":memory:", slot).submit(sql)
 
 
 def list_rows_sql(connection: Connection, place: ListPlace, *, custom: bool, groups: bool, segment: bool) -> str:

@@ -72,15 +72,9 @@ def export_list(
     done = ListExport(files)
     if keep_snapshot:
         done.snapshot = SnapshotWriter.begin(connection, profile.name, place.code, HASHER, stream.notes_upto, now)
-    sql = list_rows_sql(
-        connection,
-        place,
-        custom=builder.needs_custom,
-        groups=builder.needs_groups,
-        segment=profile.lists[place.code].segment is not None,
-    )
+    sql = list_sql(connection, profile, place)
     seen = 0
-    with arrow_batches(engine, sql) as batches:
+    with arrow_batches(engine, sql, place.code) as batches:
         for crm_rows, last_key in partitions(batches, PARTITION_ROWS):
             built = builder.build(crm_rows, every_invalid=mode == "full" or builder.list.segment is not None)
             known = stream.upto(last_key)
@@ -98,6 +92,13 @@ def export_list(
         done.snapshot.finish()
     log.debug("list %s: %d CRM rows in %d partitions", place.code, seen, done.partitions)
     return done
+
+
+def list_sql(connection: Connection, profile: Profile, place: ListPlace) -> str:
+    """The query that reads the list's CRM rows (``read_ahead`` may start it early)."""
+    builder = FrameBuilder(profile, place.code)
+    segment = profile.lists[place.code].segment is not None
+    return list_rows_sql(connection, place, custom=builder.needs_custom, groups=builder.needs_groups, segment=segment)
 
 
 def compare(

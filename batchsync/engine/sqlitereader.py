@@ -29,7 +29,7 @@ from typing import IO, Any, ClassVar
 
 BATCH_ROWS = 65_536  # the driver's default of 1024 costs a conversion each
 CACHE_KB = 65_536
-KEPT = 4  # reader processes kept waiting for queries
+KEPT = 8  # reader processes kept waiting for queries (an export may have one per list at work)
 AHEAD = 4  # batches read ahead of the exporter: about 50 MB at 65k rows
 FRAME = struct.Struct(">cQ")
 QUERY = struct.Struct(">I")
@@ -42,21 +42,22 @@ class ReaderError(RuntimeError):
 class SqliteReader:
     """The reader process of one SQLite file; one query at a time (a lock serialises the callers)."""
 
-    _readers: ClassVar[dict[str, SqliteReader]] = {}
+    _readers: ClassVar[dict[tuple[str, str], SqliteReader]] = {}
     _registry_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
+        self._submitted: str | None = None  # a query sent ahead whose answer is not read yet
 
     @classmethod
-    def of(cls, path: str) -> SqliteReader:
+    def of(cls, path: str, slot: str = "") -> SqliteReader:
         """The reader of ``path``; the least recently asked of more than KEPT readers is stopped (a daemon has
         one database or a few; a process that opens many, such as a test run, keeps no crowd of them)."""
         with cls._registry_lock:
-            reader = cls._readers.pop(path, None) or cls(path)
-            cls._readers[path] = reader  # the most recently asked last
+            reader = cls._readers.pop((path, slot), None) or cls(path)
+            cls._readers[path, slot] = reader  # the most recently asked last
             while len(cls._readers) > KEPT:
                 path_of_oldest = next(iter(cls._readers))
                 oldest = cls._readers[path_of_oldest]
@@ -69,20 +70,30 @@ class SqliteReader:
                     oldest._lock.release()
             return reader
 
+    def submit(self, sql: str) -> None:
+        """Send the query now, so that the reader process works on it (SQLite sorts a list's rows before the
+        first one comes) while the caller does other work; :meth:`query` with the same text reads the answer."""
+        if not self._lock.acquire(blocking=False):
+            return  # busy: the query is sent when it is asked
+        try:
+            if self._submitted is None:
+                self._send(sql)
+                self._submitted = sql
+        finally:
+            self._lock.release()
+
     @contextmanager
     def query(self, sql: str) -> Iterator[Iterator[Any]]:
         import pyarrow as pa
 
         with self._lock:
-            process = self._started()
-            assert process.stdin is not None and process.stdout is not None
-            data = sql.encode("utf-8")
-            try:
-                process.stdin.write(QUERY.pack(len(data)) + data)
-                process.stdin.flush()
-            except OSError as exc:
-                self._stop()
-                raise ReaderError(f"the SQLite reader process is gone: {exc}") from None
+            if self._submitted is not None and self._submitted != sql:
+                self._stop()  # another query's answer is waiting: a new process rather than read it
+            if self._submitted != sql:
+                self._send(sql)
+            self._submitted = None
+            process = self._process
+            assert process is not None and process.stdout is not None
             ahead = _ReadAhead(_answer(process.stdout, pa), AHEAD)
             batches = iter(ahead)
             try:
@@ -94,6 +105,17 @@ class SqliteReader:
                 ahead.stop()
                 raise
 
+    def _send(self, sql: str) -> None:
+        process = self._started()
+        assert process.stdin is not None
+        data = sql.encode("utf-8")
+        try:
+            process.stdin.write(QUERY.pack(len(data)) + data)
+            process.stdin.flush()
+        except OSError as exc:
+            self._stop()
+            raise ReaderError(f"the SQLite reader process is gone: {exc}") from None
+
     def _started(self) -> subprocess.Popen[bytes]:
         if self._process is None or self._process.poll() is not None:
             command = [sys.executable, "-m", "batchsync.engine.sqlitereader", self.path]
@@ -101,6 +123,7 @@ class SqliteReader:
         return self._process
 
     def _stop(self) -> None:
+        self._submitted = None
         if self._process is not None:
             self._process.kill()
             self._process.wait()
