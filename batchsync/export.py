@@ -43,6 +43,8 @@ WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", 
 
 @dataclass
 class ExportedFile:
+    """What one list's export made: its files (held back, or uploaded), counts and reports."""
+
     list_code: str
     local_path: Path | None = None
     remote_path: str | None = None
@@ -59,6 +61,8 @@ class ExportedFile:
 
 @dataclass
 class ExportResult:
+    """One export run: the mode and a file per list."""
+
     mode: Mode
     dry_run: bool
     files: list[ExportedFile]
@@ -79,6 +83,9 @@ def choose_mode(profile: Profile, now: datetime) -> Mode:
 
 
 class Exporter:
+    """Exports a profile's lists: each list's file made (``engine.diff``), held back by the safety stop or
+    uploaded, and the ledger's new generation made current once the provider's server has the whole file."""
+
     def __init__(
         self,
         profile: Profile,
