@@ -26,7 +26,7 @@ from batchsync.config import Profile
 from batchsync.db import crm, snapshots
 from batchsync.delivery import Delivery
 from batchsync.engine.build import written_columns
-from batchsync.engine.crmread import ListPlace, read_ahead
+from batchsync.engine.crmread import ListPlace, forget_read_ahead, read_ahead
 from batchsync.engine.csvout import ListFiles
 from batchsync.engine.diff import Mode, export_list, list_sql
 from batchsync.errors import ConfigError
@@ -134,18 +134,23 @@ class Exporter:
                 retry.call(transport.connect, what="the connection to the provider")
                 ensure_lock_held(self.engine)  # partial uploads may be the lock holder's, in flight
                 self._remove_partial_uploads(transport)
-            for code in self.profile.lists:  # every list's rows asked for now: the database reads them meanwhile
-                read_ahead(self.engine, list_sql(connection, self.profile, self._place(code, ids)), code)
-            for code in self.profile.lists:
+            codes = list(self.profile.lists)
+            # Later lists' rows asked for early, read while this one is built: SQLite's every list (each sorted by a
+            # reader process of its own, whose memory is its own), PostgreSQL's next (its batches wait in here).
+            ahead = len(codes) if self.engine.dialect.name == "sqlite" else 2
+            for index, code in enumerate(codes):
                 if self.stop.is_set():
                     log.info("stopping: the export of %s and later lists is left for the next run", code)
                     break
+                for later in codes[index : index + ahead]:
+                    read_ahead(self.engine, list_sql(connection, self.profile, self._place(later, ids)), later)
                 staged = self._write_list(connection, code, ids[code], mode, now, dry_run)
                 if staged.uploads and transport is not None and staged.stopped is None:
                     ensure_lock_held(self.engine)
                     self._deliver(transport, staged)
                 files.append(staged)
         finally:
+            forget_read_ahead(self.engine)
             if transport is not None:
                 transport.close()
         return files

@@ -25,10 +25,11 @@ from sqlalchemy.sql import ColumnElement, FromClause
 from batchsync.db.crm import ordered_key
 from batchsync.db.mapping import CrmTables, crm_tables
 from batchsync.db.schema import bs_provider_optouts
-from batchsync.engine.sqlitereader import ReaderError, SqliteReader
+from batchsync.engine.sqlitereader import ReadAhead, ReaderError, SqliteReader
 from batchsync.errors import DatabaseError, first_line
 
 GROUP_SEP = "\x1f"
+AHEAD_POSTGRESQL = 2  # batches a PostgreSQL read holds ahead of the exporter (each list's, when all are asked)
 ROW_COLUMNS = (
     "contact_id",
     "email",
@@ -58,21 +59,15 @@ class ListPlace:
 @contextmanager
 def arrow_batches(engine: Engine, sql: str, slot: str = "") -> Iterator[Iterator[pa.RecordBatch]]:
     """The query's rows as Arrow record batches: from PostgreSQL through ADBC (COPY in binary), from SQLite
-    through ADBC in a reader process of its own (``engine.sqlitereader`` says why)."""
+    through ADBC in a reader process of its own (``engine.sqlitereader`` says why). Either is read by a
+    thread a few batches ahead of the caller; a query :func:`read_ahead` started is taken up where it is."""
     url = engine.url
     if url.get_backend_name() != "sqlite":
-        import adbc_driver_postgresql.dbapi as postgresql
-
-        connection = postgresql.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+        ahead = _postgresql_started.pop((str(url), slot, sql), None) or _postgresql_ahead(engine, sql)
         try:
-            cursor = connection.cursor()
-            cursor.execute(sql)
-            yield iter(cursor.fetch_record_batch())
-            cursor.close()
-        except Exception as exc:
-            raise DatabaseError(f"cannot read the CRM's rows: {first_line(exc)}") from None
+            yield iter(ahead)
         finally:
-            connection.close()
+            ahead.stop()
         return
     try:
         with SqliteReader.of(url.database or ":memory:", slot).query(sql) as batches:
@@ -81,11 +76,39 @@ def arrow_batches(engine: Engine, sql: str, slot: str = "") -> Iterator[Iterator
         raise DatabaseError(f"cannot read the CRM's rows: {exc}") from None
 
 
+_postgresql_started: dict[tuple[str, str, str], ReadAhead] = {}
+
+
 def read_ahead(engine: Engine, sql: str, slot: str) -> None:
-    """Start the query now where the backend allows it (SQLite: in the slot's reader process), so that it runs
-    while the caller works on another; :func:`arrow_batches` with the same text and slot takes its rows."""
+    """Start the query now (SQLite: in the slot's reader process; PostgreSQL: on a connection of its own, in a
+    thread), so that the database works on it while the caller builds another list's rows;
+    :func:`arrow_batches` with the same text and slot takes its rows."""
     if engine.url.get_backend_name() == "sqlite":
         SqliteReader.of(engine.url.database or ":memory:", slot).submit(sql)
+    elif (str(engine.url), slot, sql) not in _postgresql_started:
+        _postgresql_started[str(engine.url), slot, sql] = _postgresql_ahead(engine, sql)
+
+
+def forget_read_ahead(engine: Engine) -> None:
+    """Stop the reads started for the engine that no one took up (an export stopped before their lists)."""
+    for key in [key for key in _postgresql_started if key[0] == str(engine.url)]:
+        _postgresql_started.pop(key).stop()
+
+
+def _postgresql_ahead(engine: Engine, sql: str) -> ReadAhead:
+    return ReadAhead(_postgresql_batches(engine, sql), AHEAD_POSTGRESQL)
+
+
+def _postgresql_batches(engine: Engine, sql: str) -> Iterator[pa.RecordBatch]:
+    import adbc_driver_postgresql.dbapi as postgresql
+
+    try:
+        url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        with postgresql.connect(url) as connection, connection.cursor() as cursor:
+            cursor.execute(sql)
+            yield from cursor.fetch_record_batch()
+    except Exception as exc:  # the driver's errors, translated where they arise
+        raise DatabaseError(f"cannot read the CRM's rows: {first_line(exc)}") from None
 
 
 def list_rows_sql(connection: Connection, place: ListPlace, *, custom: bool, groups: bool, segment: bool) -> str:

@@ -94,7 +94,7 @@ class SqliteReader:
             self._submitted = None
             process = self._process
             assert process is not None and process.stdout is not None
-            ahead = _ReadAhead(_answer(process.stdout, pa), AHEAD)
+            ahead = ReadAhead(_answer(process.stdout, pa), AHEAD)
             batches = iter(ahead)
             try:
                 yield batches
@@ -155,7 +155,7 @@ def _answer(stream: IO[bytes], pa: Any) -> Iterator[Any]:
             yield pa.ipc.read_record_batch(pa.py_buffer(body), schema)
 
 
-class _ReadAhead:
+class ReadAhead:
     """The batches, read by a thread of their own up to ``depth`` ahead of the caller: the reader process keeps
     querying while the caller builds rows (reading a pipe releases the interpreter)."""
 
