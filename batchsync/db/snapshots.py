@@ -109,14 +109,18 @@ def encode(frame: pl.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def _notes(connection: Connection, profile: str, list_code: str) -> tuple[pl.DataFrame, int]:
-    """The list's notes, sorted by key then id, and the last id among them."""
+def _notes(
+    connection: Connection, profile: str, list_code: str, keys: Sequence[str] | None = None
+) -> tuple[pl.DataFrame, int]:
+    """The list's notes (on ``keys`` only, when given), sorted by key then id, and the last id among them."""
     n = bs_ledger_notes.c
     query = (
         select(n.id, n.email_key, n.kind, n.email, n.contact_id, n.fingerprint, n.status, n.origin, n.at)
         .where(n.profile == profile, n.list_code == list_code)
         .order_by(n.email_key, n.id)
     )
+    if keys is not None:
+        query = query.where(n.email_key.in_(list(keys)))
     rows = [tuple(row) for row in connection.execute(query)]
     schema = {
         "id": pl.Int64,
@@ -305,8 +309,8 @@ def rows_for_keys(connection: Connection, profile: str, keys: Sequence[str]) -> 
         ranges = [and_(c.first_key <= key, c.last_key >= key) for key in set(keys)]
         frames = [decode(r[0]) for r in connection.execute(chunks.where(_any(ranges)))] if ranges else []
         rows = pl.concat([empty(), *frames]).join(wanted, on="email_key", how="semi")
-        notes, _ = _notes(connection, profile, code)
-        rows = fold(rows.sort("email_key"), notes.join(wanted, on="email_key", how="semi"))
+        notes, _ = _notes(connection, profile, code, wanted["email_key"].to_list())
+        rows = fold(rows.sort("email_key"), notes)
         found.append(rows.with_columns(list_code=pl.lit(code)))
     return pl.concat(found) if found else empty().with_columns(list_code=pl.lit(None, pl.String))
 
