@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert, inspect, select, update
+from sqlalchemy import delete, insert, inspect, select, update
 
 import batchsync.export
 from batchsync.clock import ManualClock
@@ -16,11 +16,13 @@ from batchsync.db.schema import (
     contacts,
     group_members,
     groups,
+    make_engine,
     missing_tables,
     subscriptions,
     suppressions,
 )
 from batchsync.errors import DatabaseError
+from batchsync.samples import write_sample_crm
 from batchsync.sync import Sync
 
 from .conftest import WITH_MAPPED_CRM, backend_url, ftp_transport, mailup_profile
@@ -420,3 +422,45 @@ def test_init_carries_the_ledger_of_an_earlier_version_into_snapshots(
     assert sent["zed@example.com"] == "0"  # the address the provider has from us, gone: a tombstone
     clock.advance(3600)
     assert sync.export("diff").rows == 0
+
+
+@pytest.mark.canonical_crm("it fills the canonical CRM with the sample generator")
+def test_partitions_of_a_thousand_rows_export_what_one_partition_does(
+    tmp_path: Path, db_url: str, clock: ManualClock
+) -> None:
+    """An address's contacts never split across partitions, and each partition meets the ledger's rows of its key
+    range: the files and the ledger are those of an export that builds the whole list at once."""
+    outcomes = []
+    for rows in (1000, 100_000):
+        folder = tmp_path / str(rows)
+        url = db_url if rows == 1000 else backend_url_like(db_url, folder)
+        sync = Sync(mailup_profile(folder, url, **{"export.chunk_rows": rows}), clock=ManualClock(clock.now()))
+        sync.init()
+        write_sample_crm(sync.engine, sync.profile, contacts=6000, seed=5)
+        sync.export("full")
+        with sync.engine.begin() as connection:  # a tenth of the contacts renamed, some leave, a diff after
+            connection.execute(update(contacts).where(contacts.c.id % 10 == 0).values(first_name="Renamed"))
+            connection.execute(delete(subscriptions).where(subscriptions.c.contact_id % 37 == 0))
+        sync.clock.advance(3600)  # type: ignore[attr-defined]
+        sync.export("diff")
+        sent = sorted(path.name for path in (folder / "work" / "sent").iterdir())
+        files = {name: (folder / "work" / "sent" / name).read_bytes() for name in sent}
+        with sync.engine.connect() as connection:
+            keys = [f"{row}" for row in connection.scalars(select(contacts.c.email_key))]
+            held = snapshots.rows_for_keys(connection, "mailup", keys).drop("at").sort("list_code", "email_key")
+        outcomes.append((files, held.to_dicts()))
+    assert outcomes[0][0] == outcomes[1][0]
+    assert outcomes[0][1] == outcomes[1][1]
+
+
+def backend_url_like(db_url: str, folder: Path) -> str:
+    """A second database on the same backend: a SQLite file in ``folder``, or another PostgreSQL database."""
+    if db_url.startswith("sqlite"):
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{folder / 'crm.sqlite'}"
+    engine = make_engine(db_url).execution_options(isolation_level="AUTOCOMMIT")
+    name = f"partitions_{folder.name}_{abs(hash(str(folder))) % 10**8}"
+    with engine.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    engine.dispose()
+    return db_url.rsplit("/", 1)[0] + "/" + name

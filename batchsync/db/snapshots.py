@@ -35,6 +35,7 @@ from batchsync.db import driver
 from batchsync.db.crm import ordered_key
 from batchsync.db.schema import bs_ledger_notes, bs_snapshot_chunks, bs_snapshots
 
+FEW_KEYS = 50  # up to this many addresses, rows_for_keys picks the chunks by key range; past it, reads them all
 CHUNK_ROWS = 100_000  # rows a migrated snapshot's chunk holds (an export's chunks are its partitions)
 CHUNK_SCHEMA: dict[str, Any] = {
     "email_key": pl.String,
@@ -306,17 +307,14 @@ def rows_for_keys(connection: Connection, profile: str, keys: Sequence[str]) -> 
         chunks = select(c.data).where(
             c.profile == profile, c.list_code == code, c.generation.in_(current.scalar_subquery())
         )
-        ranges = [and_(c.first_key <= key, c.last_key >= key) for key in set(keys)]
-        frames = [decode(r[0]) for r in connection.execute(chunks.where(_any(ranges)))] if ranges else []
+        if len(wanted) <= FEW_KEYS:  # only the chunks whose key range holds one of them
+            chunks = chunks.where(or_(*(and_(c.first_key <= key, c.last_key >= key) for key in wanted["email_key"])))
+        frames = [decode(r[0]) for r in connection.execute(chunks)] if len(wanted) else []
         rows = pl.concat([empty(), *frames]).join(wanted, on="email_key", how="semi")
         notes, _ = _notes(connection, profile, code, wanted["email_key"].to_list())
         rows = fold(rows.sort("email_key"), notes)
         found.append(rows.with_columns(list_code=pl.lit(code)))
     return pl.concat(found) if found else empty().with_columns(list_code=pl.lit(None, pl.String))
-
-
-def _any(conditions: list[Any]) -> Any:
-    return or_(*conditions)
 
 
 def exported_count(connection: Connection, profile: str, list_code: str | None = None) -> int:

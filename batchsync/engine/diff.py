@@ -3,7 +3,7 @@
 The algorithm, for one list (``export_list``):
 
 1. Read the list's CRM rows in address-key order as Arrow batches (``engine.crmread``) and cut them into
-   partitions of about ``PARTITION_ROWS`` rows that end where the key changes: memory holds one partition,
+   partitions of about ``export.chunk_rows`` rows that end where the key changes: memory holds one partition,
    whatever the list's size.
 2. Build each partition's provider rows column at a time (``engine.build``): contacts sharing an address merged
    (an opt-out wins), suppressed addresses unsubscribed, invalid ones reported and skipped, cells rendered, and
@@ -42,7 +42,6 @@ from batchsync.rules import LIVE, OPTED_OUT, TOMBSTONE
 
 log = logging.getLogger(__name__)
 Mode = Literal["full", "diff"]
-PARTITION_ROWS = 100_000
 
 
 @dataclass
@@ -75,7 +74,7 @@ def export_list(
     sql = list_sql(connection, profile, place)
     seen = 0
     with arrow_batches(engine, sql, place.code) as batches:
-        for crm_rows, last_key in partitions(batches, PARTITION_ROWS):
+        for crm_rows, last_key in partitions(batches, profile.export.chunk_rows):
             built = builder.build(crm_rows, every_invalid=mode == "full" or builder.list.segment is not None)
             known = stream.upto(last_key)
             done.subscribed += known.filter(pl.col("status").is_in(list(LIVE))).height
@@ -194,4 +193,4 @@ def _snapshot(both: pl.DataFrame, now: datetime) -> pl.DataFrame:
     )
 
 
-__all__ = ["HASHER", "PARTITION_ROWS", "ListExport", "Mode", "compare", "export_list"]
+__all__ = ["HASHER", "ListExport", "Mode", "compare", "export_list", "list_sql"]
