@@ -346,6 +346,12 @@ def rename_exported(connection: Connection, profile: str, old_key: str, new_key:
     )
 
 
+def rename_exported_many(connection: Connection, profile: str, renames: Sequence[tuple[str, str, str]]) -> None:
+    """:func:`rename_exported` for each (old key, new key, new email), in order."""
+    for old_key, new_key, new_email in renames:
+        rename_exported(connection, profile, old_key, new_key, new_email)
+
+
 def subscribed_count(connection: Connection, profile: str, list_code: str) -> int:
     """The addresses the provider has from us as subscribed (or pending) on a list: the export safety stop's base."""
     e = bs_exported.c
