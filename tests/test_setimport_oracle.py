@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import csv
 import shutil
-import sqlite3
 import tomllib
 from collections.abc import Iterator
-from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,11 +16,21 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import delete, insert, select
 
 from batchsync.collect import StagedFile
 from batchsync.config import Profile, load_profile
 from batchsync.db import crm, crmsets
-from batchsync.db.schema import make_engine
+from batchsync.db.schema import (
+    activities,
+    bs_changes,
+    bs_exported,
+    bs_provider_optouts,
+    contacts,
+    make_engine,
+    subscriptions,
+    suppressions,
+)
 from batchsync.eventframe import EventFrames
 from batchsync.events import EventReader
 from batchsync.formats.csvfile import ErrorsWriter, ReportWriter, inspect_csv
@@ -32,7 +40,7 @@ from batchsync.setimport import FileImport, Tally, Writers
 from batchsync.sync import Sync
 
 from . import scalar_oracle
-from .conftest import ROOT
+from .conftest import BACKENDS, ROOT, make_database
 from .crmdata import build_tiny_crm
 
 NOW = datetime(2026, 2, 1, 3, 0, tzinfo=UTC)
@@ -68,10 +76,10 @@ LEDGER = ["alice@example.com", "bob@example.com", "dave@example.com", "ivan@exam
 TIMES = [NOW - timedelta(hours=h) for h in (1, 30, 24 * 200, 24 * 400)]
 
 
-def _profile(tmp: Path, every_list: bool, suppresses: bool) -> Profile:
+def _profile(tmp: Path, url: str, every_list: bool, suppresses: bool) -> Profile:
     mailup = tomllib.loads((ROOT / "profiles" / "mailup.toml").read_text(encoding="utf-8"))["inbound"][0]
     overrides = {
-        "database": {"url": f"sqlite:///{tmp / 'crm.sqlite'}"},
+        "database": {"url": url},
         "work.dir": str(tmp / "work"),
         "transport": {"kind": "local", "path": str(tmp / "provider")},
         "inbound": [mailup, EVENTS_KIND],
@@ -83,34 +91,60 @@ def _profile(tmp: Path, every_list: bool, suppresses: bool) -> Profile:
     return load_profile(ROOT / "profiles" / "mailup.toml", overrides=overrides)
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def template(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The tiny CRM, with the state a CRM and earlier runs leave: soft bounces counted, the provider's opt-outs
-    remembered, an export ledger, an address on the suppression list."""
+    remembered, an export ledger, an address on the suppression list. Its URL: a SQLite file each case copies,
+    or a PostgreSQL database each case's databases are made from."""
     folder = tmp_path_factory.mktemp("oracle")
-    sync = Sync(_profile(folder, False, True))
+    url = f"sqlite:///{folder / 'crm.sqlite'}" if request.param == "sqlite" else make_database(_pg(request))
+    sync = Sync(_profile(folder, url, False, True))
     sync.init()
     build_tiny_crm(sync.engine)
-    sync.engine.dispose()
-    with closing(sqlite3.connect(folder / "crm.sqlite")) as db, db:
-        at = "2026-01-20 10:00:00.000000"
-        db.executemany(
-            "INSERT INTO activities (contact_id, kind, at, detail) VALUES (?, 'soft_bounce', ?, 'earlier')",
-            [(2, at), (4, at), (4, at)],
+    at = datetime(2026, 1, 20, 10, tzinfo=UTC)
+    with sync.engine.begin() as connection:
+        connection.execute(
+            insert(activities),
+            [{"contact_id": c, "kind": "soft_bounce", "at": at, "detail": "earlier"} for c in (2, 4, 4)],
         )
-        db.executemany(
-            "INSERT INTO bs_provider_optouts VALUES ('mailup', ?, ?, ?, 'unsubscribe', ?, 'r', 'old:2', ?)",
-            [(k, code, k, t, at) for k, code, t in (("bob@example.com", "newsletter", "2026-01-31 01:00:00.000000"),
-                                                   ("judy@example.com", "offers", "2025-01-01 00:00:00.000000"))],
+        reported = [("bob@example.com", "newsletter", datetime(2026, 1, 31, 1, tzinfo=UTC)),
+                    ("judy@example.com", "offers", datetime(2025, 1, 1, tzinfo=UTC))]  # fmt: skip
+        connection.execute(
+            insert(bs_provider_optouts),
+            [
+                {"profile": "mailup", "email_key": key, "list_code": code, "email": key, "kind": "unsubscribe",
+                 "at": when, "reason": "r", "source": "old:2", "recorded_at": at}
+                for key, code, when in reported
+            ],
         )  # fmt: skip
-        db.executemany(
-            "INSERT INTO bs_exported (profile, list_code, email_key, email, contact_id, fingerprint, status, origin, "
-            "source_digest, at) VALUES ('mailup', ?, ?, ?, 1, 5, 'subscribed', 'export', 9, ?)",
-            [(code, key, key, at) for code in ("newsletter", "offers") for key in LEDGER],
-        )
-    with closing(sqlite3.connect(folder / "crm.sqlite")) as db:
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all of it in the file each case copies
-    yield folder
+        connection.execute(
+            insert(bs_exported),
+            [
+                {"profile": "mailup", "list_code": code, "email_key": key, "email": key, "contact_id": 1,
+                 "fingerprint": 5, "status": "subscribed", "origin": "export", "source_digest": 9, "at": at}
+                for code in ("newsletter", "offers") for key in LEDGER
+            ],
+        )  # fmt: skip
+    sync.engine.dispose()  # SQLite: the last connection closed puts the whole database in its file, which is copied
+    yield url
+
+
+def _pg(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("pg_server"))
+
+
+def _copy(template: str, run: Path) -> str:
+    """A CRM of the template's for one run: the file copied, or a database made from it."""
+    if template.startswith("sqlite"):
+        shutil.copy(template.removeprefix("sqlite:///"), run / "crm.sqlite")
+        return f"sqlite:///{run / 'crm.sqlite'}"
+    base, name = template.rsplit("/", 1)
+    copy = f"{name}_{run.parent.name}_{run.name}".replace("-", "_")
+    admin = make_engine(f"{base}/postgres").execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{copy}" TEMPLATE "{name}"')
+    admin.dispose()
+    return f"{base}/{copy}"
 
 
 WHEN = [t.strftime("%Y-%m-%dT%H:%M:%S") for t in TIMES]
@@ -139,7 +173,7 @@ states = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     rows,
     states,
@@ -149,7 +183,7 @@ states = st.lists(
     st.sampled_from([7, 3]),
 )
 def test_a_file_leaves_what_the_scalar_import_left(
-    template: Path,
+    template: str,
     tmp_path_factory: pytest.TempPathFactory,
     body: list[tuple[str, ...]],
     crm_states: list[tuple[Any, ...]],
@@ -166,9 +200,9 @@ def test_a_file_leaves_what_the_scalar_import_left(
     for engine_name in ("scalar", "set"):
         run = folder / engine_name
         run.mkdir()
-        shutil.copy(template / "crm.sqlite", run / "crm.sqlite")
-        _set_states(run / "crm.sqlite", crm_states)
-        profile = _profile(run, every_list, suppresses)
+        url = _copy(template, run)
+        _set_states(url, crm_states)
+        profile = _profile(run, url, every_list, suppresses)
         staged = StagedFile(path, path.name, profile.inbound[1], "inbox:events_1.csv", origin)  # type: ignore[arg-type]
         outcomes.append(_import(engine_name, profile, staged, run, batch))
     _same(*outcomes)
@@ -181,16 +215,17 @@ def _same(scalar: dict[str, Any], vectorised: dict[str, Any]) -> None:
         assert (table, vectorised["tables"][table]) == (table, rows_)
 
 
-def _set_states(database: Path, crm_states: list[tuple[Any, ...]]) -> None:
-    with closing(sqlite3.connect(database)) as db, db:
+def _set_states(url: str, crm_states: list[tuple[Any, ...]]) -> None:
+    engine = make_engine(url)
+    s = subscriptions.c
+    with engine.begin() as connection:
         for contact, list_id, status, at, consent in crm_states:
-            db.execute("DELETE FROM subscriptions WHERE contact_id = ? AND list_id = ?", (contact, list_id))
+            connection.execute(delete(subscriptions).where(s.contact_id == contact, s.list_id == list_id))
             if status is not None:
-                when = at.strftime("%Y-%m-%d %H:%M:%S.%f")
-                db.execute(
-                    "INSERT INTO subscriptions VALUES (?, ?, ?, ?, 'crm', 'why', ?, ?)",
-                    (contact, list_id, status, when, "form" if consent else None, when),
-                )
+                row = {"contact_id": contact, "list_id": list_id, "status": status, "status_at": at, "source": "crm"}
+                row |= {"reason": "why", "consent_by": "form" if consent else None, "consent_at": at}
+                connection.execute(insert(subscriptions).values(**row))
+    engine.dispose()
 
 
 def _import(engine_name: str, profile: Profile, staged: StagedFile, run: Path, batch: int) -> dict[str, Any]:
@@ -222,7 +257,7 @@ def _import(engine_name: str, profile: Profile, staged: StagedFile, run: Path, b
         "tally": (tally.rows, tally.changed, tally.unchanged, tally.no_contact, tally.rejected, tally.warnings),
         "bounced": tally.bounced,
         "opted_out": opted_out,
-        "tables": _tables(run / "crm.sqlite"),
+        "tables": _tables(str(profile.database.url), drop=True),
         "result": sorted(_csv(results)[1:], key=lambda row: int(row[0])),
         "errors": sorted(_csv(errors)[1:], key=lambda row: int(row[-3])),
     }
@@ -233,18 +268,32 @@ def _csv(path: Path) -> list[list[str]]:
         return list(csv.reader(handle, delimiter=";"))
 
 
-def _tables(database: Path) -> dict[str, list[tuple[Any, ...]]]:
+def _tables(url: str, *, drop: bool) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row the import may write, in id order where the order is the file's, read as Core types them; then
+    the run's PostgreSQL database is dropped (hundreds of cases)."""
+    engine = make_engine(url)
+    c = contacts.c
     queries = {
-        "subscriptions": "SELECT * FROM subscriptions ORDER BY contact_id, list_id",
-        "contacts": "SELECT id, email, email_key, first_name, last_name, custom, updated_at FROM contacts ORDER BY id",
-        "activities": "SELECT contact_id, kind, at, detail FROM activities ORDER BY id",
-        "suppressions": "SELECT * FROM suppressions ORDER BY email_key",
-        "bs_changes": "SELECT * FROM bs_changes ORDER BY id",
-        "bs_provider_optouts": "SELECT * FROM bs_provider_optouts ORDER BY list_code, email_key",
-        "bs_exported": "SELECT * FROM bs_exported ORDER BY list_code, email_key",
+        "subscriptions": select(subscriptions).order_by(subscriptions.c.contact_id, subscriptions.c.list_id),
+        "contacts": select(c.id, c.email, c.email_key, c.first_name, c.last_name, c.custom, c.updated_at).order_by(
+            c.id
+        ),
+        "activities": select(activities).order_by(activities.c.id),
+        "suppressions": select(suppressions).order_by(suppressions.c.email_key),
+        "bs_changes": select(bs_changes).order_by(bs_changes.c.id),
+        "bs_provider_optouts": select(bs_provider_optouts).order_by(*bs_provider_optouts.primary_key),
+        "bs_exported": select(bs_exported).order_by(*bs_exported.primary_key),
     }
-    with closing(sqlite3.connect(database)) as db:
-        return {name: db.execute(query).fetchall() for name, query in queries.items()}
+    with engine.connect() as connection:
+        found = {name: [tuple(row) for row in connection.execute(query)] for name, query in queries.items()}
+    engine.dispose()
+    if drop and not url.startswith("sqlite"):
+        base, name = url.rsplit("/", 1)
+        admin = make_engine(f"{base}/postgres").execution_options(isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE "{name}"')
+        admin.dispose()
+    return found
 
 
 mailup_rows = st.lists(
@@ -259,10 +308,10 @@ mailup_rows = st.lists(
 )
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mailup_rows, states, st.sampled_from(["provider", "admin"]), st.booleans(), st.sampled_from([7, 3]))
 def test_a_mailup_file_leaves_what_the_scalar_import_left(
-    template: Path,
+    template: str,
     tmp_path_factory: pytest.TempPathFactory,
     body: list[tuple[str, ...]],
     crm_states: list[tuple[Any, ...]],
@@ -279,9 +328,9 @@ def test_a_mailup_file_leaves_what_the_scalar_import_left(
     for engine_name in ("scalar", "set"):
         run = folder / engine_name
         run.mkdir()
-        shutil.copy(template / "crm.sqlite", run / "crm.sqlite")
-        _set_states(run / "crm.sqlite", crm_states)
-        profile = _profile(run, every_list, True)
+        url = _copy(template, run)
+        _set_states(url, crm_states)
+        profile = _profile(run, url, every_list, True)
         staged = StagedFile(path, path.name, profile.inbound[0], "inbox:unsubscribers_1.csv", origin)  # type: ignore[arg-type]
         outcomes.append(_import(engine_name, profile, staged, run, batch))
     _same(*outcomes)
