@@ -28,21 +28,8 @@ from batchsync.dbconfig import DatabaseConfig
 from batchsync.dbconfig import FrozenModel as _Model
 from batchsync.errors import ConfigError
 from batchsync.hookconfig import CallbackConfig
+from batchsync.rules import OPT_OUT_KINDS, EventKind, Status
 
-EventKind = Literal[
-    "unsubscribe",
-    "subscribe",
-    "hard_bounce",
-    "soft_bounce",
-    "complaint",
-    "clean",
-    "email_change",
-    "open",
-    "click",
-    "update",
-    "ignore",
-]
-Status = Literal["subscribed", "unsubscribed", "pending", "cleaned"]
 ExportField = str  # email | first_name | last_name | list_id | groups | status | custom.<name>
 PLAIN_FIELDS = ("email", "first_name", "last_name", "list_id", "groups", "status")
 SECRET_KEYS = ("password", "passphrase", "secret", "token")
@@ -207,7 +194,6 @@ class InboundColumns(_Model):
     note: str | None = None  # free text kept with the event's reason (Mailchimp's UNSUB_REASON)
 
 
-OPT_OUT_EVENTS = ("unsubscribe", "hard_bounce", "complaint", "clean")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -289,7 +275,7 @@ class InboundConfig(Dialect):
         opt-outs (every code an opt-out) fails safe; a file of other events (bounces counted, statuses) rejects."""
         if self.unknown_codes is not None:
             return "unsubscribe" if self.unknown_codes == "unsubscribe" else None
-        every = bool(self.codes) and all(code.event in OPT_OUT_EVENTS for code in self.codes.values())
+        every = bool(self.codes) and all(code.event in OPT_OUT_KINDS for code in self.codes.values())
         return "unsubscribe" if every else None
 
     @model_validator(mode="after")

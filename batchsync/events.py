@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 
-from batchsync.config import EventKind, InboundConfig, Profile
+from batchsync.config import InboundConfig, Profile
 from batchsync.formats.csvfile import Record, restored
-from batchsync.rules import OPT_OUT_KINDS, OptOut, email_key, email_problem
+from batchsync.rules import OPT_OUT_KINDS, EventKind, OptOut, email_key, email_problem
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class InboundEvent:
     @property
     def opt_out(self) -> OptOut:
         assert self.kind in OPT_OUT_KINDS
-        return OptOut(self.kind, self.at, self.reason)  # type: ignore[arg-type]
+        return OptOut(self.kind, self.at, self.reason)
 
 
 REASON_LENGTH = 100  # subscriptions.reason

@@ -3,10 +3,10 @@
 For every file: a private snapshot is taken and everything after reads the snapshot, never the staged file a
 slow writer may still be appending to; the ledger is asked first (same content applied before: a recorded
 no-op); the whole file is checked (a file that cannot be trusted goes to quarantine and applies nothing); then
-its rows are applied in chunks inside a single transaction, which first claims the content in the ledger (a
-unique key: a second process past the locks finds it taken and applies nothing), so a crash applies all of it
-or none. Every row lands in ``NAME.result.csv``; every rejected row, with its line and reason, in
-``NAME.errors.csv`` (same columns as the input, so it can be fixed and dropped back in)::
+its rows are applied a batch at a time (``setimport``) inside a single transaction, which first claims the
+content in the ledger (a unique key: a second process past the locks finds it taken and applies nothing), so a
+crash applies all of it or none. Every row lands in ``NAME.result.csv``; every rejected row, with its line and
+reason, in ``NAME.errors.csv`` (same columns as the input, so it can be fixed and dropped back in)::
 
     outcome = Reconciler(profile, engine, clock, run_id).apply(staged)
 
@@ -18,7 +18,6 @@ not a plain append, the changed file goes to quarantine with that reason: never 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,21 +25,22 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from batchsync import progress
-from batchsync.apply import EventApplier, Tally
 from batchsync.clock import Clock
 from batchsync.collect import ORIGINS, REPORTED, StagedFile
 from batchsync.config import Profile
-from batchsync.db import crm, ledger
+from batchsync.db import crm, crmsets, ledger
 from batchsync.errors import BadFile, ConfigError
-from batchsync.events import EventReader, InboundEvent, RowError
-from batchsync.formats.csvfile import CsvWriter, ErrorsWriter, Record, ReportWriter, inspect_csv, read_records
+from batchsync.eventframe import EventFrames
+from batchsync.events import EventReader
+from batchsync.formats.csvfile import ErrorsWriter, FileShape, ReportWriter, inspect_csv, read_records
+from batchsync.formats.csvframe import read_frames
 from batchsync.rules import safety_stop
+from batchsync.setimport import FileImport, Tally, Writers
 from batchsync.snapshot import Snapshot, archive, settle
 from batchsync.workdir import WorkDir, unique_path
 
 log = logging.getLogger(__name__)
-CHUNK = 5000  # rows applied per batch of statements...
-CHUNK_CHARACTERS = 8_000_000  # ...or fewer, when their cells hold this many characters: memory is bounded by size
+RESULT_COLUMNS = ["line", "email", "list", "event", "outcome", "detail"]
 
 
 @dataclass(kw_only=True)
@@ -99,7 +99,7 @@ class Reconciler:
         try:
             with self.engine.connect() as connection, connection.begin() as transaction:
                 file_id = self._claim(connection, staged, snapshot, kept)
-                self._apply_rows(connection, staged, snapshot.path, reader, shape.header, kept, outcome, file_id)
+                self._apply_rows(connection, staged, snapshot.path, reader, shape, kept, outcome, file_id)
                 ledger.describe_file(connection, file_id, _summary(outcome))
                 if not dry_run and not snapshot.ends_line() and not snapshot.matches(staged.path):
                     raise _StillWritten()  # its last line may be cut: apply none of it yet
@@ -162,7 +162,7 @@ class Reconciler:
         staged: StagedFile,
         source: Path,
         reader: EventReader,
-        header: list[str],
+        shape: FileShape,
         kept: Path,
         outcome: FileOutcome,
         file_id: int,
@@ -171,22 +171,24 @@ class Reconciler:
         outcome.errors_path = kept.with_name(kept.name + ".errors.csv")
         kept.parent.mkdir(parents=True, exist_ok=True)
         with (
-            ReportWriter(
-                outcome.result_path, staged.kind, ["line", "email", "list", "event", "outcome", "detail"]
-            ) as results,
-            ErrorsWriter(outcome.errors_path, staged.kind, header, staged.origin) as errors,
+            ReportWriter(outcome.result_path, staged.kind, RESULT_COLUMNS) as results,
+            ErrorsWriter(outcome.errors_path, staged.kind, shape.header, staged.origin) as errors,
         ):
             ids = self._list_ids(connection)
             subscribed = crm.subscribed_counts(connection, ids)  # before the file: the safety stop's base
-            now = self.clock.now()
-            batch = EventApplier(self.profile, connection, staged, self.run_id, now, results, errors, ids, file_id)
-            for records in _chunks(read_records(source, staged.kind)):
-                batch.apply(_read_events(records, reader, outcome, results, errors), outcome)
+            writers, now = Writers(results, errors), self.clock.now()
+            state = FileImport(
+                self.profile, connection, staged, self.run_id, now, file_id, ids, shape.header, writers, outcome
+            )
+            events = EventFrames(reader, shape.header)
+            for batch in read_frames(source, staged.kind, shape):
+                state.apply(*events.read(batch))
                 progress.report(f"import {staged.name}", outcome.rows)
+            crmsets.drop_staging(connection)
         if outcome.warnings:
             log.warning("%s: %d rows applied with a warning (see %s)", staged.name, outcome.warnings, results.path)
         policy = self.profile.policy
-        opted_out = {code: len(keys) for code, keys in batch.opted_out.items()}
+        opted_out = state.opted_out_counts()
         stop = safety_stop(opted_out, subscribed, policy.max_unsubscribe_share, policy.safety_min_unsubscribes)
         if stop is not None and not self.force:
             raise _SafetyStop(stop)  # rolls the file's transaction back
@@ -282,37 +284,6 @@ class _Taken(Exception):
 
 class _StillWritten(Exception):
     """The file changed while it was read and its snapshot ends in the middle of a line."""
-
-
-def _read_events(
-    records: list[Record], reader: EventReader, outcome: FileOutcome, results: CsvWriter, errors: ErrorsWriter
-) -> list[InboundEvent]:
-    """The chunk's rows as events; a row that cannot be read goes to the errors file with its line and reason."""
-    events: list[InboundEvent] = []
-    for record in records:
-        outcome.rows += 1
-        try:
-            events.append(reader.read(record))
-        except RowError as exc:
-            outcome.rejected += 1
-            errors.write(record.raw, record.line, str(exc))
-            results.write([record.line, record.values.get(reader.columns.email, ""), "", "", "rejected", str(exc)])
-    return events
-
-
-def _chunks(records: Iterator[Record]) -> Iterator[list[Record]]:
-    """Records in chunks of at most CHUNK rows and about CHUNK_CHARACTERS characters (a 15 MB row is a chunk
-    of its own, not one of thousands held at once)."""
-    chunk: list[Record] = []
-    characters = 0
-    for record in records:
-        chunk.append(record)
-        characters += sum(len(cell) for cell in record.raw)
-        if len(chunk) >= CHUNK or characters >= CHUNK_CHARACTERS:
-            yield chunk
-            chunk, characters = [], 0
-    if chunk:
-        yield chunk
 
 
 def _summary(outcome: FileOutcome) -> str:

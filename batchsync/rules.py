@@ -21,7 +21,20 @@ from datetime import datetime
 from typing import Literal, NamedTuple
 
 Status = Literal["subscribed", "unsubscribed", "pending", "cleaned"]
-EventKind = Literal["unsubscribe", "hard_bounce", "complaint", "clean"]
+# Every event an inbound row can be; the opt-outs among them (OPT_OUT_KINDS) are the ones the rules below weigh.
+EventKind = Literal[
+    "unsubscribe",
+    "subscribe",
+    "hard_bounce",
+    "soft_bounce",
+    "complaint",
+    "clean",
+    "email_change",
+    "open",
+    "click",
+    "update",
+    "ignore",
+]
 OPTED_OUT: frozenset[str] = frozenset({"unsubscribed", "cleaned"})
 OPT_OUT_KINDS: frozenset[str] = frozenset({"unsubscribe", "hard_bounce", "complaint", "clean"})
 # Which status wins when several CRM contacts share one email: any opt-out beats any opt-in.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -188,12 +189,28 @@ def _big_file(inbox: Path, rows: int) -> Path:
 
 
 def _wait_until_importing(tmp_path: Path, log: Path) -> None:
+    """Until the file's transaction holds the CRM's write lock (the import takes under a second: a fixed wait
+    could miss it)."""
     deadline = time.monotonic() + 30
     staged = tmp_path / "work" / "staging" / "admin" / "unsubscribers" / "unsubscribers_big.csv"
     while not staged.exists():
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.02)
-    time.sleep(0.3)
+    while not _write_locked(tmp_path / "crm.sqlite"):
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.005)
+
+
+def _write_locked(database: Path) -> bool:
+    probe = sqlite3.connect(database, timeout=0, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        probe.close()
 
 
 def _applied(db_url: str) -> tuple[int, int]:
@@ -213,7 +230,7 @@ def _daemon_mid_import(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.P
     process = _daemon_process(profile, tmp_path / "daemon.log")
     try:
         time.sleep(1.5)
-        _big_file(tmp_path / "work" / "inbox", 60_000)
+        _big_file(tmp_path / "work" / "inbox", 300_000)
         _wait_until_importing(tmp_path, tmp_path / "daemon.log")
         yield db_url, profile, process
     finally:

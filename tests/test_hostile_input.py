@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from batchsync.formats.csvfile import Record
-from batchsync.reconcile import CHUNK_CHARACTERS, _chunks
+from batchsync.config import Dialect
+from batchsync.formats.csvfile import inspect_csv
+from batchsync.formats.csvframe import read_frames
 from batchsync.samples import UNSUBSCRIBERS_HEADER
 
 from .conftest import ROOT
@@ -91,14 +92,24 @@ def test_a_zip_bomb_stops_at_the_size_limit_and_is_quarantined(tmp_path: Path, c
     assert status_of(sync.engine, 2, "newsletter") == "subscribed"  # not even the small member
 
 
-def test_long_rows_are_held_a_few_at_a_time() -> None:
-    """Memory is bounded by the characters of the rows held, not their count: eight 3 MB rows make chunks of
-    at most CHUNK_CHARACTERS (plus the row that crosses it), never all eight at once."""
-    long = "x" * 3_000_000
-    records = (Record(line, {}, [f"a{line}@example.com", long], 2) for line in range(2, 10))
-    sizes = [sum(len(cell) for record in chunk for cell in record.raw) for chunk in _chunks(records)]
-    assert len(sizes) > 1 and max(sizes) <= CHUNK_CHARACTERS + 3_000_100
-    assert sum(len(chunk) for chunk in _chunks(Record(n, {}, ["a"], 1) for n in range(12000))) == 12000
+@pytest.mark.parametrize("quoted", [False, True])
+def test_long_rows_are_held_a_few_at_a_time(tmp_path: Path, quoted: bool) -> None:
+    """Memory is bounded by the characters of the rows held, not their count: eight 3 MB rows make batches of
+    at most the batch's characters (plus the row that crosses it), never all eight at once; read by polars
+    (a plain file) or by the csv module (a quoted one)."""
+    long = '"' + "x" * 3_000_000 + '"' if quoted else "x" * 3_000_000
+    path = tmp_path / "long.csv"
+    path.write_text("email;note\r\n" + "".join(f"a{line}@example.com;{long}\r\n" for line in range(2, 10)))
+    shape = inspect_csv(path, Dialect(), ["email"], 10**9)
+    assert shape.plain is not quoted
+    batches = list(read_frames(path, Dialect(), shape, 8_000_000))
+    sizes = [sum(frame[name].str.len_chars().sum() for name in ("c0", "c1")) for frame in batches]
+    assert len(sizes) > 1 and max(sizes) <= 8_000_000 + 3_000_100
+    assert [line for frame in batches for line in frame["line"]] == list(range(2, 10))
+    many = tmp_path / "many.csv"
+    many.write_text("email\r\n" + "".join(f"a{n}@example.com\r\n" for n in range(12000)))
+    shape = inspect_csv(many, Dialect(), ["email"], 10**9)
+    assert sum(frame.height for frame in read_frames(many, Dialect(), shape, 100_000)) == 12000
 
 
 def test_mailup_s_unsubscribers_export_with_its_documented_headers_optional_columns_and_quote(

@@ -15,12 +15,12 @@ from sqlalchemy import func, insert, select
 import batchsync.reconcile
 import batchsync.snapshot
 import batchsync.sync
-from batchsync.apply import EventApplier
 from batchsync.clock import Clock, ManualClock
 from batchsync.daemon import Daemon
 from batchsync.db.schema import activities, bs_files, make_engine
 from batchsync.errors import DatabaseError
 from batchsync.reconcile import Reconciler
+from batchsync.setimport import FileImport
 from batchsync.sync import Sync
 from batchsync.workdir import WorkDir
 
@@ -65,16 +65,16 @@ def test_rows_appended_while_a_file_is_applied_are_a_file_of_their_own(
     build_tiny_crm(sync.engine)
     first = [UNSUB_HEADER, unsub_row("bob@example.com", "1", STAMP, "2")]
     dropped = write_csv(tmp_path / "unsubscribers_slow.csv", first)
-    applying = EventApplier.apply
+    applying = FileImport.apply
 
-    def writer_still_at_it(self: EventApplier, events: list[object], tally: object) -> None:
+    def writer_still_at_it(self: FileImport, events: object, rejected: object) -> None:
         staged = next((tmp_path / "work" / "staging").rglob("unsubscribers_slow.csv"))
         with staged.open("a", newline="") as handle:  # the slow writer's next lines, after our snapshot
             handle.write(";".join(unsub_row("alice@example.com", "1", STAMP, "2")) + "\r\n")
-        monkeypatch.setattr(EventApplier, "apply", applying)
-        applying(self, events, tally)  # type: ignore[arg-type]
+        monkeypatch.setattr(FileImport, "apply", applying)
+        applying(self, events, rejected)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(EventApplier, "apply", writer_still_at_it)
+    monkeypatch.setattr(FileImport, "apply", writer_still_at_it)
     report = sync.import_files([dropped])
     assert [(item.name, item.outcome, item.rows) for item in report.files] == [
         ("unsubscribers_slow.csv", "applied", 1),
@@ -93,15 +93,15 @@ def test_a_file_rewritten_while_it_is_applied_is_quarantined_never_archived_as_a
     sync = _sync(tmp_path, db_url, clock)
     build_tiny_crm(sync.engine)
     dropped = write_csv(tmp_path / "unsubscribers_x.csv", [UNSUB_HEADER, unsub_row("bob@example.com", "1", STAMP, "2")])
-    applying = EventApplier.apply
+    applying = FileImport.apply
 
-    def rewritten(self: EventApplier, events: list[object], tally: object) -> None:
+    def rewritten(self: FileImport, events: object, rejected: object) -> None:
         staged = next((tmp_path / "work" / "staging").rglob("unsubscribers_x.csv"))
         write_csv(staged, [UNSUB_HEADER, unsub_row("carol@example.com", "1", STAMP, "2")])
-        monkeypatch.setattr(EventApplier, "apply", applying)
-        applying(self, events, tally)  # type: ignore[arg-type]
+        monkeypatch.setattr(FileImport, "apply", applying)
+        applying(self, events, rejected)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(EventApplier, "apply", rewritten)
+    monkeypatch.setattr(FileImport, "apply", rewritten)
     [outcome] = sync.import_files([dropped]).files
     assert outcome.outcome == "applied"
     quarantine = tmp_path / "work" / "quarantine"
@@ -162,13 +162,13 @@ def test_a_stop_between_the_commit_and_the_archive_is_finished_by_the_next_run(
     build_tiny_crm(sync.engine)
     inbox = tmp_path / "work" / "inbox"
     write_csv(inbox / "unsubscribers_1.csv", [UNSUB_HEADER, unsub_row("bob@example.com", "1", STAMP, "2")])
-    applying, writing = EventApplier.apply, batchsync.snapshot.write_whole
+    applying, writing = FileImport.apply, batchsync.snapshot.write_whole
 
-    def writer_still_at_it(self: EventApplier, events: list[object], tally: object) -> None:
+    def writer_still_at_it(self: FileImport, events: object, rejected: object) -> None:
         staged = next((tmp_path / "work" / "staging").rglob("unsubscribers_1.csv"))
         with staged.open("a", newline="") as handle:
             handle.write(";".join(unsub_row("alice@example.com", "1", STAMP, "2")) + "\r\n")
-        applying(self, events, tally)  # type: ignore[arg-type]
+        applying(self, events, rejected)  # type: ignore[arg-type]
 
     def killed(target: Path, write: object) -> None:
         if grown:
@@ -176,13 +176,13 @@ def test_a_stop_between_the_commit_and_the_archive_is_finished_by_the_next_run(
         raise KeyboardInterrupt("killed after the commit")
 
     if grown:
-        monkeypatch.setattr(EventApplier, "apply", writer_still_at_it)
+        monkeypatch.setattr(FileImport, "apply", writer_still_at_it)
         monkeypatch.setattr(batchsync.snapshot, "write_whole", killed)
     else:
         monkeypatch.setattr(batchsync.reconcile, "settle", lambda *args, **kwargs: killed(tmp_path, None))
     with pytest.raises(KeyboardInterrupt):
         sync.import_files()
-    monkeypatch.setattr(EventApplier, "apply", applying)
+    monkeypatch.setattr(FileImport, "apply", applying)
     monkeypatch.setattr(batchsync.snapshot, "write_whole", writing)
     monkeypatch.undo()
     assert _files(sync.engine) == [("unsubscribers_1.csv", "applied")]
@@ -230,14 +230,14 @@ def test_a_file_cut_in_the_middle_of_a_line_while_it_changes_waits_for_its_write
     staged_at = tmp_path / "work" / "inbox" / "unsubscribers_cut.csv"
     staged_at.parent.mkdir(parents=True, exist_ok=True)
     staged_at.write_text(whole[:-3])  # cut in the last column: optout_type "1", not the complaint "16" yet
-    applying = EventApplier.apply
+    applying = FileImport.apply
 
-    def writer_finishes(self: EventApplier, events: list[object], tally: object) -> None:
+    def writer_finishes(self: FileImport, events: object, rejected: object) -> None:
         staged = next((tmp_path / "work" / "staging").rglob("unsubscribers_cut.csv"))
         staged.write_text(whole)
-        applying(self, events, tally)  # type: ignore[arg-type]
+        applying(self, events, rejected)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(EventApplier, "apply", writer_finishes)
+    monkeypatch.setattr(FileImport, "apply", writer_finishes)
     [waiting] = sync.import_files().files
     assert waiting.outcome == "waiting" and "still being written" in (waiting.reason or "")
     assert status_of(sync.engine, 2, "newsletter") == "subscribed" and _files(sync.engine) == []

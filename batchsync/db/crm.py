@@ -53,9 +53,8 @@ def contacts_by_email(connection: Connection, keys: Iterable[str]) -> dict[str, 
 
 
 class StoredSubscriptions:
-    """The stored subscriptions of some contacts, turned into :class:`Subscription` only when asked for: an
-    import reads every list of each contact it touches, but most rows are never weighed (an unsubscribe names
-    one list; an opted-out row is decided by its status alone), and reading times costs more than the query."""
+    """The stored subscriptions of some contacts, turned into :class:`Subscription` only when asked for (a revert
+    reads every list of each contact its file touched; the import reads a batch's at once, ``db.crmsets``)."""
 
     def __init__(self, rows: Iterable[Sequence[Any]]) -> None:
         self._rows = {(row[0], row[1]): row for row in rows}
@@ -113,23 +112,6 @@ def set_statuses(connection: Connection, changes: Sequence[Mapping[str, Any]], *
         driver.insert_many(connection, subscriptions, columns, rows)
 
 
-def suppress(connection: Connection, entries: Mapping[str, Mapping[str, Any]]) -> int:
-    """Add addresses to the suppression list (email_key -> email, reason, at, source); keeps existing ones."""
-    if not entries:
-        return 0
-    suppressions = crm_tables(connection).sql_name("suppressions", connection)
-    condition, values = driver.one_of(connection, "email_key", list(entries))
-    statement = f"SELECT email_key FROM {suppressions} WHERE {condition}"
-    known = {row[0] for row in driver.query(connection, statement, values)}
-    new = [
-        (key, e["email"], e["reason"], driver.stored_time(connection, e["at"]), e["source"])
-        for key, e in entries.items()
-        if key not in known
-    ]
-    driver.insert_many(connection, suppressions, ("email_key", "email", "reason", "at", "source"), new)
-    return len(new)
-
-
 def add_activities(connection: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     driver.insert_many(
         connection,
@@ -177,33 +159,11 @@ def group_ids(connection: Connection, list_ids_: Iterable[int]) -> dict[int, lis
     return found
 
 
-def activity_counts(connection: Connection, contact_ids: Iterable[int], kind: str) -> dict[int, int]:
-    ids = list(set(contact_ids))
-    if not ids:
-        return {}
-    activities = crm_tables(connection).activities
-    query = (
-        select(activities.c.contact_id, func.count())
-        .where(activities.c.contact_id.in_(ids), activities.c.kind == kind)
-        .group_by(activities.c.contact_id)
-    )
-    return {contact_id: int(count) for contact_id, count in connection.execute(query)}
-
-
 def change_email(connection: Connection, contact_id: int, email: str, key: str, now: datetime) -> None:
     contacts = crm_tables(connection).contacts
     connection.execute(
         update(contacts).where(contacts.c.id == contact_id).values(email=email, email_key=key, updated_at=now)
     )
-
-
-def contact_emails(connection: Connection, contact_ids: Iterable[int]) -> dict[int, str]:
-    """The addresses of some contacts, as entered."""
-    ids = list(set(contact_ids))
-    if not ids:
-        return {}
-    contacts = crm_tables(connection).contacts
-    return dict(connection.execute(select(contacts.c.id, contacts.c.email).where(contacts.c.id.in_(ids))).all())
 
 
 def contacts_of(connection: Connection, contact_ids: Iterable[int]) -> dict[int, tuple[str, str, bool]]:

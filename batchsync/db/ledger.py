@@ -140,6 +140,12 @@ note_provider_status = snapshots.note_provider_status
 rename_exported = snapshots.rename_exported
 
 
+def rename_exported_many(connection: Connection, profile: str, renames: Sequence[tuple[str, str, str]]) -> None:
+    """:func:`rename_exported` for each (old key, new key, new email), in order."""
+    for old_key, new_key, new_email in renames:
+        rename_exported(connection, profile, old_key, new_key, new_email)
+
+
 # --- audit trail ------------------------------------------------------------------------------------------
 
 

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import codecs
 import csv
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
+
+import polars as pl
 
 from batchsync.config import Dialect
 from batchsync.errors import BadFile
 
-csv.field_size_limit(1 << 24)
+FIELD_LIMIT = 1 << 24
+csv.field_size_limit(FIELD_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class FileShape:
 
     header: list[str]
     records: int
+    plain: bool = False  # its records are its lines (see _TextFacts): csvframe reads it without the csv module
 
 
 def _python_encoding(dialect: Dialect) -> str:
@@ -62,7 +67,9 @@ def inspect_csv(path: Path, dialect: Dialect, required: Sequence[str], max_bytes
         raise BadFile(path.name, "empty file")
     if size > max_bytes:
         raise BadFile(path.name, f"file of {size} bytes is over the limit of {max_bytes} bytes")
-    ends_with_newline = _check_text(path, dialect)
+    facts = _check_text(path, dialect)
+    if facts.plain:
+        return _plain_shape(path, dialect, required, facts)
     records, line, header = 0, 1, None
     last: list[str] = []
     try:
@@ -79,16 +86,63 @@ def inspect_csv(path: Path, dialect: Dialect, required: Sequence[str], max_bytes
         raise BadFile(path.name, f"truncated or malformed CSV at line {line}: {exc}") from None
     if header is None:
         raise BadFile(path.name, "empty file: no header row")
-    if last and len(last) < len(header) and not ends_with_newline:
+    if last and len(last) < len(header) and not facts.ends_with_newline:
         raise BadFile(path.name, f"truncated last line {line - 1}: {len(last)} of {len(header)} fields")
     return FileShape(header, records)
 
 
-def _check_text(path: Path, dialect: Dialect) -> bool:
+def _plain_shape(path: Path, dialect: Dialect, required: Sequence[str], facts: _TextFacts) -> FileShape:
+    """The checks of :func:`inspect_csv` for a plain file (see ``_TextFacts.plain``): a record is a line, its
+    fields the line split at the delimiter, and no row can be malformed, so the text's counts say it all."""
+    with _open(path, dialect) as handle:
+        header = _check_header(path, next(_reader(handle, dialect), []), required)
+    records = facts.lines - facts.blank - 1
+    if records and not facts.ends_with_newline and facts.tail_fields < len(header):
+        raise BadFile(path.name, f"truncated last line {facts.lines}: {facts.tail_fields} of {len(header)} fields")
+    return FileShape(header, records, plain=True)
+
+
+class _TextFacts:
+    """What one pass over a file's text tells, block by block: whether it ends a line, its lines (``blank``:
+    the empty ones), the fields of a last line without a line break, and whether it is plain: no quote
+    character, no carriage return but before a line feed, no line longer than a field may be. A plain file's
+    records are its lines, exactly as the csv module reads them, so ``csvframe`` reads it without that module."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.delimiter, self.quote = dialect.delimiter, dialect.quote
+        self.ends_with_newline, self.lines, self.blank, self.tail_fields, self.plain = False, 1, 0, 1, True
+        self._carry, self._run = "", 0  # the text's last two characters; the characters since the last line feed
+
+    def feed(self, text: str) -> None:
+        joined = self._carry + text  # a pattern across two blocks is counted once, in the block where it ends
+        self.blank += len(_BLANK.findall(joined)) - len(_BLANK.findall(self._carry))
+        bare = _bare_returns(joined) - _bare_returns(self._carry)
+        self.plain &= self.quote not in text and bare == 0
+        cut = text.rfind("\n")
+        if cut < 0:
+            self._run += len(text)
+            self.tail_fields += text.count(self.delimiter)
+        else:  # a block holds at most a million characters: only a line across blocks can be too long
+            self.plain &= self._run + text.find("\n") <= FIELD_LIMIT
+            self._run, self.tail_fields = len(text) - cut - 1, text.count(self.delimiter, cut) + 1
+        self.plain &= self._run <= FIELD_LIMIT
+        self.lines += text.count("\n")
+        self._carry = joined[-2:]
+
+    def end(self) -> _TextFacts:
+        self.ends_with_newline = self._carry[-1:] in ("\n", "\r")
+        self.lines -= self._run == 0  # the empty text after the last line break is no line
+        return self
+
+
+_BLANK = re.compile(r"\n(?=\r?\n)")  # a line break that ends an empty line
+
+
+def _check_text(path: Path, dialect: Dialect) -> _TextFacts:
     """Decode the whole file in blocks, so an undecodable byte is reported with its line (counted in the text
-    decoded before it), whatever the encoding (UTF-16 included); returns whether the text ends a line."""
+    decoded before it), whatever the encoding (UTF-16 included), noting the text's facts as it goes."""
     decoder = codecs.getincrementaldecoder(_python_encoding(dialect))(errors="strict")
-    lines, offset, last = 1, 0, ""
+    facts, offset = _TextFacts(dialect), 0
     with path.open("rb") as handle:
         while True:
             block = handle.read(1 << 20)
@@ -98,14 +152,17 @@ def _check_text(path: Path, dialect: Dialect) -> bool:
                 before = codecs.decode(block[: exc.start], _python_encoding(dialect), errors="ignore")
                 raise BadFile(
                     path.name,
-                    f"not valid {dialect.encoding} text at line {lines + before.count(chr(10))}, "
+                    f"not valid {dialect.encoding} text at line {facts.lines + before.count(chr(10))}, "
                     f"byte {offset + exc.start + 1}: {exc.reason}",
                 ) from None
-            lines += text.count("\n")
-            last = text[-1:] or last
+            facts.feed(text)
             offset += len(block)
             if not block:
-                return last in ("\n", "\r")
+                return facts.end()
+
+
+def _bare_returns(text: str) -> int:
+    return text.count("\r") - text.count("\r\n")
 
 
 def _header(row: list[str]) -> list[str]:
@@ -142,7 +199,7 @@ class CsvWriter:
     """A CSV file in a profile's dialect, written row by row (constant memory)."""
 
     def __init__(self, path: Path, dialect: Dialect, header: Sequence[str]) -> None:
-        self.path = path
+        self.path, self.delimiter, self.quote = path, dialect.delimiter, dialect.quote
         # Characters the encoding cannot hold (a Chinese name in cp1252) become "?" rather than failing the file.
         self._handle = path.open("w", encoding=dialect.encoding, errors="replace", newline="")
         self._writer = csv.writer(
@@ -158,7 +215,7 @@ class CsvWriter:
     def close(self) -> None:
         self._handle.close()
 
-    def __enter__(self) -> CsvWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -218,3 +275,28 @@ class ReportWriter(CsvWriter):
 
     def write(self, row: Sequence[Any]) -> None:
         super().write([neutralised(cell) for cell in row])
+
+    def write_frame(self, frame: pl.DataFrame) -> None:
+        """Every row of ``frame`` (its columns in the report's order), written as :meth:`write` writes one: text
+        cells neutralised, quoted only where the csv module quotes (a delimiter, quote or line break inside),
+        an empty text and a null both as nothing."""
+        if frame.is_empty():
+            return
+        cells = [
+            pl.when(pl.col(name) == "")
+            .then(None)
+            .when(pl.col(name).str.contains(_FORMULA))
+            .then(pl.lit("'") + pl.col(name))
+            .otherwise(pl.col(name))
+            .alias(name)
+            for name, kind in frame.schema.items()
+            if kind == pl.String
+        ]
+        text = frame.with_columns(cells).write_csv(
+            include_header=False, separator=self.delimiter, quote_char=self.quote, line_terminator="\r\n"
+        )
+        self._handle.write(text)
+        self.rows += frame.height
+
+
+_FORMULA = "^[" + "".join(f"\\x{ord(start):02X}" for start in FORMULA_STARTS) + "]"  # neutralised's test

@@ -1,32 +1,28 @@
-"""Applying a chunk of inbound events to the CRM, on the reconcile's open transaction, under the sync rules.
+"""The import as it applied rows before the set-based engine: one event at a time, under ``rules``, in chunks of
+5000 rows. Kept in the tests as the reference the set-based import (``batchsync.setimport``) is checked against
+(``test_setimport_oracle``): the same file on the same CRM must leave the same tables and reports.
 
-One handler per kind of event: opt-outs (unsubscribe, hard bounce, complaint, clean), soft bounces (counted;
-the one that reaches the threshold cleans the address), email changes (refused when another contact owns the
-new address, counting the changes earlier rows of the file made), subscribes (a re-subscription the provider
-reports: it clears the provider's remembered opt-out, and re-subscribes nobody in the CRM), engagement (open,
-click: an activity, no status change), field updates, and rows to ignore. Every row ends in the result file;
-a row refused here also goes to the errors file.
-
-The file's origin decides who must be told. A provider's report (``provider``) is remembered for good in
-``bs_provider_optouts`` and noted in the export ledger, so it is never echoed back; an admin's file (``admin``)
-is a CRM-side change, sent in the next export. Every change is audited with its origin.
+Taken from batchsync/apply.py and reconcile.py as they were (commit aa1b5c6), with the statements they used that
+the import no longer needs (``crm.suppress``, ``crm.activity_counts``, ``crm.contact_emails``) copied here.
 """
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, func, select
 
 from batchsync.collect import REPORTED, StagedFile
 from batchsync.config import Profile
-from batchsync.db import crm, ledger
+from batchsync.db import crm, driver, ledger
+from batchsync.db.mapping import crm_tables
 from batchsync.db.optouts import ProviderOptOuts
-from batchsync.events import InboundEvent
-from batchsync.formats.csvfile import CsvWriter, ErrorsWriter, restored
+from batchsync.events import EventReader, InboundEvent, RowError
+from batchsync.formats.csvfile import CsvWriter, ErrorsWriter, ReportWriter, inspect_csv, read_records, restored
 from batchsync.rules import (
     OPT_OUT_KINDS,
     OPTED_OUT,
@@ -99,7 +95,7 @@ class EventApplier:
         self.stored = crm.subscriptions_of(self.connection, ids, self.list_ids.values())
         self.current: dict[tuple[int, int], Subscription] = {}  # as this chunk left them
         bouncing = [cid for e in events if e.kind == "soft_bounce" for cid in self.contacts.get(e.email_key, [])]
-        self.soft_bounces: Counter[int] = Counter(crm.activity_counts(self.connection, bouncing, "soft_bounce"))
+        self.soft_bounces: Counter[int] = Counter(_activity_counts(self.connection, bouncing, "soft_bounce"))
         self.reports = ProviderOptOuts(self.connection, self.profile.name, keys)
         self.changes: dict[tuple[int, int], dict[str, Any]] = {}
         self.audit: list[dict[str, Any]] = []
@@ -110,7 +106,7 @@ class EventApplier:
             self._apply_event(event, tally)
         crm.set_statuses(self.connection, [c for k, c in self.changes.items() if k in self.stored], existing=True)
         crm.set_statuses(self.connection, [c for k, c in self.changes.items() if k not in self.stored], existing=False)
-        crm.suppress(self.connection, self.suppress)
+        _suppress(self.connection, self.suppress)
         crm.add_activities(self.connection, self.activities)
         ledger.record_changes(self.connection, self.audit)
         ledger.note_provider_status(self.connection, self.profile.name, list(self.echoes.values()))
@@ -182,7 +178,7 @@ class EventApplier:
         if owner is not None:
             self._reject(event, f"the new address {event.new_email} belongs to another contact ({owner})", tally)
             return
-        before = crm.contact_emails(self.connection, contact_ids)
+        before = _contact_emails(self.connection, contact_ids)
         for contact_id in contact_ids:
             crm.change_email(self.connection, contact_id, event.new_email, new_key, self.now)
             self._activity(contact_id, event, f"{event.email} -> {event.new_email}")
@@ -343,3 +339,77 @@ class EventApplier:
         tally.rejected += 1
         self.errors.write(event.raw, event.line, reason)
         self.results.write([event.line, event.email, "", event.kind, "rejected", reason])
+
+
+def _suppress(connection: Connection, entries: Mapping[str, Mapping[str, Any]]) -> int:
+    if not entries:
+        return 0
+    suppressions = crm_tables(connection).sql_name("suppressions", connection)
+    condition, values = driver.one_of(connection, "email_key", list(entries))
+    statement = f"SELECT email_key FROM {suppressions} WHERE {condition}"
+    known = {row[0] for row in driver.query(connection, statement, values)}
+    new = [
+        (key, e["email"], e["reason"], driver.stored_time(connection, e["at"]), e["source"])
+        for key, e in entries.items()
+        if key not in known
+    ]
+    driver.insert_many(connection, suppressions, ("email_key", "email", "reason", "at", "source"), new)
+    return len(new)
+
+
+def _activity_counts(connection: Connection, contact_ids: Iterable[int], kind: str) -> dict[int, int]:
+    ids = list(set(contact_ids))
+    if not ids:
+        return {}
+    activities = crm_tables(connection).activities
+    query = (
+        select(activities.c.contact_id, func.count())
+        .where(activities.c.contact_id.in_(ids), activities.c.kind == kind)
+        .group_by(activities.c.contact_id)
+    )
+    return {contact_id: int(count) for contact_id, count in connection.execute(query)}
+
+
+def _contact_emails(connection: Connection, contact_ids: Iterable[int]) -> dict[int, str]:
+    ids = list(set(contact_ids))
+    if not ids:
+        return {}
+    contacts = crm_tables(connection).contacts
+    return dict(connection.execute(select(contacts.c.id, contacts.c.email).where(contacts.c.id.in_(ids))).all())
+
+
+def apply_file(
+    profile: Profile,
+    connection: Connection,
+    staged: StagedFile,
+    run_id: int | None,
+    now: datetime,
+    file_id: int | None,
+    results: ReportWriter,
+    errors: ErrorsWriter,
+    chunks: list[int],
+) -> tuple[Tally, dict[str, int]]:
+    """The rows of an inspected file applied as the import applied them, in chunks of the sizes given (it took
+    5000 rows each): (the tally, the safety stop's counts)."""
+    path = staged.path
+    reader = EventReader(profile, staged.kind, now)
+    shape = inspect_csv(path, staged.kind, reader.required_columns(), 10**12)
+    reader.use_header(shape.header)
+    ids = crm.list_ids(connection, profile.lists)
+    tally = Tally()
+    batch = EventApplier(profile, connection, staged, run_id, now, results, errors, ids, file_id)
+    records = list(read_records(path, staged.kind))
+    start = 0
+    for size in chunks:
+        events = []
+        chunk, start = records[start : start + size], start + size
+        for record in chunk:
+            tally.rows += 1
+            try:
+                events.append(reader.read(record))
+            except RowError as exc:
+                tally.rejected += 1
+                errors.write(record.raw, record.line, str(exc))
+                results.write([record.line, record.values.get(reader.columns.email, ""), "", "", "rejected", str(exc)])
+        batch.apply(events, tally)
+    return tally, {code: len(keys) for code, keys in batch.opted_out.items()}
