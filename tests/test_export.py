@@ -464,3 +464,16 @@ def backend_url_like(db_url: str, folder: Path) -> str:
         connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
     engine.dispose()
     return db_url.rsplit("/", 1)[0] + "/" + name
+
+
+def test_a_database_file_replaced_under_the_same_name_is_read_anew(tmp_path: Path, clock: ManualClock) -> None:
+    """SQLite's reader process keeps no connection between queries: a file deleted and made again (a restore) is
+    the new file's rows, never the old one's."""
+    url = f"sqlite:///{tmp_path / 'crm.sqlite'}"
+    first = make_sync(tmp_path, url, clock)
+    assert first.export("full", dry_run=True).rows == 10 + 3
+    first.engine.dispose()
+    (tmp_path / "crm.sqlite").unlink()
+    again = Sync(mailup_profile(tmp_path, url), clock=clock)
+    again.init()
+    assert again.export("full", dry_run=True).rows == 0  # an empty CRM now

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,11 +21,10 @@ from sqlalchemy import delete, insert, select
 
 from batchsync.collect import StagedFile
 from batchsync.config import Profile, load_profile
-from batchsync.db import crm, crmsets
+from batchsync.db import crm, crmsets, snapshots
 from batchsync.db.schema import (
     activities,
     bs_changes,
-    bs_exported,
     bs_provider_optouts,
     contacts,
     make_engine,
@@ -117,14 +117,16 @@ def template(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
                 for key, code, when in reported
             ],
         )  # fmt: skip
-        connection.execute(
-            insert(bs_exported),
-            [
-                {"profile": "mailup", "list_code": code, "email_key": key, "email": key, "contact_id": 1,
-                 "fingerprint": 5, "status": "subscribed", "origin": "export", "source_digest": 9, "at": at}
-                for code in ("newsletter", "offers") for key in LEDGER
-            ],
-        )  # fmt: skip
+        for code in ("newsletter", "offers"):  # the export ledger: a current snapshot of the LEDGER addresses
+            writer = snapshots.SnapshotWriter.begin(connection, "mailup", code, "seeded", 0, at)
+            keys = sorted(LEDGER)
+            writer.add(pl.DataFrame(
+                {"email_key": keys, "email": keys, "contact_id": [1] * len(keys), "fingerprint": [5] * len(keys),
+                 "status": ["subscribed"] * len(keys), "origin": ["export"] * len(keys), "at": [at] * len(keys)},
+                schema=snapshots.CHUNK_SCHEMA,
+            ))  # fmt: skip
+            writer.finish()
+            snapshots.commit(connection, "mailup", code)
     sync.engine.dispose()  # SQLite: the last connection closed puts the whole database in its file, which is copied
     yield url
 
@@ -282,10 +284,12 @@ def _tables(url: str, *, drop: bool) -> dict[str, list[tuple[Any, ...]]]:
         "suppressions": select(suppressions).order_by(suppressions.c.email_key),
         "bs_changes": select(bs_changes).order_by(bs_changes.c.id),
         "bs_provider_optouts": select(bs_provider_optouts).order_by(*bs_provider_optouts.primary_key),
-        "bs_exported": select(bs_exported).order_by(*bs_exported.primary_key),
     }
     with engine.connect() as connection:
         found = {name: [tuple(row) for row in connection.execute(query)] for name, query in queries.items()}
+        keys = {row[2] for row in found["contacts"]} | set(LEDGER)
+        held = snapshots.rows_for_keys(connection, "mailup", sorted(keys)).drop("at")
+        found["export ledger"] = sorted(held.rows())
     engine.dispose()
     if drop and not url.startswith("sqlite"):
         base, name = url.rsplit("/", 1)
