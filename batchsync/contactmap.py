@@ -75,7 +75,7 @@ def reach(
 def _change(
     row: dict[str, Any], mapping: dict[str, list[int]], addresses: dict[int, str], changes: EmailChanges
 ) -> None:
-    """One email change, as ``EventApplier`` made it: refused when another contact owns the new address."""
+    """One email change, as the one-row-at-a-time import made it: refused when another contact owns the new address."""
     key, new_key, contacts = row["email_key"], row["new_key"], mapping[row["email_key"]]
     owner = email_change_conflict(contacts, mapping.get(new_key, []))
     if owner is not None:

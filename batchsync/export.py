@@ -103,7 +103,6 @@ class Exporter:
         self.pending_values = profile.export.status_values
         self.work = WorkDir.of(profile)
         self.delivery = Delivery(profile, clock, self.work)
-        self._digested: Connection | None = None  # the connection whose bs_contact_digests is this run's
 
     def run(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
         now = self.clock.now()
