@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import polars as pl
 
@@ -239,7 +238,3 @@ def export_decision(pending_supported: bool) -> pl.Expr:
     keep = opted_out.is_null() | ~status.is_in(["subscribed", "pending"])
     pending = consent.is_not_null() & (consent > opted_out) & pl.lit(pending_supported)
     return pl.when(keep).then(status).when(pending).then(pl.lit("pending")).otherwise(pl.lit(None, pl.String))
-
-
-def as_python(frame: pl.DataFrame) -> list[dict[str, Any]]:
-    return frame.to_dicts()
