@@ -4,10 +4,9 @@ The rows come from the database in address-key order (code-point order on every 
 driver: SQLite's and PostgreSQL's (COPY in binary) write Arrow directly, so no row becomes a Python object.
 A partition ends where the key changes, so an address's contacts always travel together::
 
-    extras = ListExtras.read(engine, connection, place, groups=True)
-    with arrow_batches(engine, list_rows_sql(connection, place, custom=True, segment=False)) as batches:
+    with arrow_batches(engine, list_rows_sql(connection, place, custom=True, groups=True, segment=False)) as batches:
         for rows, last_key in partitions(batches, 100_000):
-            rows = extras.attach(rows)  # ROW_COLUMNS; last_key None for the last partition
+            ...  # rows: a polars DataFrame of ROW_COLUMNS; last_key None for the last partition
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from batchsync.errors import DatabaseError, first_line
 
 GROUP_SEP = "\x1f"
 AHEAD_POSTGRESQL = 2  # batches a PostgreSQL read holds ahead of the exporter (each list's, when all are asked)
-MAIN_COLUMNS = (  # what the list's query reads; ListExtras adds the rest of ROW_COLUMNS
+MAIN_COLUMNS = (
     "contact_id",
     "email",
     "email_key",
