@@ -18,28 +18,18 @@ from typing import Any
 
 import polars as pl
 import pyarrow as pa
-from sqlalchemy import Connection, Engine, Text, and_, case, cast, func, null, select
+from sqlalchemy import Connection, Engine, Integer, String, Text, and_, case, cast, func, literal, null, select
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.sql import ColumnElement, FromClause
 
 from batchsync.db.crm import ordered_key
-from batchsync.db.mapping import crm_tables
+from batchsync.db.mapping import CrmTables, crm_tables
 from batchsync.db.schema import bs_provider_optouts
 from batchsync.engine.sqlitereader import ReadAhead, ReaderError, SqliteReader
 from batchsync.errors import DatabaseError, first_line
 
 GROUP_SEP = "\x1f"
 AHEAD_POSTGRESQL = 2  # batches a PostgreSQL read holds ahead of the exporter (each list's, when all are asked)
-MAIN_COLUMNS = (
-    "contact_id",
-    "email",
-    "email_key",
-    "first_name",
-    "last_name",
-    "custom",
-    "status",
-    "source",
-    "consent_at",
-)
 ROW_COLUMNS = (
     "contact_id",
     "email",
@@ -121,12 +111,13 @@ def _postgresql_batches(engine: Engine, sql: str) -> Iterator[pa.RecordBatch]:
         raise DatabaseError(f"cannot read the CRM's rows: {first_line(exc)}") from None
 
 
-def list_rows_sql(connection: Connection, place: ListPlace, *, custom: bool, segment: bool) -> str:
+def list_rows_sql(connection: Connection, place: ListPlace, *, custom: bool, groups: bool, segment: bool) -> str:
     """The SQL that reads the list's live contacts (every live contact, for a ``segment`` list) with their
-    subscription and consent, by key then id. Suppression, groups and the provider's opt-outs are read apart
-    (:class:`ListExtras`) and joined here: joined in SQLite, they doubled the query's time."""
+    subscription, suppression, group codes, consent and the provider's remembered opt-out, by key then id."""
     t = crm_tables(connection)
-    c, s = t.contacts.c, t.subscriptions.c
+    c, s, o = t.contacts.c, t.subscriptions.c, bs_provider_optouts.c
+    codes, group_table = _group_codes(connection, t, place.list_id) if groups else (null(), None)
+    suppressed = t.suppressions.c.email_key.is_not(None)
     consent = case((and_(s.consent_by.is_not(None), s.consent_by != ""), s.consent_at), else_=null())
     texts: list[ColumnElement[Any]] = [
         c.email,
@@ -136,74 +127,47 @@ def list_rows_sql(connection: Connection, place: ListPlace, *, custom: bool, seg
         (cast(c.custom, Text) if custom else null()).label("custom"),
         s.status,
         s.source,
-        consent.label("consent_at"),
     ]
+    later: list[ColumnElement[Any]] = [codes.label("codes"), consent.label("consent_at"), o.at.label("opt_out_at")]
     if connection.dialect.name == "sqlite":
         # SQLite's ADBC driver takes a column's type from its first batch of rows: a column NULL there would be
         # read as integers, and its first text later fail. Text columns come as '' instead (NULL again below).
         texts = [func.coalesce(text, "").label(text.name) for text in texts]
+        later = [func.coalesce(text, "").label(text.name) for text in later]
+    columns: list[ColumnElement[Any]] = [
+        c.id.label("contact_id"),
+        *texts[:7],
+        case((suppressed, 1), else_=0).label("suppressed"),
+        *later,
+    ]
     on_list = and_(s.contact_id == c.id, s.list_id == place.list_id)
     rows: FromClause = t.contacts.join(t.subscriptions, on_list, isouter=segment)
-    query = select(c.id.label("contact_id"), *texts).select_from(rows).where(c.deleted.is_(False))
+    rows = rows.outerjoin(t.suppressions, t.suppressions.c.email_key == c.email_key)
+    if group_table is not None:
+        rows = rows.outerjoin(group_table, group_table.c.contact_id == c.id)
+    opted_out = and_(o.profile == place.profile, o.list_code == place.code, o.email_key == c.email_key)
+    rows = rows.outerjoin(bs_provider_optouts, opted_out)
+    query = select(*columns).select_from(rows).where(c.deleted.is_(False))
     query = query.order_by(ordered_key(c.email_key, connection), c.id)
-    return _sql(connection, query)
-
-
-def _sql(connection: Connection, query: Any) -> str:
     return str(query.compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True}))
 
 
-@dataclass(frozen=True)
-class ListExtras:
-    """What a list's rows are joined with, read once per list: the suppressed addresses, the provider's
-    remembered opt-outs on the list (address, time), and each contact's group codes on it (joined by
-    GROUP_SEP, in code order). Each is as large as the suppressions, opt-outs or memberships, not the list."""
-
-    suppressed: pl.DataFrame
-    opted_out: pl.DataFrame
-    groups: pl.DataFrame | None
-
-    @classmethod
-    def read(cls, engine: Engine, connection: Connection, place: ListPlace, *, groups: bool) -> ListExtras:
-        t, o = crm_tables(connection), bs_provider_optouts.c
-        keys = select(t.suppressions.c.email_key)
-        opted = select(o.email_key, o.at).where(o.profile == place.profile, o.list_code == place.code)
-        suppressed = _frame(engine, _sql(connection, keys), {"email_key": pl.String})
-        opted_out = _frame(engine, _sql(connection, opted), {"email_key": pl.String, "at": None})
-        codes = None
-        if groups:
-            members = select(t.group_members.c.contact_id, t.groups.c.code).join(
-                t.groups, and_(t.groups.c.id == t.group_members.c.group_id, t.groups.c.list_id == place.list_id)
-            )
-            pairs = _frame(engine, _sql(connection, members), {"contact_id": pl.Int64, "code": pl.String})
-            codes = (
-                pairs.sort("contact_id", "code")
-                .group_by("contact_id", maintain_order=True)
-                .agg(pl.col("code").str.join(GROUP_SEP).alias("codes"))
-            )
-        opted_out = opted_out.select("email_key", _time(opted_out, "at").alias("opt_out_at"))
-        return cls(suppressed.with_columns(suppressed=pl.lit(True)), opted_out, codes)
-
-    def attach(self, rows: pl.DataFrame) -> pl.DataFrame:
-        """The partition's rows with ``suppressed``, ``codes`` and ``opt_out_at`` (ROW_COLUMNS, in order)."""
-        rows = rows.join(self.suppressed, on="email_key", how="left", maintain_order="left")
-        rows = rows.join(self.opted_out, on="email_key", how="left", maintain_order="left")
-        if self.groups is not None:
-            rows = rows.join(self.groups, on="contact_id", how="left", maintain_order="left")
-        else:
-            rows = rows.with_columns(codes=pl.lit(None, pl.String))
-        return rows.with_columns(suppressed=pl.col("suppressed").fill_null(False)).select(ROW_COLUMNS)
-
-
-def _frame(engine: Engine, sql: str, schema: dict[str, Any]) -> pl.DataFrame:
-    """A small query's rows, whole, in the schema's types (None: as the backend gives it, a time)."""
-    with arrow_batches(engine, sql, "extras") as batches:
-        frames = [pl.from_arrow(batch) for batch in batches]
-    found = [frame for frame in frames if isinstance(frame, pl.DataFrame) and len(frame)]
-    if not found:
-        return pl.DataFrame(schema={name: kind or pl.String for name, kind in schema.items()})
-    rows = pl.concat(found, how="vertical_relaxed")
-    return rows.select(pl.col(name) if kind is None else pl.col(name).cast(kind) for name, kind in schema.items())
+def _group_codes(connection: Connection, t: CrmTables, list_id: int) -> tuple[ColumnElement[Any], FromClause]:
+    """Each contact's group codes on the list, in code order, joined by GROUP_SEP: the list's memberships
+    aggregated once into a derived table."""
+    groups, members = t.groups, t.group_members
+    memberships = select(members.c.contact_id, groups.c.code).join(
+        groups, and_(groups.c.id == members.c.group_id, groups.c.list_id == literal(list_id, Integer))
+    )
+    if connection.dialect.name == "sqlite":  # group_concat takes the rows in the order given
+        memberships = memberships.order_by(members.c.contact_id, groups.c.code)
+    listed = memberships.subquery()
+    if connection.dialect.name == "postgresql":
+        joined = func.string_agg(listed.c.code, aggregate_order_by(literal(GROUP_SEP, String), listed.c.code))
+    else:
+        joined = func.group_concat(listed.c.code, GROUP_SEP)
+    per_contact = select(listed.c.contact_id, joined.label("codes")).group_by(listed.c.contact_id).subquery()
+    return per_contact.c.codes, per_contact
 
 
 def partitions(batches: Iterator[pa.RecordBatch], target_rows: int) -> Iterator[tuple[pl.DataFrame, str | None]]:
@@ -230,18 +194,20 @@ def partitions(batches: Iterator[pa.RecordBatch], target_rows: int) -> Iterator[
 
 
 def normalised(frame: pl.DataFrame) -> pl.DataFrame:
-    """The same columns and types whatever the backend gave: times as UTC datetimes, NULL for SQLite's ''."""
+    """The same columns and types whatever the backend gave: times as UTC datetimes, flags as booleans."""
     if not len(frame.columns):
-        frame = pl.DataFrame({name: [] for name in MAIN_COLUMNS})
+        frame = pl.DataFrame({name: [] for name in ROW_COLUMNS})
     return frame.select(
         pl.col("contact_id").cast(pl.Int64),
         pl.col("email").cast(pl.String),
         pl.col("email_key").cast(pl.String),
         pl.col("first_name").cast(pl.String),
         pl.col("last_name").cast(pl.String),
-        *(_none_if_empty(name) for name in ("custom", "status", "source")),
+        *(_none_if_empty(name) for name in ("custom", "status", "source", "codes")),
+        pl.col("suppressed").cast(pl.Int64).fill_null(0).cast(pl.Boolean),
         _time(frame, "consent_at"),
-    )
+        _time(frame, "opt_out_at"),
+    ).select(ROW_COLUMNS)
 
 
 def _none_if_empty(name: str) -> pl.Expr:

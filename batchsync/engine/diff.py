@@ -36,7 +36,7 @@ from batchsync import progress
 from batchsync.config import Profile
 from batchsync.db.snapshots import CHUNK_SCHEMA, LedgerStream, SnapshotWriter
 from batchsync.engine.build import HASHER, FrameBuilder, export_decision
-from batchsync.engine.crmread import ListExtras, ListPlace, arrow_batches, list_rows_sql, partitions
+from batchsync.engine.crmread import ListPlace, arrow_batches, list_rows_sql, partitions
 from batchsync.engine.csvout import ListFiles
 from batchsync.rules import LIVE, OPTED_OUT, TOMBSTONE
 
@@ -72,11 +72,9 @@ def export_list(
     if keep_snapshot:
         done.snapshot = SnapshotWriter.begin(connection, profile.name, place.code, HASHER, stream.notes_upto, now)
     sql = list_sql(connection, profile, place)
-    extras = ListExtras.read(engine, connection, place, groups=builder.needs_groups)
     seen = 0
     with arrow_batches(engine, sql, place.code) as batches:
-        for partition, last_key in partitions(batches, profile.export.chunk_rows):
-            crm_rows = extras.attach(partition)
+        for crm_rows, last_key in partitions(batches, profile.export.chunk_rows):
             built = builder.build(crm_rows, every_invalid=mode == "full" or builder.list.segment is not None)
             known = stream.upto(last_key)
             done.subscribed += known.filter(pl.col("status").is_in(list(LIVE))).height
@@ -99,7 +97,7 @@ def list_sql(connection: Connection, profile: Profile, place: ListPlace) -> str:
     """The query that reads the list's CRM rows (``read_ahead`` may start it early)."""
     builder = FrameBuilder(profile, place.code)
     segment = profile.lists[place.code].segment is not None
-    return list_rows_sql(connection, place, custom=builder.needs_custom, segment=segment)
+    return list_rows_sql(connection, place, custom=builder.needs_custom, groups=builder.needs_groups, segment=segment)
 
 
 def compare(
