@@ -84,6 +84,7 @@ def opt_out_pairs(rows: pl.DataFrame, lists: pl.Expr) -> pl.DataFrame:
 
 
 def opt_outs(state: FileImport, rows: pl.DataFrame) -> Part:
+    """An activity on each contact; the opt-out on each list the row reaches, for the rules to decide."""
     shown = pl.format("{}; lists {}", pl.col("reason"), pl.col("lists").list.join(","))
     return Part(activities=[activities(per_contact(rows), shown)], opt_outs=[opt_out_pairs(rows, pl.col("lists"))])
 
@@ -163,6 +164,7 @@ def updates(state: FileImport, rows: pl.DataFrame) -> Part:
 
 
 def ignored(state: FileImport, rows: pl.DataFrame) -> Part:
+    """Recorded as unchanged, with the reason the row gave."""
     return Part(results=[result(rows, "unchanged", pl.format("no action for {}", pl.col("reason")))])
 
 

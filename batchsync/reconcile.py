@@ -28,15 +28,13 @@ from batchsync import progress
 from batchsync.clock import Clock
 from batchsync.collect import ORIGINS, REPORTED, StagedFile
 from batchsync.config import Profile
-from batchsync.db import crm, crmsets, ledger
+from batchsync.db import crm, ledger
 from batchsync.errors import BadFile, ConfigError
-from batchsync.eventframe import EventFrames
 from batchsync.events import EventReader
 from batchsync.formats.csvfile import ErrorsWriter, FileShape, ReportWriter, inspect_csv, read_records
-from batchsync.formats.csvframe import read_frames
 from batchsync.rules import safety_stop
-from batchsync.setimport import FileImport, Tally, Writers
 from batchsync.snapshot import Snapshot, archive, settle
+from batchsync.tally import Tally
 from batchsync.workdir import WorkDir, unique_path
 
 log = logging.getLogger(__name__)
@@ -167,6 +165,11 @@ class Reconciler:
         outcome: FileOutcome,
         file_id: int,
     ) -> None:
+        # The set-based engine (polars) is loaded when a file is applied: the commands that apply none start without it.
+        from batchsync.eventframe import EventFrames
+        from batchsync.formats.csvframe import read_frames
+        from batchsync.setimport import FileImport, Writers
+
         outcome.result_path = kept.with_name(kept.name + ".result.csv")
         outcome.errors_path = kept.with_name(kept.name + ".errors.csv")
         kept.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +187,7 @@ class Reconciler:
             for batch in read_frames(source, staged.kind, shape):
                 state.apply(*events.read(batch))
                 progress.report(f"import {staged.name}", outcome.rows)
-            crmsets.drop_staging(connection)
+            state.finish()
         if outcome.warnings:
             log.warning("%s: %d rows applied with a warning (see %s)", staged.name, outcome.warnings, results.path)
         policy = self.profile.policy

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from batchsync import vrules
-from batchsync.db import crmsets
+from batchsync.db import sets
 from batchsync.db.frames import TIME
 from batchsync.handlers import RESULT, Part
 
@@ -42,7 +42,7 @@ def decide(state: FileImport, part: Part) -> Decisions:
         return Decisions(pl.DataFrame(schema=STATUS), pl.DataFrame(), pl.DataFrame(schema=RESULT))
     pairs = pl.concat(part.opt_outs).sort(PLACE, maintain_order=True)
     pairs = pairs.with_columns(list_id=pl.col("list_code").replace_strict(state.list_ids, return_dtype=pl.Int64))
-    stored = crmsets.subscriptions(state.connection, pairs.select("contact_id", "list_id"))
+    stored = sets.subscriptions(state.connection, pairs.select("contact_id", "list_id"))
     touched = state.touched.with_columns(touched=pl.lit(True))
     pairs = pairs.join(stored, on=["contact_id", "list_id"], how="left", maintain_order="left")
     pairs = pairs.join(touched, on=["contact_id", "list_id"], how="left", maintain_order="left")

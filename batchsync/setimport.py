@@ -18,7 +18,7 @@ CRM-side change, sent in the next export. Every change is audited with its origi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -29,31 +29,19 @@ from batchsync import contactmap, vrules
 from batchsync.collect import REPORTED, StagedFile
 from batchsync.config import Profile
 from batchsync.contactmap import EmailChanges
-from batchsync.db import crmsets, driver, frames, ledger, optouts, trail
+from batchsync.db import driver, frames, ledger, sets
 from batchsync.db.optouts import ProviderOptOuts
 from batchsync.eventframe import value
 from batchsync.formats.csvfile import ErrorsWriter, ReportWriter
-from batchsync.formats.csvframe import cell
+from batchsync.formats.csvframe import cell, write_frame
 from batchsync.handlers import HANDLERS, Part, result
 from batchsync.rules import OPT_OUT_KINDS
 from batchsync.setdecide import PLACE, Decisions, audit_constants, decide
+from batchsync.tally import Tally
 
 OPT_OUTS = sorted(OPT_OUT_KINDS)
 BOUNCED = 1000  # hard-bounced addresses listed in a file's outcome
 NOTES = 20_000  # the ledger's notes of the provider's statuses, per call
-
-
-@dataclass
-class Tally:
-    """What happened to the rows of one file."""
-
-    rows: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    no_contact: int = 0
-    rejected: int = 0
-    warnings: int = 0
-    bounced: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -92,6 +80,10 @@ class FileImport:
         self.changes, self.cleared = EmailChanges(), _cleared({})
         driver.tune_for_bulk(connection)  # PostgreSQL, this transaction: no JIT, hashes and sorts held in memory
 
+    def finish(self) -> None:
+        """Drop the temporary tables the batches used, so that a pooled connection does not keep their rows."""
+        sets.drop_staging(self.connection)
+
     def opted_out_counts(self) -> dict[str, int]:
         """Per list, the addresses the file took off it (subscribed or pending before): the safety stop's count."""
         counts = self.opted_out.group_by("list_code", maintain_order=True).len()
@@ -104,7 +96,7 @@ class FileImport:
         """Apply one batch: its events (``eventframe``), and the rows it could not read."""
         self._count(events, rejected)
         keys = frames.among(self.connection, "bs_import_keys", _keys(events))
-        found = crmsets.contact_ids(self.connection, keys)
+        found = sets.contact_ids(self.connection, keys)
         rows, self.changes = contactmap.reach(self._lists(events), found, self._emails)
         self.cleared = self._reports(rows, keys)
         part = self._handle(rows)
@@ -131,11 +123,11 @@ class FileImport:
         )
 
     def _emails(self, contacts: list[int]) -> dict[int, str]:
-        return crmsets.contact_emails(self.connection, pl.Series(contacts, dtype=pl.Int64))
+        return sets.contact_emails(self.connection, pl.Series(contacts, dtype=pl.Int64))
 
     def soft_bounce_counts(self, rows: pl.DataFrame) -> pl.DataFrame:
         contacts = rows["contacts"].explode().drop_nulls()
-        return crmsets.activity_counts(self.connection, contacts, "soft_bounce")
+        return sets.activity_counts(self.connection, contacts, "soft_bounce")
 
     def _handle(self, rows: pl.DataFrame) -> Part:
         """Each kind's rows to its handler; a row without a contact is no_contact, but a subscribe."""
@@ -163,8 +155,8 @@ class FileImport:
             where = pl.format("{}:{}", pl.lit(self.source), pl.col("line")).alias("source")
             code = pl.col("reported").alias("list_code")
             reports = opt_outs.select(code, "email_key", "email", "kind", "at", "reason", where)
-            stored = optouts.stored_times(self.connection, self.profile.name, keys)
-            optouts.save_latest(self.connection, self.profile.name, optouts.latest(reports, stored), self.now)
+            stored = sets.stored_times(self.connection, self.profile.name, keys)
+            sets.save_latest(self.connection, self.profile.name, sets.latest(reports, stored), self.now)
             return _cleared({})
         return self._reports_in_order(rows)
 
@@ -197,20 +189,18 @@ class FileImport:
             addresses = moved.select(
                 "contact_id", pl.col("new_email").alias("email"), pl.col("new_key").alias("email_key")
             )
-            crmsets.change_emails(self.connection, addresses, self.now)
+            sets.change_emails(self.connection, addresses, self.now)
             if self.reported:  # the provider has the new address: the ledger's rows follow
                 ledger.rename_exported_many(self.connection, self.profile.name, self.changes.renamed)
         if part.fields:
-            crmsets.update_fields(self.connection, part.fields, self.now)
-        crmsets.set_statuses(
-            self.connection, decided.statuses.filter(pl.col("existing")).drop("existing"), existing=True
-        )
-        crmsets.set_statuses(
+            sets.update_fields(self.connection, part.fields, self.now)
+        sets.set_statuses(self.connection, decided.statuses.filter(pl.col("existing")).drop("existing"), existing=True)
+        sets.set_statuses(
             self.connection, decided.statuses.filter(~pl.col("existing")).drop("existing"), existing=False
         )
-        crmsets.suppress(self.connection, self._suppressions(rows, part))
-        crmsets.add_activities(self.connection, self._activities(rows, part))
-        trail.record_change_frame(self.connection, self._audits(rows, decided))
+        sets.suppress(self.connection, self._suppressions(rows, part))
+        sets.add_activities(self.connection, self._activities(rows, part))
+        sets.record_changes(self.connection, self._audits(rows, decided))
         if self.reported:
             echoes = self._echoes(rows)
             for start in range(0, echoes.height, NOTES):  # the ledger takes dicts: a slice of them at a time
@@ -291,7 +281,7 @@ class FileImport:
         )
         columns = ["line", "email", "lists", "kind", "label", "detail"]
         every = pl.concat([done.select(columns), unread, refusals]).sort("line")
-        self.writers.results.write_frame(every)
+        write_frame(self.writers.results, every)
         self._tally(done, len(refused))
         errors = pl.concat([rejected, rows_refused.select(*rejected.columns[:-1], said.alias("reason"))])
         self._errors(errors.sort("line"))

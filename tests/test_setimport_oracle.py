@@ -21,7 +21,7 @@ from sqlalchemy import delete, insert, select
 
 from batchsync.collect import StagedFile
 from batchsync.config import Profile, load_profile
-from batchsync.db import crm, crmsets, snapshots
+from batchsync.db import crm, snapshots
 from batchsync.db.schema import (
     activities,
     bs_changes,
@@ -36,8 +36,9 @@ from batchsync.events import EventReader
 from batchsync.formats.csvfile import ErrorsWriter, ReportWriter, inspect_csv
 from batchsync.formats.csvframe import read_frames
 from batchsync.reconcile import RESULT_COLUMNS
-from batchsync.setimport import FileImport, Tally, Writers
+from batchsync.setimport import FileImport, Writers
 from batchsync.sync import Sync
+from batchsync.tally import Tally
 
 from . import scalar_oracle
 from .conftest import BACKENDS, ROOT, make_database
@@ -252,7 +253,7 @@ def _import(engine_name: str, profile: Profile, staged: StagedFile, run: Path, b
             frames = EventFrames(reader, shape.header)
             for raw in batches:
                 state.apply(*frames.read(raw))
-            crmsets.drop_staging(connection)
+            state.finish()
             opted_out = state.opted_out_counts()
     engine.dispose()
     return {

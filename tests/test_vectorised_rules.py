@@ -174,3 +174,47 @@ def test_target_lists_suppresses_and_opt_out_status_are_the_scalar_rules(
         assert row["suppresses"] == rules.suppresses(kind, every)  # type: ignore[arg-type]
         if kind in OPT_OUTS:
             assert row["status"] == rules.opt_out_status(kind)  # type: ignore[arg-type]
+
+
+reports = st.lists(
+    st.tuples(st.sampled_from(LISTS[:2]), st.sampled_from(["a@x.io", "b@x.io"]), st.sampled_from(OPT_OUTS), offsets),
+    max_size=15,
+)
+
+
+@given(reports, st.dictionaries(st.tuples(st.sampled_from(LISTS[:2]), st.sampled_from(["a@x.io", "b@x.io"])), offsets))
+def test_the_latest_reports_of_a_batch_are_what_remembering_them_one_by_one_leaves(
+    rows: list[tuple[str, str, str, int]], stored: dict[tuple[str, str], int]
+) -> None:
+    """``sets.latest`` against ``ProviderOptOuts.remember``, its scalar twin: what is written, and how."""
+    from batchsync.db.optouts import ProviderOptOuts, ProviderReport
+    from batchsync.db.sets import latest
+
+    memory = ProviderOptOuts(None, "p", set())  # type: ignore[arg-type]  # no keys: it reads nothing
+    memory.known = {
+        key: ProviderReport(key[1], "unsubscribe", at(offset), "old", "old:1") for key, offset in stored.items()
+    }  # type: ignore[misc]
+    memory.stored = set(memory.known)
+    for line, (code, key, kind, offset) in enumerate(rows, start=2):
+        memory.remember(code, key, key, kind, at(offset), f"reason {line}", f"file:{line}")  # type: ignore[arg-type]
+    expected = {
+        key: (report.kind, report.at, report.reason, report.source, key in memory.stored)
+        for key, report in memory.known.items()
+        if key in memory.dirty
+    }
+    frame = pl.DataFrame(
+        [(c, k, k, kind, at(o), f"reason {n}", f"file:{n}") for n, (c, k, kind, o) in enumerate(rows, start=2)],
+        schema={"list_code": pl.String, "email_key": pl.String, "email": pl.String, "kind": pl.String,
+                "at": pl.Datetime("us", "UTC"), "reason": pl.String, "source": pl.String},
+        orient="row",
+    )  # fmt: skip
+    before = pl.DataFrame(
+        [(c, k, at(o)) for (c, k), o in stored.items()],
+        schema={"list_code": pl.String, "email_key": pl.String, "stored_at": pl.Datetime("us", "UTC")},
+        orient="row",
+    )
+    got = {
+        (r["list_code"], r["email_key"]): (r["kind"], r["at"], r["reason"], r["source"], r["stored"])
+        for r in latest(frame, before).iter_rows(named=True)
+    }
+    assert got == expected

@@ -54,7 +54,7 @@ def contacts_by_email(connection: Connection, keys: Iterable[str]) -> dict[str, 
 
 class StoredSubscriptions:
     """The stored subscriptions of some contacts, turned into :class:`Subscription` only when asked for (a revert
-    reads every list of each contact its file touched; the import reads a batch's at once, ``db.crmsets``)."""
+    reads every list of each contact its file touched; the import reads a batch's at once, ``db.sets``)."""
 
     def __init__(self, rows: Iterable[Sequence[Any]]) -> None:
         self._rows = {(row[0], row[1]): row for row in rows}

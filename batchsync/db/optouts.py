@@ -14,11 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-import polars as pl
 from sqlalchemy import Connection
 
-from batchsync.db import driver, frames
-from batchsync.db.frames import TIME
+from batchsync.db import driver
 
 
 @dataclass(frozen=True)
@@ -40,8 +38,8 @@ class ProviderOptOuts:
     """The opt-outs the provider reported for some addresses, per list: read once per batch of a file, changed in
     memory by its rows, one at a time (each list and address keeps the latest; a later re-subscription the
     provider reports clears it), and written back by :meth:`save` in the file's transaction. The import uses it
-    where the batch's subscribes or email changes make the order of its rows matter; :func:`latest` is the same
-    for a batch of opt-outs alone, at once."""
+    where the batch's subscribes or email changes make the order of its rows matter; ``db.sets.latest`` is the
+    same for a batch of opt-outs alone, at once."""
 
     def __init__(self, connection: Connection, profile: str, keys: set[str]) -> None:
         self.connection, self.profile = connection, profile
@@ -111,45 +109,3 @@ class ProviderOptOuts:
         driver.insert_many(
             self.connection, table, OPT_OUT_COLUMNS, [r for k, r in rows.items() if k not in self.stored]
         )
-
-
-# --- the set-based import's: a batch's reports at once -------------------------------------------------------
-
-
-def stored_times(connection: Connection, profile: str, keys: frames.Among) -> pl.DataFrame:
-    """The time of each opt-out the provider reported for the addresses of ``keys`` (``email_key``):
-    ``list_code``, ``email_key``, ``stored_at``."""
-    statement = (
-        f"SELECT o.list_code, o.email_key, o.at FROM {keys.source('bs_provider_optouts', 'o')} "
-        f"WHERE {keys.where('o')} AND o.profile = ?"
-    )
-    schema = {"list_code": pl.String, "email_key": pl.String, "stored_at": TIME}
-    return frames.fetch(connection, statement, [*keys.values, profile], schema)
-
-
-def latest(reported: pl.DataFrame, stored: pl.DataFrame) -> pl.DataFrame:
-    """:meth:`ProviderOptOuts.remember` for every reported opt-out of a batch at once (``reported``: ``list_code``,
-    ``email_key``, ``email``, ``kind``, ``at``, ``reason``, ``source``, in the file's order): per list and
-    address, the latest report (the first of equal times) where it is later than the stored one, with
-    ``stored`` (it replaces a row) or not (a new row)."""
-    keys = ["list_code", "email_key"]
-    first = reported.sort("at", descending=True, maintain_order=True).unique(keys, keep="first", maintain_order=True)
-    joined = first.join(stored, on=keys, how="left")
-    later = pl.col("stored_at").is_null() | (pl.col("at") > pl.col("stored_at"))
-    return joined.filter(later).with_columns(stored=pl.col("stored_at").is_not_null()).drop("stored_at")
-
-
-def save_latest(connection: Connection, profile: str, rows: pl.DataFrame, now: datetime) -> None:
-    """Write what :func:`latest` found, as :meth:`ProviderOptOuts.save` writes its reports."""
-    written = rows.with_columns(
-        pl.col("reason").str.slice(0, 100),
-        pl.col("source").str.slice(0, 600),
-        recorded_at=pl.lit(now, dtype=TIME),
-        profile=pl.lit(profile),
-    )
-    update = written.filter(pl.col("stored")).select(*OPT_OUT_COLUMNS)
-    frames.update(
-        connection, "bs_provider_optouts", update, ("profile", "list_code", "email_key"), staging="bs_import_optouts"
-    )
-    new = written.filter(~pl.col("stored")).sort("email_key", "list_code")  # the table's key order: appended
-    frames.insert(connection, "bs_provider_optouts", new.select(*OPT_OUT_COLUMNS))

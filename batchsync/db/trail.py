@@ -1,6 +1,5 @@
 """Reads of batchsync's audit trail and ledgers for one address's history and for the revert of one file, and the
-few writes a revert makes to them (``bs_changes`` rows go through ``ledger.record_changes``), and the import's
-audit rows of a whole batch at once (:func:`record_change_frame`)::
+few writes a revert makes to them (``bs_changes`` rows go through ``ledger.record_changes``)::
 
     files = trail.files_matching(connection, "mailup", "unsubscribers_3.csv")
     changes = trail.changes_of_file(connection, files[0])
@@ -12,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import polars as pl
 from sqlalchemy import Connection, and_, func, or_, select, update
 
-from batchsync.db import frames, snapshots
+from batchsync.db import snapshots
 from batchsync.db.ledger import APPLIED
 from batchsync.db.schema import bs_changes, bs_files, bs_provider_optouts, bs_runs
 
@@ -131,9 +129,3 @@ def files_named(connection: Connection, names: Iterable[str]) -> dict[str, list[
 
 def _rows(connection: Connection, query: Any) -> list[Row]:
     return [dict(row._mapping) for row in connection.execute(query)]
-
-
-def record_change_frame(connection: Connection, frame: pl.DataFrame) -> None:
-    """Audit rows of a batch (``ledger.CHANGE_COLUMNS`` and ``CHANGE_TIMES`` among the frame's columns), in the
-    frame's order: their ids keep the order the file made the changes in, newest last, as a revert reads them."""
-    frames.insert(connection, "bs_changes", frame)

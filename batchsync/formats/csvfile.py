@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Self
 
-import polars as pl
-
 from batchsync.config import Dialect
 from batchsync.errors import BadFile
 
@@ -212,6 +210,11 @@ class CsvWriter:
         self._writer.writerow(row)
         self.rows += 1
 
+    def write_text(self, text: str, rows: int) -> None:
+        """``rows`` rows already written as CSV text in this file's dialect (``csvframe.write_frame``)."""
+        self._handle.write(text)
+        self.rows += rows
+
     def close(self) -> None:
         self._handle.close()
 
@@ -275,28 +278,3 @@ class ReportWriter(CsvWriter):
 
     def write(self, row: Sequence[Any]) -> None:
         super().write([neutralised(cell) for cell in row])
-
-    def write_frame(self, frame: pl.DataFrame) -> None:
-        """Every row of ``frame`` (its columns in the report's order), written as :meth:`write` writes one: text
-        cells neutralised, quoted only where the csv module quotes (a delimiter, quote or line break inside),
-        an empty text and a null both as nothing."""
-        if frame.is_empty():
-            return
-        cells = [
-            pl.when(pl.col(name) == "")
-            .then(None)
-            .when(pl.col(name).str.contains(_FORMULA))
-            .then(pl.lit("'") + pl.col(name))
-            .otherwise(pl.col(name))
-            .alias(name)
-            for name, kind in frame.schema.items()
-            if kind == pl.String
-        ]
-        text = frame.with_columns(cells).write_csv(
-            include_header=False, separator=self.delimiter, quote_char=self.quote, line_terminator="\r\n"
-        )
-        self._handle.write(text)
-        self.rows += frame.height
-
-
-_FORMULA = "^[" + "".join(f"\\x{ord(start):02X}" for start in FORMULA_STARTS) + "]"  # neutralised's test

@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 
 from batchsync.config import Dialect
-from batchsync.formats.csvfile import FileShape, _open, _reader
+from batchsync.formats.csvfile import FORMULA_STARTS, FileShape, ReportWriter, _open, _reader
 
 # Per batch: memory is bounded by the size of the rows held, not their count. About 28k rows of a MailUp file: on
 # the bench's 100k unsubscribes, the import's peak RSS is 300 MB at 2M characters and 480 MB at 16M (one batch),
@@ -118,3 +118,28 @@ def _rows_frame(lines: list[int], rows: list[list[str]], width: int) -> pl.DataF
     return pl.DataFrame(
         {"line": pl.Series(lines, dtype=pl.Int64), "width": pl.Series(list(map(len, rows)), dtype=pl.Int64), **data}
     )
+
+
+def write_frame(report: ReportWriter, frame: pl.DataFrame) -> None:
+    """Every row of ``frame`` (its columns in the report's order) into a report, written as ``ReportWriter.write``
+    writes one: text cells neutralised, quoted only where the csv module quotes (a delimiter, quote or line break
+    inside), an empty text and a null both as nothing."""
+    if frame.is_empty():
+        return
+    cells = [
+        pl.when(pl.col(name) == "")
+        .then(None)
+        .when(pl.col(name).str.contains(_FORMULA))
+        .then(pl.lit("'") + pl.col(name))
+        .otherwise(pl.col(name))
+        .alias(name)
+        for name, kind in frame.schema.items()
+        if kind == pl.String
+    ]
+    text = frame.with_columns(cells).write_csv(
+        include_header=False, separator=report.delimiter, quote_char=report.quote, line_terminator="\r\n"
+    )
+    report.write_text(text, frame.height)
+
+
+_FORMULA = "^[" + "".join(f"\\x{ord(start):02X}" for start in FORMULA_STARTS) + "]"  # csvfile.neutralised's test

@@ -1,6 +1,9 @@
-"""The set-based import's statements on the CRM tables: a batch's contacts, subscriptions and soft-bounce counts
-read at once, and its statuses, activities, suppressions and address changes written at once (``db.frames``
-carries the rows). Like every statement on a CRM table, each starts from ``crm_tables(connection)``.
+"""The set-based import's statements, each for a whole batch of rows (``db.frames`` carries them): on the CRM
+tables, a batch's contacts, subscriptions and soft-bounce counts read at once, and its statuses, activities,
+suppressions and address changes written at once (each starting from ``crm_tables(connection)``, as every
+statement on a CRM table does); on batchsync's own, the provider's remembered opt-outs of its addresses read and
+written, and its audit rows. Only the import loads polars, so these live apart from ``crm``, ``optouts`` and
+``trail``, which every command loads.
 
 Keys to look up go to SQLite in a temporary table that the lookup joins (an IN list would outgrow SQLite's limit
 on parameters) and to PostgreSQL as one array. On SQLite the joins are written as CROSS JOIN, which SQLite
@@ -16,7 +19,7 @@ from datetime import datetime
 import polars as pl
 from sqlalchemy import Connection
 
-from batchsync.db import crm, driver, frames
+from batchsync.db import crm, driver, frames, optouts
 from batchsync.db.frames import TIME
 from batchsync.db.mapping import crm_tables
 
@@ -131,3 +134,51 @@ def drop_staging(connection: Connection, names: Sequence[str] = ()) -> None:
         "bs_import_optouts",
         *names,
     )
+
+
+# --- batchsync's own tables -------------------------------------------------------
+
+
+def stored_times(connection: Connection, profile: str, keys: frames.Among) -> pl.DataFrame:
+    """The time of each opt-out the provider reported for the addresses of ``keys`` (``email_key``):
+    ``list_code``, ``email_key``, ``stored_at``."""
+    statement = (
+        f"SELECT o.list_code, o.email_key, o.at FROM {keys.source('bs_provider_optouts', 'o')} "
+        f"WHERE {keys.where('o')} AND o.profile = ?"
+    )
+    schema = {"list_code": pl.String, "email_key": pl.String, "stored_at": TIME}
+    return frames.fetch(connection, statement, [*keys.values, profile], schema)
+
+
+def latest(reported: pl.DataFrame, stored: pl.DataFrame) -> pl.DataFrame:
+    """:meth:`optouts.ProviderOptOuts.remember` for every reported opt-out of a batch at once (``reported``:
+    ``list_code``, ``email_key``, ``email``, ``kind``, ``at``, ``reason``, ``source``, in the file's order): per
+    list and address, the latest report (the first of equal times) where it is later than the stored one, with
+    ``stored`` (it replaces a row) or not (a new row)."""
+    keys = ["list_code", "email_key"]
+    first = reported.sort("at", descending=True, maintain_order=True).unique(keys, keep="first", maintain_order=True)
+    joined = first.join(stored, on=keys, how="left")
+    later = pl.col("stored_at").is_null() | (pl.col("at") > pl.col("stored_at"))
+    return joined.filter(later).with_columns(stored=pl.col("stored_at").is_not_null()).drop("stored_at")
+
+
+def save_latest(connection: Connection, profile: str, rows: pl.DataFrame, now: datetime) -> None:
+    """Write what :func:`latest` found, as :meth:`optouts.ProviderOptOuts.save` writes its reports."""
+    written = rows.with_columns(
+        pl.col("reason").str.slice(0, 100),
+        pl.col("source").str.slice(0, 600),
+        recorded_at=pl.lit(now, dtype=TIME),
+        profile=pl.lit(profile),
+    )
+    update = written.filter(pl.col("stored")).select(*optouts.OPT_OUT_COLUMNS)
+    frames.update(
+        connection, "bs_provider_optouts", update, ("profile", "list_code", "email_key"), staging="bs_import_optouts"
+    )
+    new = written.filter(~pl.col("stored")).sort("email_key", "list_code")  # the table's key order: appended
+    frames.insert(connection, "bs_provider_optouts", new.select(*optouts.OPT_OUT_COLUMNS))
+
+
+def record_changes(connection: Connection, frame: pl.DataFrame) -> None:
+    """Audit rows of a batch (``ledger.CHANGE_COLUMNS`` and ``CHANGE_TIMES`` among the frame's columns), in the
+    frame's order: their ids keep the order the file made the changes in, newest last, as a revert reads them."""
+    frames.insert(connection, "bs_changes", frame)
