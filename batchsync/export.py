@@ -26,9 +26,10 @@ from batchsync.config import Profile
 from batchsync.db import crm, snapshots
 from batchsync.delivery import Delivery
 from batchsync.engine.build import written_columns
-from batchsync.engine.crmread import ListPlace, forget_read_ahead, read_ahead
+from batchsync.engine.crmread import ListPlace
 from batchsync.engine.csvout import ListFiles
-from batchsync.engine.diff import Mode, export_list, list_sql
+from batchsync.engine.diff import Mode, export_list
+from batchsync.engine.scan import CrmScan
 from batchsync.errors import ConfigError
 from batchsync.formats.package import package
 from batchsync.locks import ensure_lock_held
@@ -133,40 +134,33 @@ class Exporter:
                 retry.call(transport.connect, what="the connection to the provider")
                 ensure_lock_held(self.engine)  # partial uploads may be the lock holder's, in flight
                 self._remove_partial_uploads(transport)
-            codes = list(self.profile.lists)
-            # Later lists' rows asked for early, read while this one is built: SQLite's every list (each sorted by a
-            # reader process of its own, whose memory is its own), PostgreSQL's next (its batches wait in here).
-            ahead = len(codes) if self.engine.dialect.name == "sqlite" else 2
-            for index, code in enumerate(codes):
-                if self.stop.is_set():
-                    log.info("stopping: the export of %s and later lists is left for the next run", code)
-                    break
-                for later in codes[index : index + ahead]:
-                    read_ahead(self.engine, list_sql(connection, self.profile, self._place(later, ids)), later)
-                staged = self._write_list(connection, code, ids[code], mode, now, dry_run)
-                if staged.uploads and transport is not None and staged.stopped is None:
-                    ensure_lock_held(self.engine)
-                    self._deliver(transport, staged)
-                files.append(staged)
+            places = [self._place(code, ids) for code in self.profile.lists]
+            with CrmScan.read(self.engine, connection, self.profile, places, self.work.root) as scan:
+                for place in places:
+                    if self.stop.is_set():
+                        log.info("stopping: the export of %s and later lists is left for the next run", place.code)
+                        break
+                    staged = self._write_list(connection, scan, place, mode, now, dry_run)
+                    if staged.uploads and transport is not None and staged.stopped is None:
+                        ensure_lock_held(self.engine)
+                        self._deliver(transport, staged)
+                    files.append(staged)
         finally:
-            forget_read_ahead(self.engine)
             if transport is not None:
                 transport.close()
         return files
 
     def _write_list(
-        self, connection: Connection, code: str, list_id: int, mode: Mode, now: datetime, dry_run: bool
+        self, connection: Connection, scan: CrmScan, place: ListPlace, mode: Mode, now: datetime, dry_run: bool
     ) -> ExportedFile:
+        code = place.code
         path = self._free_path(self.work.dry_run if dry_run else self.work.outbox, code, mode, now)
         staged = ExportedFile(code, remote_path=self._remote_dir(code) + "/" + path.name)
         headers = [column.header for column in written_columns(self.profile)]
-        place = self._place(code, {code: list_id})
         with connection.begin() as transaction:
             writer = ListFiles(self.profile, code, path, headers)
             try:
-                done = export_list(
-                    self.engine, connection, self.profile, place, mode, now, writer, keep_snapshot=not dry_run
-                )
+                done = export_list(scan, connection, self.profile, place, mode, now, writer, keep_snapshot=not dry_run)
             finally:
                 writer.close()
             staged.rows, staged.tombstones = writer.rows, writer.tombstones

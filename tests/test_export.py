@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -425,11 +427,12 @@ def test_init_carries_the_ledger_of_an_earlier_version_into_snapshots(
 
 
 @pytest.mark.canonical_crm("it fills the canonical CRM with the sample generator")
-def test_partitions_of_a_thousand_rows_export_what_one_partition_does(
+def test_buckets_of_a_thousand_contacts_export_what_one_bucket_does(
     tmp_path: Path, db_url: str, clock: ManualClock
 ) -> None:
-    """An address's contacts never split across partitions, and each partition meets the ledger's rows of its key
-    range: the files and the ledger are those of an export that builds the whole list at once."""
+    """An address's contacts never split across buckets, and each bucket meets the ledger's rows of its key
+    range: the files and the ledger are those of an export that builds the whole list at once. The spilled
+    buckets are gone when the export ends, and so is a folder a killed export left a day ago."""
     outcomes = []
     for rows in (1000, 100_000):
         folder = tmp_path / str(rows)
@@ -437,7 +440,11 @@ def test_partitions_of_a_thousand_rows_export_what_one_partition_does(
         sync = Sync(mailup_profile(folder, url, **{"export.chunk_rows": rows}), clock=ManualClock(clock.now()))
         sync.init()
         write_sample_crm(sync.engine, sync.profile, contacts=6000, seed=5)
+        stale = folder / "work" / ".scan-killed"
+        (stale / "0.contacts.arrow").parent.mkdir(parents=True)
+        os.utime(stale, (time.time() - 2 * 86_400,) * 2)
         sync.export("full")
+        assert not list((folder / "work").glob(".scan-*"))
         with sync.engine.begin() as connection:  # a tenth of the contacts renamed, some leave, a diff after
             connection.execute(update(contacts).where(contacts.c.id % 10 == 0).values(first_name="Renamed"))
             connection.execute(delete(subscriptions).where(subscriptions.c.contact_id % 37 == 0))

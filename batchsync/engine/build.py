@@ -21,12 +21,13 @@ import polars as pl
 from batchsync.config import ExportColumn, Profile
 from batchsync.engine.crmread import GROUP_SEP
 from batchsync.rules import OPTED_OUT, PRECEDENCE, email_problem
+from batchsync.vrules import python_whitespace
 
 HASHER = f"polars {pl.__version__}; rows 2"  # what makes the fingerprints: stored with each snapshot
 SEED = 0x62617463  # a fixed seed: the same row, the same fingerprint, for one polars version
-# rules.email_problem's checks, as Rust regular expressions: a control character, and the address's shape.
-CONTROL = r"[\x00-\x1f\x7f-\x9f]"
-SHAPE = r"^[^@\s\"(),:;<>\[\\\]]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+$"
+# rules.email_problem's checks as one Rust regular expression: the address's shape, with the control characters
+# refused before the "@" too (the domain holds none), so that one pass over the text makes both checks.
+SHAPE = r"^[^@\s\"(),:;<>\[\\\]\x00-\x1f\x7f-\x9f]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+$"
 RANK = {status: rank for rank, status in enumerate(PRECEDENCE)}
 
 
@@ -76,16 +77,20 @@ class FrameBuilder:
         (``every_invalid``); a diff lists those that would go out were they valid (a status the provider takes,
         or several contacts), as the ones it cannot send."""
         frame = self._segment(frame) if self.list.segment is not None else frame
-        first = pl.col("email_key").is_first_distinct()  # the frame is in key, then id, order
+        # The frame is in key, then id, order: an address's contacts are neighbours, its first one first.
+        key = pl.col("email_key")
+        first = (key != key.shift(1)).fill_null(True)
+        firsts = frame.select(key=normal_email(pl.col("email").filter(first)))  # checked once per address
+        valid = firsts.select(valid_key(pl.col("key"))).to_series()
         frame = frame.with_columns(
             xstatus=pl.when(pl.col("suppressed") & ~pl.col("status").is_in(list(OPTED_OUT)))
             .then(pl.lit("unsubscribed"))
             .otherwise(pl.col("status")),
-            valid=pl.when(first).then(valid_email(pl.col("email"))).otherwise(None).forward_fill(),
+            valid=pl.lit(valid).gather(first.cum_sum() - 1),
         )
         invalid = self._invalid(frame.filter(~pl.col("valid")), every_invalid)
         frame = frame.filter(pl.col("valid"))
-        twice = pl.col("email_key").is_duplicated()
+        twice = (key == key.shift(1)).fill_null(False) | (key == key.shift(-1)).fill_null(False)
         rows = pl.concat([self._singles(frame.filter(~twice)), self._merged(frame.filter(twice))])
         rows = rows.filter(pl.col("status").is_in(list(self.sendable_statuses))).sort("email_key")
         if self.needs_groups:
@@ -221,14 +226,17 @@ def render(column: ExportColumn, value: pl.Expr) -> pl.Expr:
 
 def valid_email(email: pl.Expr) -> pl.Expr:
     """rules.email_problem(email) is None, column at a time."""
-    key = email.fill_null("").str.strip_chars().str.to_lowercase()
-    return (
-        (key != "")
-        & (key.str.len_chars() <= 254)
-        & ~key.str.contains(CONTROL)
-        & key.str.contains(SHAPE)
-        & ~key.str.contains("..", literal=True)
-    )
+    return valid_key(normal_email(email))
+
+
+def normal_email(email: pl.Expr) -> pl.Expr:
+    """rules.email_key: trimmed of what Python's ``str.strip`` trims, and lower-cased."""
+    return email.fill_null("").str.strip_chars(python_whitespace()).str.to_lowercase()
+
+
+def valid_key(key: pl.Expr) -> pl.Expr:
+    """rules.email_problem's checks on a key :func:`normal_email` made (an empty key fails the shape)."""
+    return (key.str.len_chars() <= 254) & key.str.contains(SHAPE) & ~key.str.contains("..", literal=True)
 
 
 def export_decision(pending_supported: bool) -> pl.Expr:

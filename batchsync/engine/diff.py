@@ -2,13 +2,13 @@
 
 The algorithm, for one list (``export_list``):
 
-1. Read the list's CRM rows in address-key order as Arrow batches (``engine.crmread``) and cut them into
-   partitions of about ``export.chunk_rows`` rows that end where the key changes: memory holds one partition,
-   whatever the list's size.
+1. Take the list's CRM rows bucket by bucket from the export's scan (``engine.scan``: every table read once
+   for all lists and dealt into ranges of the address key of about ``export.chunk_rows`` contacts, spilled to
+   disk), each bucket in key order: memory holds one bucket, whatever the list's size.
 2. Build each partition's provider rows column at a time (``engine.build``): contacts sharing an address merged
    (an opt-out wins), suppressed addresses unsubscribed, invalid ones reported and skipped, cells rendered, and
    each row's fingerprint: a 64-bit hash of every cell but the status.
-3. Take the ledger's rows with keys up to the partition's last key (``db.snapshots.LedgerStream``: the current
+3. Take the ledger's rows with keys up to the bucket's last key (``db.snapshots.LedgerStream``: the current
    snapshot, with the notes of what the provider reported since folded in) and full-join them by key.
 4. Decide per row (:func:`compare`, ``rules.py`` column at a time): what to send (a provider opt-out is never
    sent back as subscribed: pending with later consent where the format has it, else nothing); whether it
@@ -25,19 +25,22 @@ small commit: a crash before it sends the same rows again (at least once), never
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
 import polars as pl
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection
 
 from batchsync import progress
 from batchsync.config import Profile
 from batchsync.db.snapshots import CHUNK_SCHEMA, LedgerStream, SnapshotWriter
-from batchsync.engine.build import HASHER, FrameBuilder, export_decision
-from batchsync.engine.crmread import ListPlace, arrow_batches, list_rows_sql, partitions
+from batchsync.engine.build import HASHER, Built, FrameBuilder, export_decision
+from batchsync.engine.crmread import ListPlace
 from batchsync.engine.csvout import ListFiles
+from batchsync.engine.scan import CrmScan
+from batchsync.engine.sqlitereader import ReadAhead
 from batchsync.rules import LIVE, OPTED_OUT, TOMBSTONE
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,7 @@ class ListExport:
 
 
 def export_list(
-    engine: Engine,
+    scan: CrmScan,
     connection: Connection,
     profile: Profile,
     place: ListPlace,
@@ -71,11 +74,18 @@ def export_list(
     done = ListExport(files)
     if keep_snapshot:
         done.snapshot = SnapshotWriter.begin(connection, profile.name, place.code, HASHER, stream.notes_upto, now)
-    sql = list_sql(connection, profile, place)
     seen = 0
-    with arrow_batches(engine, sql, place.code) as batches:
-        for crm_rows, last_key in partitions(batches, profile.export.chunk_rows):
-            built = builder.build(crm_rows, every_invalid=mode == "full" or builder.list.segment is not None)
+    every_invalid = mode == "full" or builder.list.segment is not None
+
+    def buckets() -> Iterator[tuple[int, str | None, Built]]:
+        for crm_rows, last_key in scan.list_rows(place, segment=builder.list.segment is not None):
+            yield len(crm_rows), last_key, builder.build(crm_rows, every_invalid=every_invalid)
+
+    # The next bucket is joined and built by a thread of its own while this one is compared and written: polars
+    # leaves the interpreter's lock while it works, so the two share the cores.
+    ahead = ReadAhead(buckets(), 1)
+    try:
+        for count, last_key, built in ahead:
             known = stream.upto(last_key)
             done.subscribed += known.filter(pl.col("status").is_in(list(LIVE))).height
             written, snapshot = compare(built.rows, known, builder, mode, now)
@@ -84,20 +94,15 @@ def export_list(
             files.report_invalid(built.invalid)
             if done.snapshot is not None:
                 done.snapshot.add(snapshot)
-            seen += len(crm_rows)
+            seen += count
             done.partitions += 1
             progress.report(f"export {place.code}", seen)
+    finally:
+        ahead.stop()
     if done.snapshot is not None:
         done.snapshot.finish()
     log.debug("list %s: %d CRM rows in %d partitions", place.code, seen, done.partitions)
     return done
-
-
-def list_sql(connection: Connection, profile: Profile, place: ListPlace) -> str:
-    """The query that reads the list's CRM rows (``read_ahead`` may start it early)."""
-    builder = FrameBuilder(profile, place.code)
-    segment = profile.lists[place.code].segment is not None
-    return list_rows_sql(connection, place, custom=builder.needs_custom, groups=builder.needs_groups, segment=segment)
 
 
 def compare(
@@ -193,4 +198,4 @@ def _snapshot(both: pl.DataFrame, now: datetime) -> pl.DataFrame:
     )
 
 
-__all__ = ["HASHER", "ListExport", "Mode", "compare", "export_list", "list_sql"]
+__all__ = ["HASHER", "ListExport", "Mode", "compare", "export_list"]
