@@ -126,7 +126,7 @@ class ExportConfig(Dialect):
     group_separator: str = ","
     full_weekday: Literal["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"] = "sunday"
     timezone: str = "UTC"
-    chunk_rows: int = Field(100_000, ge=1000)  # contacts an export builds at a time (a bucket of its scan)
+    chunk_rows: int = Field(50_000, ge=1000)  # contacts an export builds at a time (a bucket of its scan)
     zip: bool = False  # upload NAME.zip holding NAME
     opt_out_file: bool = False  # opt-outs in a file of their own, NAME with "_optout" before the extension
     map_file: Literal["acoustic"] | None = None  # write the provider's XML map file beside each data file
