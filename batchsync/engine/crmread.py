@@ -24,6 +24,8 @@ from batchsync.errors import DatabaseError, first_line
 
 GROUP_SEP = "\x1f"
 AHEAD_POSTGRESQL = 2  # batches a PostgreSQL read holds ahead of the exporter
+BATCH_HINT = "adbc.postgresql.batch_size_hint_bytes"
+BATCH_BYTES = 4 << 20  # PostgreSQL batches of about 4 MB (1M contacts: peak 465 MB rather than 575 MB)
 ROW_COLUMNS = (
     "contact_id",
     "email",
@@ -80,6 +82,9 @@ def _postgresql_batches(engine: Engine, sql: str) -> Iterator[pa.RecordBatch]:
     try:
         url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         with postgresql.connect(url) as connection, connection.cursor() as cursor:
+            # The driver's default of 16 MB batches, three tables read at once and a few batches held ahead of
+            # the exporter, made most of the PostgreSQL export's peak memory.
+            cursor.adbc_statement.set_options(**{BATCH_HINT: str(BATCH_BYTES)})
             cursor.execute(sql)
             yield from cursor.fetch_record_batch()
     except Exception as exc:  # the driver's errors, translated where they arise
