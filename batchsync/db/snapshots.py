@@ -36,7 +36,7 @@ from batchsync.db.crm import ordered_key
 from batchsync.db.schema import bs_ledger_notes, bs_snapshot_chunks, bs_snapshots
 
 FEW_KEYS = 50  # up to this many addresses, rows_for_keys picks the chunks by key range; past it, reads them all
-CHUNK_ROWS = 100_000  # rows a migrated snapshot's chunk holds (an export's chunks are its partitions)
+CHUNK_ROWS = 100_000  # rows a migrated snapshot's chunk holds (an export's chunks are its buckets)
 CHUNK_SCHEMA: dict[str, Any] = {
     "email_key": pl.String,
     "email": pl.String,
@@ -55,7 +55,7 @@ def empty() -> pl.DataFrame:
 @dataclass
 class LedgerStream:
     """The current snapshot of one list, notes folded in, handed out in key order by :meth:`upto`: the export
-    reads it beside the CRM's rows, a partition of keys at a time, so memory holds one chunk or two."""
+    reads it beside the CRM's rows, a bucket of keys at a time, so memory holds one chunk or two."""
 
     connection: Connection
     where: Any

@@ -1,4 +1,4 @@
-"""From a partition of CRM rows to the provider's rows, column at a time: one row per address and list.
+"""From a bucket of CRM rows to the provider's rows, column at a time: one row per address and list.
 
 Several CRM contacts with one address become one row whose status is merged (an opt-out wins), and a suppressed
 address is never written as subscribed. The row's other cells (the address as entered, names, custom fields)
@@ -33,7 +33,7 @@ RANK = {status: rank for rank, status in enumerate(PRECEDENCE)}
 
 @dataclass(frozen=True)
 class Built:
-    """A partition's provider rows (sorted by key), the rows of addresses several contacts share (for the
+    """A bucket's provider rows (sorted by key), the rows of addresses several contacts share (for the
     duplicates report) and the contacts skipped for an invalid address (contact_id, email, reason)."""
 
     rows: pl.DataFrame
@@ -47,7 +47,7 @@ def written_columns(profile: Profile) -> list[ExportColumn]:
 
 
 class FrameBuilder:
-    """Builds one list's provider rows from partitions of its CRM rows (``engine.crmread.ROW_COLUMNS``)."""
+    """Builds one list's provider rows from buckets of its CRM rows (``engine.crmread.ROW_COLUMNS``)."""
 
     def __init__(self, profile: Profile, list_code: str) -> None:
         self.export = profile.export
@@ -73,7 +73,7 @@ class FrameBuilder:
         return [f"c{index}" for index in range(len(self.columns))]
 
     def build(self, frame: pl.DataFrame, *, every_invalid: bool = True) -> Built:
-        """The partition's rows. The skipped report lists every invalid address in a full export
+        """The bucket's rows. The skipped report lists every invalid address in a full export
         (``every_invalid``); a diff lists those that would go out were they valid (a status the provider takes,
         or several contacts), as the ones it cannot send."""
         frame = self._segment(frame) if self.list.segment is not None else frame
@@ -105,7 +105,7 @@ class FrameBuilder:
     def _group_names(self, codes: pl.Series) -> pl.Series:
         """The groups cell from each row's codes (joined by GROUP_SEP, any order, perhaps repeated): the codes
         sorted, each named by the profile's list, joined by the group separator. A list has few groups, so a
-        partition few combinations: each is named once, here."""
+        bucket few combinations: each is named once, here."""
         names = {}
         for combination in codes.drop_nulls().unique().to_list():
             ordered = sorted(set(combination.split(GROUP_SEP)) - {""})

@@ -1,4 +1,4 @@
-"""The files an export writes for one list, a partition at a time: the data file (and an opt-out file where the
+"""The files an export writes for one list, a bucket at a time: the data file (and an opt-out file where the
 profile splits them) by polars' CSV writer, and the reports beside them (duplicate addresses, skipped invalid
 ones), counting what went in::
 

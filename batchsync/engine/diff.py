@@ -5,7 +5,7 @@ The algorithm, for one list (``export_list``):
 1. Take the list's CRM rows bucket by bucket from the export's scan (``engine.scan``: every table read once
    for all lists and dealt into ranges of the address key of about ``export.chunk_rows`` contacts, spilled to
    disk), each bucket in key order: memory holds one bucket, whatever the list's size.
-2. Build each partition's provider rows column at a time (``engine.build``): contacts sharing an address merged
+2. Build each bucket's provider rows column at a time (``engine.build``): contacts sharing an address merged
    (an opt-out wins), suppressed addresses unsubscribed, invalid ones reported and skipped, cells rendered, and
    each row's fingerprint: a 64-bit hash of every cell but the status.
 3. Take the ledger's rows with keys up to the bucket's last key (``db.snapshots.LedgerStream``: the current
@@ -15,7 +15,7 @@ The algorithm, for one list (``export_list``):
    changed (no ledger row, another fingerprint or another status); whether to write it (a full export writes
    every row, a diff the changed ones the provider does not know already); and a tombstone for an address the
    provider has from us as subscribed that is no longer on the list.
-5. Write the rows to the file (``engine.csvout``) and the partition's new ledger rows as a chunk of a new
+5. Write the rows to the file (``engine.csvout``) and the bucket's new ledger rows as a chunk of a new
    snapshot generation (``db.snapshots.SnapshotWriter``): changed rows as sent, the others as they were.
 
 The new generation is made current after the provider's server confirms the upload (``export.Exporter``), in one
@@ -54,7 +54,7 @@ class ListExport:
     files: ListFiles
     subscribed: int = 0
     snapshot: SnapshotWriter | None = None
-    partitions: int = field(default=0)
+    buckets: int = field(default=0)
 
 
 def export_list(
@@ -95,20 +95,20 @@ def export_list(
             if done.snapshot is not None:
                 done.snapshot.add(snapshot)
             seen += count
-            done.partitions += 1
+            done.buckets += 1
             progress.report(f"export {place.code}", seen)
     finally:
         ahead.stop()
     if done.snapshot is not None:
         done.snapshot.finish()
-    log.debug("list %s: %d CRM rows in %d partitions", place.code, seen, done.partitions)
+    log.debug("list %s: %d CRM rows in %d buckets", place.code, seen, done.buckets)
     return done
 
 
 def compare(
     rows: pl.DataFrame, known: pl.DataFrame, builder: FrameBuilder, mode: Mode, now: datetime
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The rows to write (cells and flags, in key order) and the partition's new ledger rows (CHUNK_SCHEMA)."""
+    """The rows to write (cells and flags, in key order) and the bucket's new ledger rows (CHUNK_SCHEMA)."""
     pending_supported = "pending" in builder.export.status_values and builder.tombstones
     ours = rows.with_columns(decided=export_decision(pending_supported), in_crm=pl.lit(True))
     theirs = known.rename({name: f"k_{name}" for name in CHUNK_SCHEMA if name != "email_key"})

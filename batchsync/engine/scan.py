@@ -1,6 +1,6 @@
 """The CRM's rows for every list of an export, read once and cut into ranges of the address key.
 
-A list's rows must reach the builder in address-key order, an address's contacts together, in partitions that
+A list's rows must reach the builder in address-key order, an address's contacts together, in parts that
 hold memory flat. Asking the database for each list ordered by key made it sort the list (SQLite: 2.5 s a list
 at 1M contacts) or walk the key index with a random read per row (6.6 s). Instead each table is read once for
 every list, in the order it is stored, and the rows are dealt into *buckets*: ranges of the key whose bounds
