@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +37,7 @@ from batchsync.rules import (
     suppresses,
     target_lists,
 )
+from batchsync.tally import Tally  # the counts, not the logic the oracle checks
 
 ACTIVITY = {
     "unsubscribe": "unsubscribe",
@@ -50,19 +50,6 @@ ACTIVITY = {
     "email_change": "email_change",
     "subscribe": "subscribe",
 }
-
-
-@dataclass
-class Tally:
-    """What happened to the rows of one file."""
-
-    rows: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    no_contact: int = 0
-    rejected: int = 0
-    warnings: int = 0
-    bounced: list[str] = field(default_factory=list)
 
 
 class EventApplier:

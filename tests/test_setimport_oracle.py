@@ -199,6 +199,21 @@ def test_a_file_leaves_what_the_scalar_import_left(
     path = folder / "events_1.csv"
     with path.open("w", encoding="utf-8", newline="") as handle:
         csv.writer(handle, delimiter=";", lineterminator="\r\n").writerows([HEADER, *body])
+    _same(*_both_imports(template, folder, path, crm_states, origin, (every_list, suppresses, 1), batch))
+
+
+def _both_imports(
+    template: str,
+    folder: Path,
+    path: Path,
+    crm_states: list[tuple[Any, ...]],
+    origin: str,
+    setup: tuple[bool, bool, int],
+    batch: int,
+) -> list[dict[str, Any]]:
+    """The file imported by the scalar import and by the set-based one, each into its own copy of the CRM in
+    the same states; ``setup`` is (every_list, suppresses, the profile's inbound source the file came by)."""
+    every_list, suppresses, inbound = setup
     outcomes = []
     for engine_name in ("scalar", "set"):
         run = folder / engine_name
@@ -206,9 +221,9 @@ def test_a_file_leaves_what_the_scalar_import_left(
         url = _copy(template, run)
         _set_states(url, crm_states)
         profile = _profile(run, url, every_list, suppresses)
-        staged = StagedFile(path, path.name, profile.inbound[1], "inbox:events_1.csv", origin)  # type: ignore[arg-type]
+        staged = StagedFile(path, path.name, profile.inbound[inbound], f"inbox:{path.name}", origin)  # type: ignore[arg-type]
         outcomes.append(_import(engine_name, profile, staged, run, batch))
-    _same(*outcomes)
+    return outcomes
 
 
 def _same(scalar: dict[str, Any], vectorised: dict[str, Any]) -> None:
@@ -329,13 +344,4 @@ def test_a_mailup_file_leaves_what_the_scalar_import_left(
     with path.open("w", encoding="utf-8", newline="") as handle:
         header = ["email", "idList", "OptOut_Date", "optout_type"]
         csv.writer(handle, delimiter=";", lineterminator="\r\n").writerows([header, *body])
-    outcomes = []
-    for engine_name in ("scalar", "set"):
-        run = folder / engine_name
-        run.mkdir()
-        url = _copy(template, run)
-        _set_states(url, crm_states)
-        profile = _profile(run, url, every_list, True)
-        staged = StagedFile(path, path.name, profile.inbound[0], "inbox:unsubscribers_1.csv", origin)  # type: ignore[arg-type]
-        outcomes.append(_import(engine_name, profile, staged, run, batch))
-    _same(*outcomes)
+    _same(*_both_imports(template, folder, path, crm_states, origin, (every_list, True, 0), batch))
