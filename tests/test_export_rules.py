@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from batchsync.config import load_profile
 from batchsync.engine.build import FrameBuilder, valid_email
-from batchsync.engine.crmread import GROUP_SEP, ROW_COLUMNS, normalised
+from batchsync.engine.crmread import GROUP_SEP, ROW_SCHEMA
 from batchsync.engine.diff import compare
 from batchsync.rules import (
     CrmRow,
@@ -66,7 +66,7 @@ def test_contacts_sharing_an_address_merge_as_rules_say(people: list[list[dict[s
             contact_id += 1
             email = f"p{index}@example.com"
             rows.append(_crm_row(contact_id, email, person, opted))
-    built = FrameBuilder(PROFILE, "newsletter").build(normalised(pl.DataFrame(rows, orient="row", schema=ROW_COLUMNS)))
+    built = FrameBuilder(PROFILE, "newsletter").build(pl.DataFrame(rows, orient="row", schema=ROW_SCHEMA))
     got = {row["email_key"]: row for row in built.rows.to_dicts()}
     for index, group in enumerate(people):
         status = merge_statuses(export_status(p["status"], p["suppressed"]) for p in group)
@@ -91,7 +91,7 @@ def _crm_row(contact_id: int, email: str, person: dict[str, Any], opted: Any) ->
         None,
         person["status"],
         person["source"],
-        int(person["suppressed"]),
+        person["suppressed"],
         codes,
         person["consent_at"],
         opted,

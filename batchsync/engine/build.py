@@ -47,7 +47,7 @@ def written_columns(profile: Profile) -> list[ExportColumn]:
 
 
 class FrameBuilder:
-    """Builds one list's provider rows from buckets of its CRM rows (``engine.crmread.ROW_COLUMNS``)."""
+    """Builds one list's provider rows from buckets of its CRM rows (``engine.crmread.ROW_SCHEMA``)."""
 
     def __init__(self, profile: Profile, list_code: str) -> None:
         self.export = profile.export

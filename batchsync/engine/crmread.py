@@ -26,20 +26,22 @@ GROUP_SEP = "\x1f"
 AHEAD_POSTGRESQL = 2  # batches a PostgreSQL read holds ahead of the exporter
 BATCH_HINT = "adbc.postgresql.batch_size_hint_bytes"
 BATCH_BYTES = 4 << 20  # PostgreSQL batches of about 4 MB (1M contacts: peak 465 MB rather than 575 MB)
-ROW_COLUMNS = (
-    "contact_id",
-    "email",
-    "email_key",
-    "first_name",
-    "last_name",
-    "custom",
-    "status",
-    "source",
-    "suppressed",
-    "codes",
-    "consent_at",
-    "opt_out_at",
-)
+# The columns a list's CRM rows reach the builder in (``engine.scan``), with their types.
+ROW_SCHEMA: dict[str, pl.DataType] = {
+    "contact_id": pl.Int64(),
+    "email": pl.String(),
+    "email_key": pl.String(),
+    "first_name": pl.String(),
+    "last_name": pl.String(),
+    "custom": pl.String(),
+    "status": pl.String(),
+    "source": pl.String(),
+    "suppressed": pl.Boolean(),
+    "codes": pl.String(),
+    "consent_at": pl.Datetime("us", "UTC"),
+    "opt_out_at": pl.Datetime("us", "UTC"),
+}
+ROW_COLUMNS = tuple(ROW_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -89,28 +91,6 @@ def _postgresql_batches(engine: Engine, sql: str) -> Iterator[pa.RecordBatch]:
             yield from cursor.fetch_record_batch()
     except Exception as exc:  # the driver's errors, translated where they arise
         raise DatabaseError(f"cannot read the CRM's rows: {first_line(exc)}") from None
-
-
-def normalised(frame: pl.DataFrame) -> pl.DataFrame:
-    """The same columns and types whatever the backend gave: times as UTC datetimes, flags as booleans."""
-    if not len(frame.columns):
-        frame = pl.DataFrame({name: [] for name in ROW_COLUMNS})
-    return frame.select(
-        pl.col("contact_id").cast(pl.Int64),
-        pl.col("email").cast(pl.String),
-        pl.col("email_key").cast(pl.String),
-        pl.col("first_name").cast(pl.String),
-        pl.col("last_name").cast(pl.String),
-        *(_none_if_empty(name) for name in ("custom", "status", "source", "codes")),
-        pl.col("suppressed").cast(pl.Int64).fill_null(0).cast(pl.Boolean),
-        timestamp(frame, "consent_at"),
-        timestamp(frame, "opt_out_at"),
-    ).select(ROW_COLUMNS)
-
-
-def _none_if_empty(name: str) -> pl.Expr:
-    text = pl.col(name).cast(pl.String)
-    return pl.when(text == "").then(None).otherwise(text).alias(name)
 
 
 def timestamp(frame: pl.DataFrame, name: str) -> pl.Expr:
