@@ -266,8 +266,8 @@ class Collector:
         return found
 
     def _settled(self, transport: Transport, entry: InboundConfig, candidates: list[RemoteEntry]) -> list[RemoteEntry]:
-        if not candidates:
-            return []
+        if not candidates or transport.lists_whole_files:
+            return candidates
         self.clock.sleep(entry.settle_seconds)
         again = {remote.name: remote for remote in self._list(transport, entry.remote_dir or "")}
         return [remote for remote in candidates if again.get(remote.name) == remote]

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -52,11 +53,20 @@ class WorkConfig(_Model):
     max_file_bytes: int = Field(2_000_000_000, ge=1)
 
 
+FILE_KINDS = ("local", "ftp", "ftps", "sftp", "acoustic")  # acoustic: its files go over SFTP, its jobs over the API
+API_KINDS = ("mailchimp", "acoustic", "flexmail")
+
+
+def _https_or_loopback(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme == "https" or (parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1"))
+
+
 class TransportConfig(_Model):
     """``[transport]``: the server a profile exchanges files with, its credentials by reference, and its timeouts and
     retries."""
 
-    kind: Literal["local", "ftp", "ftps", "sftp"]
+    kind: Literal["local", "ftp", "ftps", "sftp", "mailchimp", "acoustic", "flexmail"]
     path: str | None = None
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
@@ -71,15 +81,36 @@ class TransportConfig(_Model):
     timeout_seconds: float = Field(30.0, gt=0)
     keepalive_seconds: int = Field(30, ge=0)
     retries: int = Field(3, ge=0)
+    # A provider's API (kinds mailchimp, acoustic, flexmail): its base URL where it cannot be worked out (a
+    # Mailchimp key names its data centre), and its credentials by reference.
+    url: str | None = None
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    client_id: str | None = None  # Acoustic's OAuth application: its id is no secret, its secret is
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    refresh_token_env: str | None = None
+    refresh_token_file: str | None = None
+    batch_size: int = Field(500, ge=1, le=5000)  # rows an API request (a Mailchimp batch) carries
+    poll_seconds: float = Field(5.0, gt=0)  # the first wait before asking whether a batch or job is done
+    job_timeout_seconds: float = Field(3600.0, gt=0)  # a batch or job not done by then fails the export
+    max_connections: int = Field(4, ge=1, le=10)  # Mailchimp allows 10 at once per key
 
     @model_validator(mode="after")
     def _kind_needs(self) -> TransportConfig:
         if self.kind == "local" and not self.path:
             raise ValueError("a 'local' transport needs 'path', the folder that stands in for the server")
-        if self.kind != "local" and not self.host:
+        if self.kind in FILE_KINDS and self.kind != "local" and not self.host:
             raise ValueError(f"an '{self.kind}' transport needs 'host'")
-        if self.kind == "sftp" and not self.known_hosts:
-            raise ValueError("an 'sftp' transport needs 'known_hosts': host keys are always checked")
+        if self.kind in ("acoustic", "flexmail") and not self.url:
+            raise ValueError(f"an '{self.kind}' transport needs 'url', the base URL of the provider's API")
+        if self.url and not _https_or_loopback(self.url):
+            raise ValueError(f"url {self.url!r}: an API is reached over https (plain http only on loopback)")
+        for name in ("api_key", "client_secret", "refresh_token"):
+            if getattr(self, f"{name}_env") and getattr(self, f"{name}_file"):
+                raise ValueError(f"give at most one of '{name}_env' or '{name}_file'")
+        if self.kind in ("sftp", "acoustic") and not self.known_hosts:
+            raise ValueError(f"an '{self.kind}' transport needs 'known_hosts': host keys are always checked")
         if self.password_env and self.password_file:
             raise ValueError("give at most one of 'password_env' or 'password_file'")
         if self.key_passphrase_env and self.key_passphrase_file:
@@ -88,7 +119,7 @@ class TransportConfig(_Model):
 
     @property
     def port_or_default(self) -> int:
-        return self.port or (22 if self.kind == "sftp" else 21)
+        return self.port or (22 if self.kind in ("sftp", "acoustic") else 21)
 
 
 class ExportColumn(_Model):
@@ -351,6 +382,9 @@ class PolicyConfig(_Model):
     # has at the provider as subscribed (opt-outs and tombstones), and at least the minimum, is not uploaded.
     max_export_unsubscribe_share: float = Field(0.2, gt=0, le=1)
     safety_min_export_unsubscribes: int = Field(100, ge=1)
+    # A subscribe event for an address no contact holds (a sign-up at the provider) creates the contact and its
+    # subscription, the provider's opt-in time as its consent; off, such a row is reported as "no contact".
+    create_contacts: bool = False
 
 
 class Profile(_Model):

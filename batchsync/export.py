@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,10 +31,11 @@ from batchsync.engine.csvout import ListFiles
 from batchsync.engine.diff import Mode, export_list
 from batchsync.engine.scan import CrmScan
 from batchsync.errors import ConfigError
+from batchsync.formats.csvfile import ReportWriter
 from batchsync.formats.package import package
 from batchsync.locks import ensure_lock_held
-from batchsync.rules import export_safety_stop
-from batchsync.transport import Transport, open_transport
+from batchsync.rules import email_key, export_safety_stop
+from batchsync.transport import Submitter, Transport, open_transport
 from batchsync.transport.retry import RetryPolicy
 from batchsync.workdir import WorkDir, unique_path
 
@@ -58,6 +59,8 @@ class ExportedFile:
     uploads: list[Path] = field(default_factory=list)  # every file that goes up, in order (data, then maps)
     taken_off: int = 0  # addresses the provider has from us as subscribed that this file opts out or tombstones
     stopped: str | None = None  # why the safety stop held the file back (nothing of it uploaded)
+    rejected: int = 0  # rows the provider's API refused (in the .rejected.csv report; sent again next run)
+    api_calls: int = 0  # requests this list's submission made to the provider's API
 
 
 @dataclass
@@ -75,6 +78,14 @@ class ExportResult:
     @property
     def stopped(self) -> list[str]:
         return [item.stopped for item in self.files if item.stopped]
+
+    @property
+    def rejected(self) -> int:
+        return sum(item.rejected for item in self.files)
+
+    @property
+    def api_calls(self) -> int:
+        return sum(item.api_calls for item in self.files)
 
 
 def choose_mode(profile: Profile, now: datetime) -> Mode:
@@ -133,7 +144,8 @@ class Exporter:
                 retry = RetryPolicy.of(self.profile.transport, self.clock)
                 retry.call(transport.connect, what="the connection to the provider")
                 ensure_lock_held(self.engine)  # partial uploads may be the lock holder's, in flight
-                self._remove_partial_uploads(transport)
+                if not isinstance(transport, Submitter):
+                    self._remove_partial_uploads(transport)
             places = [self._place(code, ids) for code in self.profile.lists]
             with CrmScan.read(self.engine, connection, self.profile, places, self.work.root) as scan:
                 for place in places:
@@ -215,6 +227,9 @@ class Exporter:
         return uploads
 
     def _deliver(self, transport: Transport, staged: ExportedFile) -> None:
+        if isinstance(transport, Submitter):
+            self._submit(transport, staged)
+            return
         assert staged.remote_path is not None
         folder = staged.remote_path.rsplit("/", 1)[0]
         staged.uploads = self.delivery.send(transport, staged.uploads, folder)
@@ -225,6 +240,29 @@ class Exporter:
         staged.local_path = staged.uploads[0]
         with self.engine.begin() as connection:
             commit_pending(connection, self.profile.name, staged.list_code)
+
+    def _submit(self, transport: Submitter, staged: ExportedFile) -> None:
+        """The rows go through the provider's API; the ledger moves for the rows it accepted, the others keep
+        their last state there (so they go out again) and are listed with the provider's reason."""
+        calls = transport.calls
+        submission = transport.submit(staged.uploads, staged.list_code)
+        staged.api_calls, staged.rejected = transport.calls - calls, len(submission.rejected)
+        refused = []
+        if submission.rejected:
+            report = staged.uploads[0].with_name(staged.uploads[0].name + ".rejected.csv")
+            with ReportWriter(report, self.profile.export, ["line", "email", "list", "reason"]) as writer:
+                for row in submission.rejected:
+                    writer.write([str(row.line), row.email, staged.list_code, row.reason])
+            staged.reports.append(report)
+            refused = [email_key(row.email) for row in submission.rejected]
+            log.warning("list %s: the provider refused %d rows (see %s)", staged.list_code, len(refused), report.name)
+        staged.uploads = self.work.keep_sent(staged.uploads)
+        staged.uploaded = True
+        staged.remote_path = f"{self.profile.transport.kind}:{self.profile.lists[staged.list_code].id}"
+        staged.reports = self.work.keep_sent(staged.reports)
+        staged.local_path = staged.uploads[0]
+        with self.engine.begin() as connection:
+            commit_pending(connection, self.profile.name, staged.list_code, refused)
 
     def _recover_outbox(self) -> None:
         self.delivery.recover(self.transport_factory)
@@ -266,9 +304,10 @@ def remote_folder(profile: Profile, code: str, now: datetime) -> str:
     return _fill(profile.export.remote_dir, "export.remote_dir", placeholders(profile, code, "full", now)).rstrip("/")
 
 
-def commit_pending(connection: Connection, profile: str, list_code: str) -> None:
-    """The step after a confirmed upload; a module-level name so that tests can make it fail."""
-    snapshots.commit(connection, profile, list_code)
+def commit_pending(connection: Connection, profile: str, list_code: str, refused: Sequence[str] = ()) -> None:
+    """The step after a confirmed upload (the provider's verdict, for an API: ``refused`` holds the keys of the
+    rows it refused); a module-level name so that tests can make it fail."""
+    snapshots.commit(connection, profile, list_code, refused)
 
 
 def _fill(template: str, key: str, values: dict[str, str]) -> str:

@@ -216,14 +216,17 @@ class SnapshotWriter:
         )
 
 
-def commit(connection: Connection, profile: str, list_code: str) -> None:
+def commit(connection: Connection, profile: str, list_code: str, refused: Sequence[str] = ()) -> None:
     """The upload is confirmed: the pending generation becomes current, the one before goes, and so do the notes
-    it took in. A list without a pending generation is left as it is."""
+    it took in. A list without a pending generation is left as it is. The addresses in ``refused`` (keys the
+    provider's API refused) keep what the ledger held for them before: a note puts their old row back, or
+    removes the row where there was none, so the next export sends them again."""
     s = bs_snapshots.c
     mine = and_(s.profile == profile, s.list_code == list_code)
     pending = connection.execute(select(s.generation, s.notes_upto).where(mine, s.state == "pending")).first()
     if pending is None:
         return
+    before = rows_for_keys(connection, profile, refused).filter(pl.col("list_code") == list_code) if refused else None
     older = [int(r[0]) for r in connection.execute(select(s.generation).where(mine, s.state == "current"))]
     _drop(connection, profile, list_code, older)
     connection.execute(update(bs_snapshots).where(mine, s.generation == pending[0]).values(state="current"))
@@ -231,6 +234,19 @@ def commit(connection: Connection, profile: str, list_code: str) -> None:
     connection.execute(
         delete(bs_ledger_notes).where(n.profile == profile, n.list_code == list_code, n.id <= pending[1])
     )
+    if before is not None:
+        _put_back(connection, profile, list_code, refused, before)
+
+
+def _put_back(connection: Connection, profile: str, list_code: str, keys: Sequence[str], before: pl.DataFrame) -> None:
+    held = {row["email_key"]: row for row in before.drop("list_code").iter_rows(named=True)}
+    notes = [
+        {**held[key], "list_code": list_code, "kind": "put"}
+        if key in held
+        else {"list_code": list_code, "email_key": key, "kind": "remove"}
+        for key in sorted(set(keys))
+    ]
+    _add_notes(connection, profile, notes)
 
 
 def discard_pending(connection: Connection, profile: str, list_code: str) -> None:

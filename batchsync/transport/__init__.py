@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from batchsync.clock import Clock
 from batchsync.config import Profile, TransportConfig
 from batchsync.secret import read_secret
+from batchsync.transport.api import Rejected, Submission, Submitter
 from batchsync.transport.base import RemoteEntry, Transport, check_remote_name, upload_confirmed
 from batchsync.transport.ftp import FtpsTransport, FtpTransport
 from batchsync.transport.local import LocalTransport
+from batchsync.transport.mailchimp import MailchimpTransport
 from batchsync.transport.retry import RetryPolicy
 from batchsync.transport.sftp import SftpCredentials, SftpTransport
 
 __all__ = [
+    "Rejected",
     "RemoteEntry",
     "RetryPolicy",
+    "Submission",
+    "Submitter",
     "Transport",
     "check_remote_name",
     "open_transport",
@@ -20,11 +26,15 @@ __all__ = [
 ]
 
 
-def open_transport(profile: Profile) -> Transport:
-    """A transport for the profile; it connects on first use."""
+def open_transport(profile: Profile, clock: Clock | None = None) -> Transport:
+    """A transport for the profile; it connects on first use. An API's waits (retries, polls) go through
+    ``clock``."""
     config: TransportConfig = profile.transport
     if config.kind == "local":
         return LocalTransport(profile.path(config.path or "."))
+    if config.kind == "mailchimp":
+        api_key = read_secret(profile, config.api_key_env, config.api_key_file, "Mailchimp API key")
+        return MailchimpTransport(profile, clock or Clock(), api_key)
     password = read_secret(profile, config.password_env, config.password_file, "transport password")
     host, port, user = config.host or "", config.port_or_default, config.user or "anonymous"
     common = {"root": config.path or "", "timeout": config.timeout_seconds}

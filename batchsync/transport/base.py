@@ -34,6 +34,9 @@ class RemoteEntry:
 class Transport(ABC):
     """One connection to one provider drop."""
 
+    # A listed file is whole (an API's reports, written before they are listed): collect need not look twice.
+    lists_whole_files: bool = False
+
     @abstractmethod
     def connect(self) -> None:
         """Connect and authenticate now (every operation does so on first use): a wrong password or an

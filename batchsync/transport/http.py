@@ -1,0 +1,175 @@
+"""The one HTTP client every provider API goes through: its errors translated into batchsync's, 429 and 5xx
+tried again with back-off, and every call counted.
+
+    client = ApiClient("https://us19.api.mailchimp.com/3.0", clock, retries=3, auth=("batchsync", key))
+    member = client.call("GET", "/lists/a1b2c3d4e5/members/" + digest)
+    client.calls                     # requests made, tries again included (what the provider counts)
+
+Built on httpx rather than each provider's own client library: one place for time-outs, TLS checks, the
+connection limit and retries serves all three providers, where Mailchimp's generated client
+(``mailchimp-marketing``, last released 2022) retries nothing and Acoustic and Flexmail publish none for Python.
+A refused credential is never tried again; a 4xx other than 429 is the provider's verdict on the request
+(:class:`ApiRefusal`, with its reason), not a failure of the transport.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from batchsync.clock import Clock
+from batchsync.errors import TransportError
+from batchsync.transport.retry import RetryPolicy
+
+log = logging.getLogger(__name__)
+MAX_ANSWER_BYTES = 64 * 1024 * 1024  # an API answer larger than this is refused, never read into memory
+
+
+class ApiRefusal(TransportError):
+    """The provider refused a request for what it holds (4xx, not 401, 403 or 429): ``reason`` says why."""
+
+    def __init__(self, status: int, reason: str, what: str) -> None:
+        super().__init__(f"{what}: the provider refused it ({status}): {reason}")
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    url: str
+    json_body: Any
+    data: Mapping[str, str] | None
+    content: bytes | None
+    params: Mapping[str, Any] | None
+    headers: Mapping[str, str] | None
+    anonymous: bool
+
+
+@dataclass
+class Answer:
+    """A successful answer: status, headers, and the body (JSON decoded where it is JSON, else bytes)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: Any
+
+
+class ApiClient:
+    """A provider's API over one pooled httpx client, at most ``max_connections`` at once."""
+
+    def __init__(
+        self,
+        base_url: str,
+        clock: Clock,
+        *,
+        retries: int,
+        timeout: float = 30.0,
+        auth: tuple[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_connections: int = 4,
+        name: str = "the provider's API",
+    ) -> None:
+        self.base_url, self.name = base_url.rstrip("/"), name
+        self.retry = RetryPolicy(retries, clock)
+        self.calls = 0
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.Client(
+            auth=auth, headers=dict(headers or {}), timeout=timeout, limits=limits, follow_redirects=False
+        )
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        data: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        anonymous: bool = False,
+    ) -> Answer:
+        """One request, tried again on 429, 5xx and lost connections; ``path`` is joined to the base URL unless
+        it is a whole URL (a link the provider gave: ``anonymous``, the credentials stay home)."""
+        url = path if path.startswith(("https://", "http://")) else self.base_url + path
+        what = f"{self.name}: {method} {url.split('?', 1)[0]}"
+        request = Request(method, url, json_body, data, content, params, headers, anonymous)
+
+        def attempt() -> Answer:
+            return self._send(request, what)
+
+        return self.retry.call(attempt, what=what)
+
+    def _send(self, r: Request, what: str) -> Answer:
+        self.calls += 1
+        auth: Any = None if r.anonymous else httpx.USE_CLIENT_DEFAULT
+        try:
+            with self._http.stream(
+                r.method,
+                r.url,
+                json=r.json_body,
+                data=r.data,
+                content=r.content,
+                params=r.params,
+                headers=r.headers,
+                auth=auth,
+            ) as response:
+                body = _read_limited(response, what)
+        except httpx.TimeoutException as exc:
+            raise TransportError(f"{what}: timed out ({type(exc).__name__})", retryable=True) from None
+        except httpx.TransportError as exc:
+            raise TransportError(f"{what}: {type(exc).__name__}: {exc}", retryable=True) from None
+        return _answer(response, body, what)
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _read_limited(response: httpx.Response, what: str) -> bytes:
+    chunks, size = [], 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise TransportError(f"{what}: the answer is larger than {MAX_ANSWER_BYTES} bytes: refused")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _answer(response: httpx.Response, body: bytes, what: str) -> Answer:
+    status = response.status_code
+    if status < 400:
+        return Answer(status, response.headers, _decoded(response, body))
+    reason = _reason(_decoded(response, body))
+    if status == 429 or status >= 500:
+        raise TransportError(f"{what}: {status} {reason}", retryable=True)
+    if status in (401, 403):
+        raise TransportError(f"{what}: credentials refused ({status}): {reason}")
+    raise ApiRefusal(status, reason, what)
+
+
+def _decoded(response: httpx.Response, body: bytes) -> Any:
+    kind = response.headers.get("content-type", "")
+    if "json" in kind and body:
+        try:
+            return json.loads(body)
+        except ValueError:
+            return body
+    return body
+
+
+def _reason(body: Any) -> str:
+    """What a provider's error body says, in one line: a problem document's title and detail, and the fields it
+    names (Mailchimp, Flexmail), or the text as it came."""
+    if isinstance(body, dict):
+        parts = [str(body[key]) for key in ("title", "detail", "message", "error_description") if body.get(key)]
+        for error in body.get("errors") or []:
+            if isinstance(error, dict):
+                parts.append(f"{error.get('field', '')}: {error.get('message', '')}".strip(": "))
+        return "; ".join(parts) or json.dumps(body)[:300]
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+    return " ".join(text.split())[:300] or "no reason given"

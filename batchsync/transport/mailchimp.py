@@ -1,0 +1,301 @@
+"""Mailchimp through its Marketing API 3.0: an export's rows as batch operations, its members' changes as reports.
+
+    transport = MailchimpTransport(profile, clock, api_key)   # "<32 hex>-us19": the key names its data centre
+    transport.submit([export_csv], "newsletter")              # batches posted, polled, their results read
+    transport.list("members")                                 # who changed since the last collect, as CSVs
+
+Outbound, each row of an export file becomes ``PUT /lists/{list_id}/members/{subscriber_hash}`` (an upsert by the
+MD5 of the lower-cased address) with ``status_if_new`` and ``status`` and the row's merge fields (every column
+but the address, status and groups is a merge tag, its header the tag), then, where the list maps groups, a
+``POST .../tags`` marking each of the list's group tags active or inactive. A tombstone or opt-out goes as
+``unsubscribed`` (Mailchimp's ``cleaned`` is its own verdict, not one to send). Rows go in batches of
+``transport.batch_size`` (``POST /batches``); each batch is polled until ``finished`` and its results archive
+(a gzipped tar of JSON arrays of ``{status_code, operation_id, response}``) says which rows were refused and why.
+An operation id is the row's line in the file.
+
+Mailchimp refuses ``subscribed`` for a member it holds as unsubscribed or cleaned ("Member In Compliance
+State"); batchsync never asks it to: the export sends an address the provider opted out only as ``pending``
+(Mailchimp's confirmation email), and only with consent given after the opt-out.
+
+Inbound, ``list("members")`` asks each audience for the members whose ``last_changed`` is after the last collect
+(``since_last_changed``), one file per status the profile's inbound kinds take, named and headed as Mailchimp's
+audience export is (``unsubscribed_email_audience_export_<list id>_<stamp>.csv``: ``Email Address``, the merge
+tags, ``OPTIN_TIME``, ``LAST_CHANGED``, ``UNSUB_TIME``, ``UNSUB_REASON``, ``CLEAN_TIME``, ``TAGS``, ``LIST_ID``).
+
+Sources: the Marketing API reference (https://mailchimp.com/developer/marketing/api/list-members/ ,
+.../api/batch-operations/ , .../api/list-member-tags/ , .../docs/errors/), the batch guide
+(https://mailchimp.com/developer/marketing/guides/run-async-requests-batch-endpoint/ : "a limit of 10 concurrent
+connections"), the subscriber-hash guide, and Mailchimp's generated Python client (mailchimp-marketing-python,
+api_client.py: the data centre is the key's suffix after "-", Basic auth with the key as password).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from batchsync.clock import Clock
+from batchsync.config import Profile
+from batchsync.errors import ConfigError, TransportError
+from batchsync.transport.api import ApiTransport, Rejected, Submission
+from batchsync.transport.http import ApiClient
+
+log = logging.getLogger(__name__)
+MEMBER_PAGE = 1000  # the largest ``count`` GET members takes
+REPORT_STATUSES = ("subscribed", "unsubscribed", "cleaned")
+TIME = "%Y-%m-%d %H:%M:%S"  # the audience export's times, UTC
+OVERLAP = timedelta(minutes=5)  # a window starts this long before the last one ended: late writes are not missed
+SENT_AS = {"subscribed": "subscribed", "pending": "pending", "unsubscribed": "unsubscribed", "cleaned": "unsubscribed"}
+
+
+@dataclass
+class Row:
+    """One row of an export file: its line, address, status (batchsync's word), groups and merge fields."""
+
+    line: int
+    email: str = ""
+    status: str = "subscribed"
+    groups: set[str] = field(default_factory=set)
+    merge: dict[str, str] = field(default_factory=dict)
+
+
+def subscriber_hash(email: str) -> str:
+    """Mailchimp's id of a member: the MD5 of the lower-cased address."""
+    return hashlib.md5(email.strip().lower().encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def api_url(api_key: str) -> str:
+    """The API's base URL for a key ``<key>-<dc>``."""
+    _, _, centre = api_key.rpartition("-")
+    if not centre.isalnum():
+        raise ConfigError('the Mailchimp API key does not end in its data centre ("...-us19")')
+    return f"https://{centre}.api.mailchimp.com/3.0"
+
+
+class MailchimpTransport(ApiTransport):
+    report_folders = ("members",)
+
+    def __init__(self, profile: Profile, clock: Clock, api_key: str) -> None:
+        super().__init__(profile, clock)
+        if not api_key:
+            raise ConfigError(f"profile {profile.name}: the Mailchimp transport needs api_key_env or api_key_file")
+        config = profile.transport
+        self.api = ApiClient(
+            config.url or api_url(api_key),
+            clock,
+            retries=config.retries,
+            timeout=config.timeout_seconds,
+            auth=("batchsync", api_key),
+            max_connections=config.max_connections,
+            name="Mailchimp",
+        )
+
+    @property
+    def calls(self) -> int:
+        return self.api.calls
+
+    def connect(self) -> None:
+        self.api.call("GET", "/ping")
+
+    def close(self) -> None:
+        self.api.close()
+
+    # --- out: an export's rows -----------------------------------------------------------------------------
+
+    def submit(self, files: list[Path], list_code: str) -> Submission:
+        list_id = self.profile.lists[list_code].id
+        submission = Submission()
+        for path in files:
+            for rows in _chunks(self._rows(path), self.profile.transport.batch_size):
+                operations = [op for row in rows for op in self._operations(list_id, list_code, row)]
+                refused = self._run_batch(operations)
+                emails = {row.line: row.email for row in rows}
+                for line, reason in sorted(refused.items()):
+                    submission.rejected.append(Rejected(line, emails[line], reason))
+                submission.accepted += len(rows) - len(refused)
+        return submission
+
+    def _rows(self, path: Path) -> Iterator[Row]:
+        """The rows of an export file, each with its line number (the header is line 1)."""
+        export = self.profile.export
+        fields = {column.header: column.field for column in export.columns}
+        values = {value: status for status, value in export.status_values.items()}
+        with path.open(encoding=export.encoding, newline="") as handle:
+            reader = csv.reader(handle, delimiter=export.delimiter, quotechar=export.quote)
+            header = next(reader)
+            for line, cells in enumerate(reader, start=2):
+                row = Row(line)
+                for name, cell in zip(header, cells, strict=False):
+                    field = fields.get(name, name)
+                    if field == "email":
+                        row.email = cell
+                    elif field == "groups":
+                        row.groups = {part.strip() for part in cell.split(export.group_separator) if part.strip()}
+                    elif field == "status":
+                        row.status = values.get(cell, cell)
+                    else:
+                        row.merge[name] = cell
+                yield row
+
+    def _operations(self, list_id: str, list_code: str, row: Row) -> list[dict[str, Any]]:
+        status = SENT_AS.get(row.status, "unsubscribed")
+        path = f"/lists/{list_id}/members/{subscriber_hash(row.email)}"
+        body: dict[str, Any] = {"email_address": row.email, "status_if_new": status, "status": status}
+        if status != "unsubscribed":
+            body["merge_fields"] = row.merge
+        operations = [{"method": "PUT", "path": path, "operation_id": str(row.line), "body": json.dumps(body)}]
+        groups = self.profile.lists[list_code].groups
+        if groups and status != "unsubscribed":
+            tags = [{"name": tag, "status": "active" if tag in row.groups else "inactive"} for tag in groups.values()]
+            tagged = {"method": "POST", "path": path + "/tags", "body": json.dumps({"tags": tags})}
+            operations.append({**tagged, "operation_id": f"{row.line}:tags"})
+        return operations
+
+    def _run_batch(self, operations: list[dict[str, Any]]) -> dict[int, str]:
+        """Post one batch, wait for it, and return the refused rows: line -> Mailchimp's reason."""
+        batch = self.api.call("POST", "/batches", json_body={"operations": operations}).body
+        finished = self._wait(str(batch["id"]))
+        refused: dict[int, str] = {}
+        for result in _results(self.api, str(finished.get("response_body_url") or "")):
+            if int(result.get("status_code", 500)) >= 400:
+                line = int(str(result.get("operation_id", "0")).split(":")[0])
+                refused.setdefault(line, _reason(result))
+        if finished.get("errored_operations") and not refused:
+            raise TransportError(f"Mailchimp batch {batch['id']}: errors counted but no results read")
+        return refused
+
+    def _wait(self, batch_id: str) -> dict[str, Any]:
+        config = self.profile.transport
+        deadline = self.clock.monotonic() + config.job_timeout_seconds
+        delay = config.poll_seconds
+        while True:
+            batch: dict[str, Any] = self.api.call("GET", f"/batches/{batch_id}").body
+            if batch.get("status") == "finished":
+                return batch
+            if self.clock.monotonic() >= deadline:
+                raise TransportError(
+                    f"Mailchimp batch {batch_id} not finished after {config.job_timeout_seconds:.0f} s "
+                    f"({batch.get('finished_operations', 0)} of {batch.get('total_operations', '?')} operations)"
+                )
+            self.clock.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    # --- in: members changed since the last collect ----------------------------------------------------------
+
+    def fetch_reports(self, folder: str) -> None:
+        wanted = [status for status in REPORT_STATUSES if self._taken(folder, status)]
+        for code, config in self.profile.lists.items():
+            for status in wanted:
+                self._fetch_status(folder, code, config.id, status)
+
+    def _taken(self, folder: str, status: str) -> bool:
+        name = report_name(status, "x", datetime(2000, 1, 1, tzinfo=UTC))
+        return any(kind.remote_dir == folder and kind.matches(name) for kind in self.profile.inbound)
+
+    def _fetch_status(self, folder: str, code: str, list_id: str, status: str) -> None:
+        stream = f"{list_id}.{status}"
+        since = self.inbox.cursor(folder, stream)
+        upto = self.clock.now()
+        members = list(self._members(list_id, status, since - OVERLAP if since else None))
+        if not members:
+            self.inbox.advance(folder, stream, upto)  # nothing changed in the window: nothing to apply
+            return
+        name = report_name(status, list_id, upto)
+        self.inbox.add(folder, name, stream, upto, lambda part: _write_members(part, members, list_id))
+        log.info("Mailchimp audience %s (%s): %d %s members since %s", list_id, code, len(members), status, since)
+
+    def _members(self, list_id: str, status: str, since: datetime | None) -> Iterator[dict[str, Any]]:
+        offset = 0
+        while True:
+            params: dict[str, Any] = {"status": status, "count": MEMBER_PAGE, "offset": offset}
+            if since is not None:
+                params["since_last_changed"] = since.astimezone(UTC).isoformat(timespec="seconds")
+            page = self.api.call("GET", f"/lists/{list_id}/members", params=params).body
+            members = page.get("members") or []
+            yield from members
+            offset += len(members)
+            if not members or offset >= int(page.get("total_items", 0)):
+                return
+
+
+def report_name(status: str, list_id: str, upto: datetime) -> str:
+    return f"{status}_email_audience_export_{list_id}_{upto.astimezone(UTC):%Y%m%dT%H%M%SZ}.csv"
+
+
+def _write_members(path: Path, members: list[dict[str, Any]], list_id: str) -> None:
+    tags = sorted({tag for member in members for tag in (member.get("merge_fields") or {})})
+    header = ["Email Address", *tags, "OPTIN_TIME", "LAST_CHANGED", "UNSUB_TIME", "UNSUB_REASON", "CLEAN_TIME"]
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*header, "TAGS", "LIST_ID"])
+        for member in members:
+            merge = member.get("merge_fields") or {}
+            changed = _time(member.get("last_changed"))
+            status = member.get("status")
+            writer.writerow(
+                [
+                    member.get("email_address", ""),
+                    *(_cell(merge.get(tag)) for tag in tags),
+                    _time(member.get("timestamp_opt")),
+                    changed,
+                    changed if status == "unsubscribed" else "",
+                    member.get("unsubscribe_reason") or "",
+                    changed if status == "cleaned" else "",
+                    ",".join(str(tag.get("name", "")) for tag in member.get("tags") or []),
+                    list_id,
+                ]
+            )
+
+
+def _time(value: Any) -> str:
+    """An API time (ISO 8601 with offset) as the audience export writes it (UTC, seconds)."""
+    if not value:
+        return ""
+    return datetime.fromisoformat(str(value)).astimezone(UTC).strftime(TIME)
+
+
+def _cell(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, dict | list) else "" if value is None else str(value)
+
+
+def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
+    chunk: list[Row] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _results(api: ApiClient, url: str) -> Iterator[dict[str, Any]]:
+    """The operations' results from a finished batch's archive (no API key goes to its storage host)."""
+    if not url:
+        raise TransportError("a finished Mailchimp batch gave no results archive")
+    archive = api.call("GET", url, anonymous=True).body
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        for member in tar:
+            handle = tar.extractfile(member) if member.isfile() else None
+            if handle is not None:
+                yield from json.load(handle)
+
+
+def _reason(result: dict[str, Any]) -> str:
+    """Mailchimp's reason for a refused operation: the problem document's title, detail and field errors."""
+    try:
+        body = json.loads(result.get("response") or "{}")
+    except ValueError:
+        return f"HTTP {result.get('status_code')}: {str(result.get('response'))[:200]}"
+    parts = [str(body[key]) for key in ("title", "detail") if body.get(key)]
+    parts += [f"{e.get('field', '')}: {e.get('message', '')}" for e in body.get("errors") or [] if isinstance(e, dict)]
+    return "; ".join(parts) or f"HTTP {result.get('status_code')}"

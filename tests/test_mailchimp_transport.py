@@ -1,0 +1,242 @@
+"""The mailchimp transport against the fake Mailchimp Marketing API (tests/mailchimp_server.py) over real HTTP:
+a full export and a diff become member upserts in batches, Mailchimp's refusals go to the errors file and out
+again, a member unsubscribed or cleaned at Mailchimp comes back as an opt-out, a crash between the batch and
+the ledger re-sends without changing what Mailchimp holds, and 429s slow the run down without failing it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine
+
+import batchsync.export
+from batchsync.clock import ManualClock
+from batchsync.config import Profile, load_profile
+from batchsync.errors import DatabaseError
+from batchsync.sync import Sync
+from batchsync.transport import open_transport
+
+from .conftest import ROOT
+from .crmdata import build_tiny_crm, set_status, status_of
+from .mailchimp_server import Audience, MailchimpServer, MergeField, subscriber_hash
+
+LIST_ID = "a1b2c3d4e5"
+SENT = ("alice@example.com", "bob@example.com", "dave@example.com", "grace@example.com", "ivan@example.com")
+
+
+@pytest.fixture
+def mailchimp(clock: ManualClock) -> Iterator[MailchimpServer]:
+    with MailchimpServer() as server:
+        server.api.clock = clock.now  # Mailchimp's clock and ours agree, as in life
+        server.batch_started_polls = 2
+        server.add_audience(
+            LIST_ID,
+            "Newsletter",
+            [MergeField("FNAME", "First Name"), MergeField("LNAME", "Last Name"), MergeField("CITY", "City")],
+        )
+        yield server
+
+
+def mailchimp_profile(tmp_path: Path, db_url: str, server: MailchimpServer, monkeypatch: pytest.MonkeyPatch) -> Profile:
+    key_file = tmp_path / "mailchimp.key"
+    key_file.write_text(server.api_key + "\n", encoding="utf-8")
+    return load_profile(
+        ROOT / "profiles" / "mailchimp-api.toml",
+        overrides={
+            "database": {"url": db_url},
+            "work.dir": str(tmp_path / "work"),
+            "transport": {
+                "kind": "mailchimp",
+                "url": server.url,
+                "api_key_file": str(key_file),
+                "poll_seconds": 1.0,
+                "batch_size": 4,  # several batches for the tiny CRM
+            },
+        },
+    )
+
+
+@pytest.fixture
+def sync(tmp_path: Path, mailchimp: MailchimpServer, clock: ManualClock, monkeypatch: pytest.MonkeyPatch) -> Sync:
+    profile = mailchimp_profile(tmp_path, f"sqlite:///{tmp_path / 'crm.sqlite'}", mailchimp, monkeypatch)
+    sync = Sync(profile, clock=clock, transport_factory=lambda p: open_transport(p, clock))
+    sync.init()
+    build_tiny_crm(sync.engine)
+    return sync
+
+
+def audience(server: MailchimpServer) -> Audience:
+    return server.audiences[LIST_ID]
+
+
+def statuses(server: MailchimpServer) -> dict[str, str]:
+    return {member.email_address.strip().lower(): member.status for member in audience(server).members.values()}
+
+
+def put_bodies(server: MailchimpServer) -> list[dict[str, Any]]:
+    """Every member upsert Mailchimp was sent, in order."""
+    with server.api.lock:
+        operations = [op for batch in server.api.batches.values() for op in batch.operations]
+    return [json.loads(op["body"]) for op in operations if op["method"] == "PUT"]
+
+
+def test_full_export_upserts_every_member_with_merge_fields_and_tags(sync: Sync, mailchimp: MailchimpServer) -> None:
+    result = sync.export("full")
+
+    [exported] = result.files
+    held = statuses(mailchimp)
+    assert {email: held[email] for email in SENT} == dict.fromkeys(SENT, "subscribed")
+    assert held["carol@example.com"] == "unsubscribed" and held["frank@example.com"] == "unsubscribed"
+    assert "not-an-email" not in held  # skipped by the export, never sent
+    alice = mailchimp.member(LIST_ID, "alice@example.com")
+    assert alice is not None and alice.merge_fields["FNAME"] == "Alice" and alice.merge_fields["LNAME"] == "Ädler"
+    dave = mailchimp.member(LIST_ID, "dave@example.com")
+    assert dave is not None and dave.tags == ["VIP"] and alice.tags == []
+    assert exported.rejected == 0 and exported.uploaded
+    assert exported.api_calls == result.api_calls and result.api_calls >= 3 * len(mailchimp.api.batches)
+    assert len(mailchimp.api.batches) > 1  # batch_size 4: the rows went in several batches
+    assert sync.export("diff").rows == 0  # the ledger moved: nothing left to send
+
+
+def test_diff_sends_only_the_changed_row(sync: Sync, mailchimp: MailchimpServer, clock: ManualClock) -> None:
+    sync.export("full")
+    before = len(put_bodies(mailchimp))
+    clock.advance(3600)
+    set_status(sync.engine, 2, "newsletter", "unsubscribed", clock.now())
+
+    assert sync.export("diff").rows == 1
+
+    [body] = put_bodies(mailchimp)[before:]
+    assert body["email_address"] == "bob@example.com" and body["status"] == "unsubscribed"
+    assert statuses(mailchimp)["bob@example.com"] == "unsubscribed"
+
+
+def test_member_unsubscribed_or_cleaned_at_mailchimp_is_opted_out_in_the_crm(
+    sync: Sync, mailchimp: MailchimpServer, clock: ManualClock
+) -> None:
+    sync.export("full")
+    clock.advance(3600)
+    bob = mailchimp.member(LIST_ID, "bob@example.com")
+    alice = mailchimp.member(LIST_ID, "alice@example.com")
+    assert bob is not None and alice is not None
+    bob.status, bob.unsubscribe_reason, bob.last_changed = "unsubscribed", "Too many emails", clock.now()
+    alice.status, alice.last_changed = "cleaned", clock.now()
+    clock.advance(60)
+
+    report = sync.run("diff")
+
+    assert report is not None
+    assert status_of(sync.engine, 2, "newsletter") == "unsubscribed"
+    assert status_of(sync.engine, 1, "newsletter") == "cleaned"
+    assert report.exported is not None and report.exported.rows == 0  # Mailchimp's own verdicts are not echoed
+    assert not list((sync.work.root / "api-inbox" / "members").glob("*.csv"))  # applied, then finished
+    clock.advance(3600)
+    again = sync.run("diff")  # windows overlap by minutes: a member seen twice changes nothing the second time
+    assert again is not None and all(outcome.changed == 0 for outcome in again.imported.files)
+    clock.advance(3600)
+    assert not sync.run("diff").imported.files  # type: ignore[union-attr]
+
+
+def test_refused_row_goes_to_the_errors_file_and_out_again(
+    sync: Sync, mailchimp: MailchimpServer, clock: ManualClock
+) -> None:
+    audience(mailchimp).forgotten.add(subscriber_hash("bob@example.com"))  # deleted for good at Mailchimp
+
+    [exported] = sync.export("full").files
+
+    assert exported.rejected == 1
+    [report] = [path for path in exported.reports if path.name.endswith(".rejected.csv")]
+    with report.open(encoding="utf-8", newline="") as handle:
+        [row] = list(csv.DictReader(handle))
+    assert row["email"] == "bob@example.com" and row["list"] == "newsletter"
+    assert "Forgotten Email" in row["reason"]
+    assert mailchimp.member(LIST_ID, "bob@example.com") is None
+    clock.advance(3600)
+    audience(mailchimp).forgotten.clear()  # Mailchimp takes it now
+    retried = sync.export("diff")
+    assert retried.rows == 1 and retried.rejected == 0
+    assert statuses(mailchimp)["bob@example.com"] == "subscribed"
+
+
+def test_crash_between_the_batch_and_the_ledger_sends_again_to_the_same_state(
+    sync: Sync, mailchimp: MailchimpServer, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*args: object) -> None:
+        raise DatabaseError("the database went away after the batch finished")
+
+    monkeypatch.setattr(batchsync.export, "commit_pending", crash)
+    with pytest.raises(DatabaseError):
+        sync.export("full")
+    crashed = statuses(mailchimp)
+    monkeypatch.undo()
+
+    clock.advance(60)
+    again = sync.export("diff")  # the ledger never moved: every row goes again (at least once)
+
+    assert again.rows == len(put_bodies(mailchimp)) // 2
+    assert statuses(mailchimp) == crashed
+    assert sync.export("diff").rows == 0
+
+
+def test_member_unsubscribed_at_mailchimp_is_never_sent_as_subscribed(
+    sync: Sync, mailchimp: MailchimpServer, clock: ManualClock
+) -> None:
+    sync.export("full")
+    clock.advance(3600)
+    bob = mailchimp.member(LIST_ID, "bob@example.com")
+    judy = mailchimp.member(LIST_ID, "judy@example.com")
+    assert bob is not None and judy is not None
+    for member in (bob, judy):
+        member.status, member.last_changed = "unsubscribed", clock.now()
+    clock.advance(60)
+    sync.run("diff")  # Mailchimp's opt-outs reach the CRM
+    sent = len(put_bodies(mailchimp))
+    clock.advance(3600)
+    set_status(sync.engine, 2, "newsletter", "subscribed", clock.now())  # no new consent
+    set_status(sync.engine, 12, "newsletter", "subscribed", clock.now(), consent_by="web-form")  # new consent
+
+    sync.run("diff")
+
+    later = put_bodies(mailchimp)[sent:]
+    assert not [body for body in later if body.get("status") == "subscribed"]
+    assert [(body["email_address"], body["status"]) for body in later] == [("judy@example.com", "pending")]
+    assert statuses(mailchimp)["bob@example.com"] == "unsubscribed"
+    assert statuses(mailchimp)["judy@example.com"] == "pending"
+
+
+def test_429_slows_the_run_down_and_the_calls_are_counted(
+    sync: Sync, mailchimp: MailchimpServer, clock: ManualClock
+) -> None:
+    mailchimp.fail_next(3, status=429)
+    started = clock.now()
+
+    result = sync.export("full")
+
+    assert statuses(mailchimp)["alice@example.com"] == "subscribed" and result.rejected == 0
+    assert clock.now() - started >= timedelta(seconds=1 + 2 + 4)  # backed off 1, 2 and 4 seconds
+    assert result.api_calls == mailchimp.request_count - 1 - len(mailchimp.api.batches)  # archives: not the API's
+
+
+def test_wrong_api_key_fails_the_export_before_anything_is_sent(
+    tmp_path: Path, mailchimp: MailchimpServer, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    profile = mailchimp_profile(tmp_path, f"sqlite:///{tmp_path / 'crm.sqlite'}", mailchimp, monkeypatch)
+    (tmp_path / "mailchimp.key").write_text("0" * 32 + "-us19", encoding="utf-8")
+    sync = Sync(profile, clock=clock, transport_factory=lambda p: open_transport(p, clock))
+    sync.init()
+    build_tiny_crm(sync.engine)
+
+    with pytest.raises(Exception, match="credentials refused"):
+        sync.export("full")
+
+    assert not audience(mailchimp).members and not mailchimp.api.batches
+
+
+def _engine(sync: Sync) -> Engine:
+    return sync.engine
