@@ -10,7 +10,8 @@ and the other writes it asks for. Rows without a contact never reach a handler b
 - opt-outs (unsubscribe, hard bounce, complaint, clean): an activity per contact; the opt-out on each list;
 - soft bounces: counted (an activity each); the one that reaches the threshold cleans the address;
 - email changes: decided before any handler runs, in file order (``contactmap``): here, their results;
-- subscribes: the provider's clears its remembered opt-outs (``setimport``), and re-subscribes nobody;
+- subscribes: the provider's clears its remembered opt-outs (``setimport``), and re-subscribes nobody; one for an
+  address no contact holds is "no_contact", unless ``signups`` made its contact (``policy.create_contacts``);
 - opens and clicks: an activity; updates: the contact's fields; ignore: nothing.
 """
 
@@ -134,9 +135,12 @@ def subscribes(state: FileImport, rows: pl.DataFrame) -> Part:
     done = rows.filter(pl.col("cleared").list.len() > 0)
     said = pl.format("the provider's opt-out of {} cleared: it has the address subscribed again", shown)
     nothing = pl.lit("no older opt-out of the provider's to clear")
+    left = rows.filter(pl.col("cleared").list.len() == 0)
+    alone = pl.col("contacts").list.len() == 0  # a sign-up batchsync makes no contact for (policy.create_contacts)
     results = [
         result(done, "applied", said, pl.col("cleared")),
-        result(rows.filter(pl.col("cleared").list.len() == 0), "unchanged", nothing),
+        result(left.filter(~alone), "unchanged", nothing),
+        result(left.filter(alone), "no_contact", pl.lit("no CRM contact with this email")),
     ]
     return Part(results=results, activities=[activities(per_contact(rows), detail)])
 

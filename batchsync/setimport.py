@@ -25,7 +25,7 @@ from typing import Any
 import polars as pl
 from sqlalchemy import Connection
 
-from batchsync import contactmap, vrules
+from batchsync import contactmap, signups, vrules
 from batchsync.collect import REPORTED, StagedFile
 from batchsync.config import Profile
 from batchsync.contactmap import EmailChanges
@@ -37,6 +37,7 @@ from batchsync.formats.csvframe import cell, write_frame
 from batchsync.handlers import HANDLERS, Part, result
 from batchsync.rules import OPT_OUT_KINDS
 from batchsync.setdecide import PLACE, Decisions, audit_constants, decide
+from batchsync.signups import create_signed_up
 from batchsync.tally import Tally
 
 OPT_OUTS = sorted(OPT_OUT_KINDS)
@@ -78,6 +79,7 @@ class FileImport:
         self.touched = pl.DataFrame(schema={"contact_id": pl.Int64, "list_id": pl.Int64})  # changed by this file
         self.opted_out = pl.DataFrame(schema={"list_code": pl.String, "email_key": pl.String})  # for the stop
         self.changes, self.cleared = EmailChanges(), _cleared({})
+        self.created = pl.DataFrame(schema=signups.CREATED)  # the batch's sign-ups made contacts
         driver.tune_for_bulk(connection)  # PostgreSQL, this transaction: no JIT, hashes and sorts held in memory
 
     def finish(self) -> None:
@@ -97,6 +99,9 @@ class FileImport:
         self._count(events, rejected)
         keys = frames.among(self.connection, "bs_import_keys", _keys(events))
         found = sets.contact_ids(self.connection, keys)
+        self.created = create_signed_up(self, events, found)
+        if not self.created.is_empty():
+            found = sets.contact_ids(self.connection, keys)
         rows, self.changes = contactmap.reach(self._lists(events), found, self._emails)
         self.cleared = self._reports(rows, keys)
         part = self._handle(rows)
@@ -134,6 +139,10 @@ class FileImport:
         part = Part()
         lonely = rows.filter((pl.col("contacts").list.len() == 0) & (pl.col("kind") != "subscribe"))
         part.results.append(result(lonely, "no_contact", pl.lit("no CRM contact with this email")))
+        created = rows.join(self.created, on="line", how="semi")
+        said = pl.format("contact {} created: {}", pl.col("contacts").list.first(), pl.lit(signups.RULE))
+        part.results.append(result(created, "applied", said))
+        rows = rows.join(self.created, on="line", how="anti")
         reached = rows.filter((pl.col("contacts").list.len() > 0) | (pl.col("kind") == "subscribe"))
         for handler in dict.fromkeys(HANDLERS.values()):
             kinds = [kind for kind, known in HANDLERS.items() if known is handler]

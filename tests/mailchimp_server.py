@@ -219,6 +219,9 @@ class Member:
     # leaves it unset then, and a test sets it in the state for a contact who unsubscribed themselves.
     unsubscribe_reason: str | None = None
     email_type: str = "html"
+    # [SPEC] timestamp_opt: "The date and time the subscriber confirmed their opt-in status". Set when a member
+    # is made subscribed; undocumented whether an API upsert sets it: this fake does.
+    timestamp_opt: datetime | None = None
 
     @property
     def id(self) -> str:
@@ -259,6 +262,7 @@ class Audience:
         }
         if member.unsubscribe_reason is not None:
             document["unsubscribe_reason"] = member.unsubscribe_reason
+        document["timestamp_opt"] = iso(member.timestamp_opt) if member.timestamp_opt else ""
         return document
 
     def tag_id(self, name: str) -> int:
@@ -422,6 +426,7 @@ class MailchimpApi:
             raise forgotten_email(email)
         merge = checked_merge_fields(audience, document.get("merge_fields"), new=not skip_required)
         member = Member(email_address=email, status=status, last_changed=self.clock(), merge_fields=merge)
+        member.timestamp_opt = member.last_changed if status == "subscribed" else None
         audience.members[key] = member
         return member
 

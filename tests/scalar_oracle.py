@@ -189,6 +189,8 @@ class EventApplier:
         if cleared:
             detail = f"the provider's opt-out of {','.join(cleared)} cleared: it has the address subscribed again"
             self._result(event, cleared, "applied", detail, tally)
+        elif not self.contacts.get(event.email_key):
+            self._result(event, lists, "no_contact", "no CRM contact with this email", tally)
         else:
             self._result(event, lists, "unchanged", "no older opt-out of the provider's to clear", tally)
 

@@ -8,17 +8,19 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 import batchsync.export
 from batchsync.clock import ManualClock
 from batchsync.config import Profile, load_profile
+from batchsync.db.schema import bs_changes, contacts, subscriptions
 from batchsync.errors import DatabaseError
+from batchsync.signups import RULE
 from batchsync.sync import Sync
 from batchsync.transport import open_transport
 
@@ -238,5 +240,61 @@ def test_wrong_api_key_fails_the_export_before_anything_is_sent(
     assert not audience(mailchimp).members and not mailchimp.api.batches
 
 
-def _engine(sync: Sync) -> Engine:
-    return sync.engine
+def signed_up_sync(
+    tmp_path: Path, server: MailchimpServer, clock: ManualClock, monkeypatch: pytest.MonkeyPatch, create: bool
+) -> Sync:
+    profile = mailchimp_profile(tmp_path, f"sqlite:///{tmp_path / 'crm.sqlite'}", server, monkeypatch)
+    profile = profile.model_copy(update={"policy": profile.policy.model_copy(update={"create_contacts": create})})
+    sync = Sync(profile, clock=clock, transport_factory=lambda p: open_transport(p, clock))
+    sync.init()
+    build_tiny_crm(sync.engine)
+    return sync
+
+
+def contact_row(engine: Engine, email: str) -> dict[str, Any] | None:
+    with engine.connect() as connection:
+        found = connection.execute(
+            select(
+                contacts.c.id,
+                contacts.c.first_name,
+                subscriptions.c.status,
+                subscriptions.c.consent_by,
+                subscriptions.c.consent_at,
+            )
+            .join(subscriptions, subscriptions.c.contact_id == contacts.c.id)
+            .where(contacts.c.email_key == email)
+        ).first()
+    return dict(found._mapping) if found else None
+
+
+def test_sign_up_at_mailchimp_creates_the_contact_with_consent_when_asked(
+    tmp_path: Path, mailchimp: MailchimpServer, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = signed_up_sync(tmp_path, mailchimp, clock, monkeypatch, create=True)
+    opted_in = clock.now() - timedelta(hours=2)
+    mailchimp.add_member(
+        LIST_ID, "new@example.com", "subscribed", merge_fields={"FNAME": "Nina"}, timestamp_opt=opted_in
+    )
+
+    report = sync.run("diff")
+
+    row = contact_row(sync.engine, "new@example.com")
+    assert row is not None and row["first_name"] == "Nina" and row["status"] == "subscribed"
+    assert row["consent_by"] == "provider:mailchimp-api"
+    assert row["consent_at"].replace(tzinfo=UTC) == opted_in
+    with sync.engine.connect() as connection:
+        rules = connection.scalars(select(bs_changes.c.rule).where(bs_changes.c.contact_id == row["id"])).all()
+    assert rules == [RULE]
+    assert report is not None and sum(outcome.no_contact for outcome in report.imported.files) == 0
+
+
+def test_sign_up_at_mailchimp_creates_nothing_by_default(
+    tmp_path: Path, mailchimp: MailchimpServer, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = signed_up_sync(tmp_path, mailchimp, clock, monkeypatch, create=False)
+    mailchimp.add_member(LIST_ID, "new@example.com", "subscribed", timestamp_opt=clock.now())
+
+    report = sync.run("diff")
+
+    assert contact_row(sync.engine, "new@example.com") is None
+    assert report is not None and sum(outcome.no_contact for outcome in report.imported.files) == 2  # both kinds

@@ -18,9 +18,11 @@ State"); batchsync never asks it to: the export sends an address the provider op
 (Mailchimp's confirmation email), and only with consent given after the opt-out.
 
 Inbound, ``list("members")`` asks each audience for the members whose ``last_changed`` is after the last collect
-(``since_last_changed``), one file per status the profile's inbound kinds take, named and headed as Mailchimp's
-audience export is (``unsubscribed_email_audience_export_<list id>_<stamp>.csv``: ``Email Address``, the merge
-tags, ``OPTIN_TIME``, ``LAST_CHANGED``, ``UNSUB_TIME``, ``UNSUB_REASON``, ``CLEAN_TIME``, ``TAGS``, ``LIST_ID``).
+(``since_last_changed``), one file per report stream the profile's inbound kinds take (``subscribed``,
+``subscribes``, ``unsubscribed``, ``cleaned``), named and headed as Mailchimp's audience export is
+(``unsubscribed_email_audience_export_<list id>_<stamp>.csv``): ``Email Address``, the merge tags,
+``OPTIN_TIME`` (``timestamp_opt``, else ``timestamp_signup``, else ``last_changed``), ``LAST_CHANGED``,
+``UNSUB_TIME``, ``UNSUB_REASON``, ``CLEAN_TIME``, ``TAGS``, ``LIST_ID``, ``REPORT`` (the stream).
 
 Sources: the Marketing API reference (https://mailchimp.com/developer/marketing/api/list-members/ ,
 .../api/batch-operations/ , .../api/list-member-tags/ , .../docs/errors/), the batch guide
@@ -51,7 +53,14 @@ from batchsync.transport.http import ApiClient
 
 log = logging.getLogger(__name__)
 MEMBER_PAGE = 1000  # the largest ``count`` GET members takes
-REPORT_STATUSES = ("subscribed", "unsubscribed", "cleaned")
+# Report streams: the file name's first word, and the member status it lists. "subscribes" lists the same
+# members as "subscribed", for a kind whose event is a subscribe (sign-ups: policy.create_contacts).
+REPORTS = (
+    ("subscribed", "subscribed"),
+    ("subscribes", "subscribed"),
+    ("unsubscribed", "unsubscribed"),
+    ("cleaned", "cleaned"),
+)
 TIME = "%Y-%m-%d %H:%M:%S"  # the audience export's times, UTC
 OVERLAP = timedelta(minutes=5)  # a window starts this long before the last one ended: late writes are not missed
 SENT_AS = {"subscribed": "subscribed", "pending": "pending", "unsubscribed": "unsubscribed", "cleaned": "unsubscribed"}
@@ -192,25 +201,26 @@ class MailchimpTransport(ApiTransport):
     # --- in: members changed since the last collect ----------------------------------------------------------
 
     def fetch_reports(self, folder: str) -> None:
-        wanted = [status for status in REPORT_STATUSES if self._taken(folder, status)]
+        wanted = [(word, status) for word, status in REPORTS if self._taken(folder, word)]
         for code, config in self.profile.lists.items():
-            for status in wanted:
-                self._fetch_status(folder, code, config.id, status)
+            for word, status in wanted:
+                self._fetch(folder, code, config.id, word, status)
 
-    def _taken(self, folder: str, status: str) -> bool:
-        name = report_name(status, "x", datetime(2000, 1, 1, tzinfo=UTC))
+    def _taken(self, folder: str, word: str) -> bool:
+        """Some inbound kind of the folder takes this stream's files (the others are not asked for)."""
+        name = report_name(word, "x", datetime(2000, 1, 1, tzinfo=UTC))
         return any(kind.remote_dir == folder and kind.matches(name) for kind in self.profile.inbound)
 
-    def _fetch_status(self, folder: str, code: str, list_id: str, status: str) -> None:
-        stream = f"{list_id}.{status}"
+    def _fetch(self, folder: str, code: str, list_id: str, word: str, status: str) -> None:
+        stream = f"{list_id}.{word}"
         since = self.inbox.cursor(folder, stream)
         upto = self.clock.now()
         members = list(self._members(list_id, status, since - OVERLAP if since else None))
         if not members:
             self.inbox.advance(folder, stream, upto)  # nothing changed in the window: nothing to apply
             return
-        name = report_name(status, list_id, upto)
-        self.inbox.add(folder, name, stream, upto, lambda part: _write_members(part, members, list_id))
+        name = report_name(word, list_id, upto)
+        self.inbox.add(folder, name, stream, upto, lambda part: _write_members(part, members, list_id, word))
         log.info("Mailchimp audience %s (%s): %d %s members since %s", list_id, code, len(members), status, since)
 
     def _members(self, list_id: str, status: str, since: datetime | None) -> Iterator[dict[str, Any]]:
@@ -227,16 +237,18 @@ class MailchimpTransport(ApiTransport):
                 return
 
 
-def report_name(status: str, list_id: str, upto: datetime) -> str:
-    return f"{status}_email_audience_export_{list_id}_{upto.astimezone(UTC):%Y%m%dT%H%M%SZ}.csv"
+def report_name(word: str, list_id: str, upto: datetime) -> str:
+    return f"{word}_email_audience_export_{list_id}_{upto.astimezone(UTC):%Y%m%dT%H%M%SZ}.csv"
 
 
-def _write_members(path: Path, members: list[dict[str, Any]], list_id: str) -> None:
+def _write_members(path: Path, members: list[dict[str, Any]], list_id: str, word: str) -> None:
+    """The members as an audience export has them, and the stream's word in ``REPORT`` (two streams of the same
+    members are two reports, not one file twice)."""
     tags = sorted({tag for member in members for tag in (member.get("merge_fields") or {})})
     header = ["Email Address", *tags, "OPTIN_TIME", "LAST_CHANGED", "UNSUB_TIME", "UNSUB_REASON", "CLEAN_TIME"]
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*header, "TAGS", "LIST_ID"])
+        writer.writerow([*header, "TAGS", "LIST_ID", "REPORT"])
         for member in members:
             merge = member.get("merge_fields") or {}
             changed = _time(member.get("last_changed"))
@@ -245,13 +257,14 @@ def _write_members(path: Path, members: list[dict[str, Any]], list_id: str) -> N
                 [
                     member.get("email_address", ""),
                     *(_cell(merge.get(tag)) for tag in tags),
-                    _time(member.get("timestamp_opt")),
+                    _time(member.get("timestamp_opt") or member.get("timestamp_signup")) or changed,
                     changed,
                     changed if status == "unsubscribed" else "",
                     member.get("unsubscribe_reason") or "",
                     changed if status == "cleaned" else "",
                     ",".join(str(tag.get("name", "")) for tag in member.get("tags") or []),
                     list_id,
+                    word,
                 ]
             )
 
