@@ -5,8 +5,9 @@
 
 Checks the CRM database and its tables, the server (it answers, its host key or certificate is trusted, the
 login works), and that every remote and local folder can be listed and written: a probe file is written and
-removed again. The server is asked under the profile's retry policy, as an export or import would ask it: a
-failure a run would get past by trying again does not fail the check.
+removed again. A provider reached through its API is asked instead whether it accepts the credentials, knows
+every list id and has every mapped field. The server is asked under the profile's retry policy, as an export or
+import would ask it: a failure a run would get past by trying again does not fail the check.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from batchsync.db.mapping import mapped_problems, missing_tables, open_engine
 from batchsync.errors import BatchsyncError, RemoteFolderMissing
 from batchsync.export import remote_folder
 from batchsync.transport import RetryPolicy, Transport, open_transport
+from batchsync.transport.api import ApiTransport
 from batchsync.workdir import WorkDir
 
 PROBE = b"batchsync check\n"
@@ -101,6 +103,10 @@ class _Remote:
 
 
 def _server(profile: Profile, remote: _Remote, clock: Clock) -> Iterator[CheckResult]:
+    if isinstance(remote.transport, ApiTransport):
+        for finding in remote.transport.check():
+            yield CheckResult(finding.name, finding.ok, finding.detail)
+        return
     config = profile.transport
     where = config.path or "." if config.kind == "local" else f"{config.kind}://{config.host}:{config.port_or_default}"
     try:

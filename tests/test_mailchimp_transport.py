@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 import batchsync.export
+from batchsync.check import run_checks
 from batchsync.clock import ManualClock
 from batchsync.config import Profile, load_profile
 from batchsync.db.schema import bs_changes, contacts, subscriptions
@@ -298,3 +299,28 @@ def test_sign_up_at_mailchimp_creates_nothing_by_default(
 
     assert contact_row(sync.engine, "new@example.com") is None
     assert report is not None and sum(outcome.no_contact for outcome in report.imported.files) == 2  # both kinds
+
+
+def test_check_reports_the_key_the_audience_and_missing_merge_fields(
+    tmp_path: Path, mailchimp: MailchimpServer, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    profile = mailchimp_profile(tmp_path, f"sqlite:///{tmp_path / 'crm.sqlite'}", mailchimp, monkeypatch)
+    Sync(profile, clock=clock).init()
+    audience(mailchimp).merge_fields = [MergeField("FNAME", "First Name"), MergeField("LNAME", "Last Name")]
+
+    found = {result.name: result for result in run_checks(profile, clock=clock)}
+
+    assert found[f"Mailchimp API {mailchimp.url}"].ok
+    assert found[f"audience {LIST_ID} (lists.newsletter)"].ok
+    merge = found[f"merge fields of {LIST_ID}"]
+    assert not merge.ok and "missing: CITY" in merge.detail
+
+    wrong = profile.model_copy(
+        update={"lists": {"newsletter": profile.lists["newsletter"].model_copy(update={"id": "0000000000"})}}
+    )
+    found = {result.name: result for result in run_checks(wrong, clock=clock)}
+    assert not found["audience 0000000000 (lists.newsletter)"].ok
+
+    (tmp_path / "mailchimp.key").write_text("0" * 32 + "-us19", encoding="utf-8")
+    [*_, api] = run_checks(profile, clock=clock)
+    assert api.name == f"Mailchimp API {mailchimp.url}" and not api.ok and "API key" in api.detail

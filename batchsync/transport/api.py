@@ -23,7 +23,7 @@ import json
 import logging
 import shutil
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +35,7 @@ from batchsync.transport.base import RemoteEntry, Transport, check_remote_name
 from batchsync.workdir import WorkDir, write_whole
 
 log = logging.getLogger(__name__)
-__all__ = ["ApiTransport", "Rejected", "ReportInbox", "Submission", "Submitter"]
+__all__ = ["ApiTransport", "Finding", "Rejected", "ReportInbox", "Submission", "Submitter"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,15 @@ class Submission:
 
     accepted: int = 0
     rejected: list[Rejected] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One line of ``batchsync check`` about the provider's API: what, whether it is right, and how to fix it."""
+
+    name: str
+    ok: bool
+    detail: str
 
 
 class Submitter(Transport):
@@ -134,6 +143,11 @@ class ApiTransport(Submitter):
     def __init__(self, profile: Profile, clock: Clock) -> None:
         self.profile, self.clock = profile, clock
         self.inbox = ReportInbox(WorkDir.of(profile).root / "api-inbox")
+
+    @abstractmethod
+    def check(self) -> Iterator[Finding]:
+        """``batchsync check`` for the API: the credentials accepted, every list id known to the provider, every
+        mapped field there; stops at the first finding that makes the rest moot."""
 
     @abstractmethod
     def fetch_reports(self, folder: str) -> None:

@@ -48,8 +48,8 @@ from typing import Any
 from batchsync.clock import Clock
 from batchsync.config import Profile
 from batchsync.errors import ConfigError, TransportError
-from batchsync.transport.api import ApiTransport, Rejected, Submission
-from batchsync.transport.http import ApiClient
+from batchsync.transport.api import ApiTransport, Finding, Rejected, Submission
+from batchsync.transport.http import ApiClient, ApiRefusal
 
 log = logging.getLogger(__name__)
 MEMBER_PAGE = 1000  # the largest ``count`` GET members takes
@@ -117,6 +117,32 @@ class MailchimpTransport(ApiTransport):
 
     def close(self) -> None:
         self.api.close()
+
+    def check(self) -> Iterator[Finding]:
+        where = f"Mailchimp API {self.api.base_url}"
+        try:
+            self.api.call("GET", "/ping")
+        except TransportError as exc:
+            yield Finding(where, False, f"{exc}: check the API key (api_key_env or api_key_file)")
+            return
+        yield Finding(where, True, "answers; API key accepted")
+        mapped = [c.header for c in self.profile.export.columns if c.field not in ("email", "status", "groups")]
+        for code, config in self.profile.lists.items():
+            name = f"audience {config.id} (lists.{code})"
+            try:
+                audience = self.api.call("GET", f"/lists/{config.id}").body
+                fields = self.api.call("GET", f"/lists/{config.id}/merge-fields", params={"count": 1000}).body
+            except ApiRefusal as exc:
+                yield Finding(name, False, f"{exc.reason}: check lists.{code}.id (Audience > Settings)")
+                continue
+            yield Finding(name, True, f"exists: {audience.get('name', '')}")
+            tags = {str(field.get("tag")) for field in fields.get("merge_fields") or []}
+            missing = [tag for tag in mapped if tag not in tags]
+            if missing:
+                advice = "add them (Audience > Settings > Audience fields and merge tags) or drop the columns"
+                yield Finding(f"merge fields of {config.id}", False, f"missing: {', '.join(missing)}: {advice}")
+            else:
+                yield Finding(f"merge fields of {config.id}", True, f"every mapped tag there ({', '.join(mapped)})")
 
     # --- out: an export's rows -----------------------------------------------------------------------------
 
