@@ -18,9 +18,10 @@ def echo_export(result: ExportResult) -> None:
         where = f"{item.local_path} -> {item.remote_path}" if item.local_path else "nothing to send"
         if item.stopped and not result.dry_run:
             where = f"held back in {item.local_path}" if item.local_path else "nothing uploaded"
+        api = f"; {item.rejected} refused by the provider, {item.api_calls} API calls" if item.api_calls else ""
         click.echo(
             f"export {result.mode} {item.list_code}: {item.rows} rows ({item.tombstones} tombstones), "
-            f"{item.duplicates} duplicate emails, {item.invalid} invalid emails; {where}"
+            f"{item.duplicates} duplicate emails, {item.invalid} invalid emails; {where}{api}"
         )
         for report in item.reports:
             click.echo(f"  report: {report}")

@@ -46,6 +46,14 @@ def summary_message(profile: Profile, report: RunReport | ImportReport) -> Email
             f"{sum(1 for item in exported.files if item.uploaded)} files"
         )
         lines += [f"  HELD BACK, list {item.list_code}: {item.stopped}" for item in exported.files if item.stopped]
+        lines += [
+            f"  REFUSED by the provider, list {item.list_code}: {item.rejected} rows (sent again next run)"
+            for item in exported.files
+            if item.rejected
+        ]
+    calls = (imported.api_calls if imported else 0) + (exported.api_calls if exported else 0)
+    if calls:
+        lines.append(f"Provider API calls this run: {calls}")
     bounced = [email for item in files for email in item.bounced]
     if bounced:
         lines += ["", f"Hard bounces ({len(bounced)}):", *(f"  {email}" for email in bounced)]
@@ -59,13 +67,15 @@ def summary_message(profile: Profile, report: RunReport | ImportReport) -> Email
         f"batchsync {profile.name}: {counts.get('changed', 0)} changes, {rejected} rows rejected"
         + (f", {quarantined} files quarantined" if quarantined else "")
         + (f", {held} exports held back by the safety stop" if held else "")
+        + (f", {exported.rejected} rows refused by the provider" if exported is not None and exported.rejected else "")
     )
     message.set_content("\n".join(lines) + "\n")
-    for item in [item for item in files if item.rejected and item.errors_path][:MAX_ATTACHMENTS]:
-        assert item.errors_path is not None
-        message.add_attachment(
-            item.errors_path.read_bytes(), maintype="text", subtype="csv", filename=item.errors_path.name
-        )
+    attached = [item.errors_path for item in files if item.rejected and item.errors_path]
+    if exported is not None:
+        attached += [path for item in exported.files for path in item.reports if path.name.endswith(".rejected.csv")]
+    for path in attached[:MAX_ATTACHMENTS]:
+        assert path is not None
+        message.add_attachment(path.read_bytes(), maintype="text", subtype="csv", filename=path.name)
     return message
 
 

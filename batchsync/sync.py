@@ -36,7 +36,7 @@ from batchsync.locks import profile_lock
 from batchsync.logs import log_fields
 from batchsync.reconcile import FileOutcome, Reconciler
 from batchsync.revert import Reverter, RevertPlan
-from batchsync.transport import Transport, open_transport
+from batchsync.transport import Submitter, Transport, open_transport
 from batchsync.workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class ImportReport:
     refused: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
     dry_run: bool = False
+    api_calls: int = 0  # requests the provider's API was asked for its reports
 
     @property
     def rejected(self) -> int:
@@ -71,6 +72,7 @@ class ImportReport:
             "rejected": self.rejected,
             "warnings": sum(item.warnings for item in self.files),
             "refused_names": len(self.refused),
+            "api_calls_in": self.api_calls,
         }
 
 
@@ -221,6 +223,7 @@ class Sync:
             if ask.remote and any(entry.remote_dir for entry in self.profile.inbound):
                 transport = self.transport_factory(self.profile)
                 collector.from_remote(transport, collected)
+                report.api_calls = transport.calls if isinstance(transport, Submitter) else 0
             for staged in collected.staged:
                 if self.stop.is_set():
                     log.info(
@@ -386,6 +389,8 @@ class _Run:
                 "duplicate_emails": sum(item.duplicates for item in result.files),
                 "invalid_emails": sum(item.invalid for item in result.files),
                 "export_stopped": len(result.stopped),
+                "provider_refused": result.rejected,
+                "api_calls_out": result.api_calls,
             }
         )
         self.stopped += result.stopped

@@ -21,6 +21,7 @@ from batchsync.clock import ManualClock
 from batchsync.config import Profile, load_profile
 from batchsync.db.schema import bs_changes, contacts, subscriptions
 from batchsync.errors import DatabaseError
+from batchsync.notify import summary_message
 from batchsync.signups import RULE
 from batchsync.sync import Sync
 from batchsync.transport import open_transport
@@ -324,3 +325,21 @@ def test_check_reports_the_key_the_audience_and_missing_merge_fields(
     (tmp_path / "mailchimp.key").write_text("0" * 32 + "-us19", encoding="utf-8")
     [*_, api] = run_checks(profile, clock=clock)
     assert api.name == f"Mailchimp API {mailchimp.url}" and not api.ok and "API key" in api.detail
+
+
+def test_summary_mail_counts_the_calls_and_attaches_the_refused_rows(
+    sync: Sync, mailchimp: MailchimpServer, clock: ManualClock
+) -> None:
+    audience(mailchimp).forgotten.add(subscriber_hash("bob@example.com"))
+
+    report = sync.run("full")
+
+    assert report is not None and report.imported is not None and report.exported is not None
+    calls = report.imported.api_calls + report.exported.api_calls
+    assert report.imported.api_calls >= 4  # a members query per report stream
+    message = summary_message(sync.profile, report)
+    text = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert f"Provider API calls this run: {calls}" in text
+    assert "REFUSED by the provider, list newsletter: 1 rows" in text and "1 rows refused" in message["Subject"]
+    [attached] = [part for part in message.iter_attachments()]
+    assert attached.get_filename().endswith(".rejected.csv") and "bob@example.com" in attached.get_content()
