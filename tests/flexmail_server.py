@@ -18,6 +18,13 @@ Usage::
     server.monthly_limit = 1000  # requests this calendar month (server clock) beyond it are answered 429
     server.stop()
 
+Endpoints (at the root, as on api.flexmail.eu): ``GET /``; ``GET /account-contact-languages``; ``GET`` and ``POST
+/contacts`` (``?email=``, ``limit``, ``offset``); ``GET``, ``PUT`` and ``PATCH /contacts/{id}``; ``POST
+/contacts/{id}/unsubscribe``; ``GET /contacts/{id}/sources``; ``GET /custom-fields``; ``GET /sources`` and
+``/sources/{id}``; ``GET /webhook-events``; ``GET`` and ``POST /webhooks``; ``GET`` and ``DELETE /webhooks/{id}``.
+Documented but NOT done (404, or 405 for another verb on a modelled path): interests and interest
+subscriptions, preferences, segments, opt-in forms and ``POST /opt-ins``, contact imports, ``PATCH /webhooks/{id}``.
+
 Which API: the current REST API (api.flexmail.eu, documented at https://api.flexmail.eu/documentation/, an
 OpenAPI document at https://api.flexmail.eu/documentation/openapi.json). The older SOAP API (soap.flexmail.eu,
 user id + user token headers, GetUnsubscriptions/GetBounces with timestampSince) is not modelled: Flexmail's
