@@ -95,6 +95,10 @@ class TransportConfig(_Model):
     poll_seconds: float = Field(5.0, gt=0)  # the first wait before asking whether a batch or job is done
     job_timeout_seconds: float = Field(3600.0, gt=0)  # a batch or job not done by then fails the export
     max_connections: int = Field(4, ge=1, le=10)  # Mailchimp allows 10 at once per key
+    max_per_minute: int | None = Field(None, ge=1)  # requests a minute the transport paces itself to (Flexmail: 60)
+    monthly_calls: int | None = Field(None, ge=1)  # the account's API calls a month: sending stops there
+    language: str | None = None  # Flexmail: the language a new contact is created with (one of the account's)
+    source_id: int | None = None  # Flexmail: the source a new contact is created from (required by Flexmail)
 
     @model_validator(mode="after")
     def _kind_needs(self) -> TransportConfig:
@@ -102,6 +106,8 @@ class TransportConfig(_Model):
             raise ValueError("a 'local' transport needs 'path', the folder that stands in for the server")
         if self.kind in FILE_KINDS and self.kind != "local" and not self.host:
             raise ValueError(f"an '{self.kind}' transport needs 'host'")
+        if self.kind == "flexmail" and not (self.user and self.language and self.source_id):
+            raise ValueError("a 'flexmail' transport needs 'user' (the account id), 'language' and 'source_id'")
         if self.kind in ("acoustic", "flexmail") and not self.url:
             raise ValueError(f"an '{self.kind}' transport needs 'url', the base URL of the provider's API")
         if self.url and not _https_or_loopback(self.url):

@@ -23,9 +23,10 @@ class ConfigError(BatchsyncError):
 class TransportError(BatchsyncError):
     """A transfer failed. ``retryable`` says whether trying again may help."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool = False, wait: float = 0.0) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.wait = wait  # seconds the server asked for before a new try (an API's Retry-After, its rate window)
 
 
 class UnsafeRemoteName(TransportError):

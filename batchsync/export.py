@@ -70,6 +70,7 @@ class ExportResult:
     mode: Mode
     dry_run: bool
     files: list[ExportedFile]
+    api_calls: int = 0  # requests made to the provider's API, connecting included
 
     @property
     def rows(self) -> int:
@@ -82,10 +83,6 @@ class ExportResult:
     @property
     def rejected(self) -> int:
         return sum(item.rejected for item in self.files)
-
-    @property
-    def api_calls(self) -> int:
-        return sum(item.api_calls for item in self.files)
 
 
 def choose_mode(profile: Profile, now: datetime) -> Mode:
@@ -115,6 +112,7 @@ class Exporter:
         self.pending_values = profile.export.status_values
         self.work = WorkDir.of(profile)
         self.delivery = Delivery(profile, clock, self.work)
+        self.api_calls = 0
 
     def run(self, mode: Mode | None = None, *, dry_run: bool = False) -> ExportResult:
         now = self.clock.now()
@@ -131,7 +129,7 @@ class Exporter:
             files = self._write_lists(connection, ids, chosen, now, dry_run)
         if not dry_run:
             self.work.prune(self.work.sent, now - timedelta(days=self.profile.work.retention_days))
-        return ExportResult(chosen, dry_run, files)
+        return ExportResult(chosen, dry_run, files, self.api_calls)
 
     def _write_lists(
         self, connection: Connection, ids: dict[str, int], mode: Mode, now: datetime, dry_run: bool
@@ -159,6 +157,7 @@ class Exporter:
                     files.append(staged)
         finally:
             if transport is not None:
+                self.api_calls = transport.calls if isinstance(transport, Submitter) else 0
                 transport.close()
         return files
 

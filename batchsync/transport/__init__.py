@@ -7,6 +7,7 @@ from batchsync.config import Profile, TransportConfig
 from batchsync.secret import read_secret
 from batchsync.transport.api import Rejected, Submission, Submitter
 from batchsync.transport.base import RemoteEntry, Transport, check_remote_name, upload_confirmed
+from batchsync.transport.flexmail import FlexmailTransport
 from batchsync.transport.ftp import FtpsTransport, FtpTransport
 from batchsync.transport.local import LocalTransport
 from batchsync.transport.mailchimp import MailchimpTransport
@@ -35,6 +36,9 @@ def open_transport(profile: Profile, clock: Clock | None = None) -> Transport:
     if config.kind == "mailchimp":
         api_key = read_secret(profile, config.api_key_env, config.api_key_file, "Mailchimp API key")
         return MailchimpTransport(profile, clock or Clock(), api_key)
+    if config.kind == "flexmail":
+        token = read_secret(profile, config.api_key_env, config.api_key_file, "Flexmail access token")
+        return FlexmailTransport(profile, clock or Clock(), config.user or "", token)
     password = read_secret(profile, config.password_env, config.password_file, "transport password")
     host, port, user = config.host or "", config.port_or_default, config.user or "anonymous"
     common = {"root": config.path or "", "timeout": config.timeout_seconds}

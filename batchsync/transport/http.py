@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,11 +72,17 @@ class ApiClient:
         auth: tuple[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         max_connections: int = 4,
+        per_minute: int | None = None,
+        before_call: Callable[[], None] | None = None,
         name: str = "the provider's API",
     ) -> None:
-        self.base_url, self.name = base_url.rstrip("/"), name
+        self.base_url, self.name, self.clock = base_url.rstrip("/"), name, clock
         self.retry = RetryPolicy(retries, clock)
         self.calls = 0
+        self.interval = 60.0 / per_minute if per_minute else 0.0  # paced: at most per_minute requests a minute
+        self.rate_window = 60.0 if per_minute else 0.0  # a 429 without Retry-After waits for the next window
+        self.before_call = before_call  # may refuse the call (a monthly budget spent)
+        self._last = -1e18
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.Client(
             auth=auth, headers=dict(headers or {}), timeout=timeout, limits=limits, follow_redirects=False
@@ -106,6 +112,12 @@ class ApiClient:
         return self.retry.call(attempt, what=what)
 
     def _send(self, r: Request, what: str) -> Answer:
+        if self.before_call is not None:
+            self.before_call()
+        wait = self._last + self.interval - self.clock.monotonic()
+        if wait > 0:
+            self.clock.sleep(wait)
+        self._last = self.clock.monotonic()
         self.calls += 1
         auth: Any = None if r.anonymous else httpx.USE_CLIENT_DEFAULT
         try:
@@ -124,7 +136,7 @@ class ApiClient:
             raise TransportError(f"{what}: timed out ({type(exc).__name__})", retryable=True) from None
         except httpx.TransportError as exc:
             raise TransportError(f"{what}: {type(exc).__name__}: {exc}", retryable=True) from None
-        return _answer(response, body, what)
+        return _answer(response, body, what, self.rate_window)
 
     def close(self) -> None:
         self._http.close()
@@ -140,16 +152,27 @@ def _read_limited(response: httpx.Response, what: str) -> bytes:
     return b"".join(chunks)
 
 
-def _answer(response: httpx.Response, body: bytes, what: str) -> Answer:
+def _answer(response: httpx.Response, body: bytes, what: str, rate_window: float) -> Answer:
     status = response.status_code
     if status < 400:
         return Answer(status, response.headers, _decoded(response, body))
     reason = _reason(_decoded(response, body))
-    if status == 429 or status >= 500:
+    if status == 429:
+        wait = _retry_after(response.headers.get("retry-after")) or rate_window
+        raise TransportError(f"{what}: {status} {reason}", retryable=True, wait=wait)
+    if status >= 500:
         raise TransportError(f"{what}: {status} {reason}", retryable=True)
     if status in (401, 403):
         raise TransportError(f"{what}: credentials refused ({status}): {reason}")
     raise ApiRefusal(status, reason, what)
+
+
+def _retry_after(value: str | None) -> float:
+    """Retry-After in seconds (its date form is taken as no advice), at most an hour."""
+    try:
+        return min(max(float(value or 0), 0.0), 3600.0)
+    except ValueError:
+        return 0.0
 
 
 def _decoded(response: httpx.Response, body: bytes) -> Any:

@@ -56,7 +56,7 @@ class RetryPolicy:
             except TransportError as exc:
                 if not exc.retryable:
                     raise
-                delay = self.delay(retry)
+                delay = max(self.delay(retry), exc.wait)
                 log.warning("%s failed (%s); trying again in %.0f s", what, exc, delay)
                 self.clock.sleep(delay)
         return action()  # the last try: whatever it raises is the caller's
