@@ -108,6 +108,8 @@ class TransportConfig(_Model):
             raise ValueError(f"an '{self.kind}' transport needs 'host'")
         if self.kind == "flexmail" and not (self.user and self.language and self.source_id):
             raise ValueError("a 'flexmail' transport needs 'user' (the account id), 'language' and 'source_id'")
+        if self.kind == "acoustic" and not self.client_id:
+            raise ValueError("an 'acoustic' transport needs 'client_id' (its OAuth application's id)")
         if self.kind in ("acoustic", "flexmail") and not self.url:
             raise ValueError(f"an '{self.kind}' transport needs 'url', the base URL of the provider's API")
         if self.url and not _https_or_loopback(self.url):
@@ -263,7 +265,8 @@ class InboundConfig(Dialect):
     min_age_seconds: float = Field(60.0, ge=0)
     settle_seconds: float = Field(5.0, ge=0)
     marker: str | None = None
-    timestamp_format: str = "%Y-%m-%dT%H:%M:%S"
+    # One strptime format, or several tried in order (Acoustic writes "10/18/16 08:01 PM" and "02/20/2024 09:01 AM").
+    timestamp_format: str | Annotated[tuple[str, ...], Field(strict=False)] = "%Y-%m-%dT%H:%M:%S"
     timezone: str = "UTC"
     columns: InboundColumns
     event: EventKind | None = None
@@ -301,6 +304,11 @@ class InboundConfig(Dialect):
 
     def matches(self, name: str) -> bool:
         return any(fnmatch.fnmatch(name, pattern) for pattern in self.patterns)
+
+    @property
+    def timestamp_formats(self) -> tuple[str, ...]:
+        formats = self.timestamp_format
+        return formats if isinstance(formats, tuple) else (formats,)
 
     @property
     def tolerance(self) -> timedelta:

@@ -131,7 +131,8 @@ class EventReader:
         try:
             moment = self._parse_time(value)
         except ValueError:
-            raise RowError(f"unparsable date {value!r} (expected {self.kind.timestamp_format})") from None
+            expected = " or ".join(self.kind.timestamp_formats)
+            raise RowError(f"unparsable date {value!r} (expected {expected})") from None
         if moment > self.latest:
             raise RowError(
                 f"date {value!r} ({moment:%Y-%m-%d %H:%M} UTC) is in the future, beyond the tolerance of "
@@ -140,7 +141,15 @@ class EventReader:
         return moment
 
     def _parse_time(self, value: str) -> datetime:
-        local = datetime.strptime(value, self.kind.timestamp_format)
+        *others, last = self.kind.timestamp_formats
+        for form in others:
+            try:
+                return self._in_utc(datetime.strptime(value, form))
+            except ValueError:
+                continue
+        return self._in_utc(datetime.strptime(value, last))
+
+    def _in_utc(self, local: datetime) -> datetime:
         if local.tzinfo is None:
             local = local.replace(tzinfo=self.kind.zone)
         return local.astimezone(UTC)

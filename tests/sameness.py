@@ -688,7 +688,7 @@ def _optout_row(kind: InboundConfig, profile: Profile, code: str, address: str, 
     values = {
         c.email: address,
         c.list_id: profile.lists[code].id,
-        c.at: at.astimezone(ZoneInfo(kind.timezone)).strftime(kind.timestamp_format),
+        c.at: at.astimezone(ZoneInfo(kind.timezone)).strftime(kind.timestamp_formats[0]),
         c.reason: reason,
         c.note: "no longer interested",
         c.new_email: "",

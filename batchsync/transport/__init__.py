@@ -5,6 +5,7 @@ from __future__ import annotations
 from batchsync.clock import Clock
 from batchsync.config import Profile, TransportConfig
 from batchsync.secret import read_secret
+from batchsync.transport.acoustic import AcousticTransport, OAuthCredentials
 from batchsync.transport.api import Rejected, Submission, Submitter
 from batchsync.transport.base import RemoteEntry, Transport, check_remote_name, upload_confirmed
 from batchsync.transport.flexmail import FlexmailTransport
@@ -39,6 +40,17 @@ def open_transport(profile: Profile, clock: Clock | None = None) -> Transport:
     if config.kind == "flexmail":
         token = read_secret(profile, config.api_key_env, config.api_key_file, "Flexmail access token")
         return FlexmailTransport(profile, clock or Clock(), config.user or "", token)
+    if config.kind == "acoustic":
+        secret = read_secret(profile, config.client_secret_env, config.client_secret_file, "Acoustic client secret")
+        refresh = read_secret(profile, config.refresh_token_env, config.refresh_token_file, "Acoustic refresh token")
+        credentials = OAuthCredentials(config.client_id or "", secret, refresh)
+        return AcousticTransport(profile, clock or Clock(), _file_transport(profile), credentials)
+    return _file_transport(profile)
+
+
+def _file_transport(profile: Profile) -> Transport:
+    """FTP, FTPS or SFTP by the profile's [transport] (Acoustic's files go over SFTP)."""
+    config = profile.transport
     password = read_secret(profile, config.password_env, config.password_file, "transport password")
     host, port, user = config.host or "", config.port_or_default, config.user or "anonymous"
     common = {"root": config.path or "", "timeout": config.timeout_seconds}

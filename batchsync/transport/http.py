@@ -38,6 +38,10 @@ class ApiRefusal(TransportError):
         self.status, self.reason = status, reason
 
 
+class CredentialsRefused(TransportError):
+    """The provider refused the credentials (401 or 403): never tried again as it is."""
+
+
 @dataclass(frozen=True)
 class Request:
     method: str
@@ -163,7 +167,7 @@ def _answer(response: httpx.Response, body: bytes, what: str, rate_window: float
     if status >= 500:
         raise TransportError(f"{what}: {status} {reason}", retryable=True)
     if status in (401, 403):
-        raise TransportError(f"{what}: credentials refused ({status}): {reason}")
+        raise CredentialsRefused(f"{what}: credentials refused ({status}): {reason}")
     raise ApiRefusal(status, reason, what)
 
 
