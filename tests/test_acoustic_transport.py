@@ -1,31 +1,25 @@
-"""The acoustic transport against real peers: OpenSSH's sshd for the files and the fake Acoustic XML API and OAuth
-endpoint (tests/acoustic_server.py) over real HTTP, both on one folder as the SFTP account's home. A full export
-and a diff go up with their map files and are imported by ImportList; rows Acoustic refuses come back from the
-job's error file and go out again; a crash between the import and the ledger sends again to the same state; an
-opt-out and an undeliverable at Acoustic come back by ExportList; check asks the API."""
+"""What is Acoustic's own in the acoustic transport, against OpenSSH's sshd for the files and the fake Acoustic XML
+API and OAuth endpoint (tests/acoustic_server.py), both on one folder as the SFTP account's home: the files and
+maps in upload/ and an ImportList each; opt-outs and undeliverables by ExportList in both of Acoustic's export
+styles, fetched and removed; check. The scenarios every API transport shares are in tests/test_api_scenarios.py."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
 
-import batchsync.export
 from batchsync.check import run_checks
 from batchsync.clock import ManualClock
 from batchsync.config import load_profile
-from batchsync.db.schema import contacts
-from batchsync.errors import DatabaseError
 from batchsync.sync import Sync
 from batchsync.transport import open_transport
 
-from .acoustic_server import NUMERIC, STYLE_2017, STYLE_2024, AcousticServer, Column
+from .acoustic_server import STYLE_2017, STYLE_2024, AcousticServer, Column
 from .conftest import ROOT, own_folder, sftp_transport
-from .crmdata import build_tiny_crm, set_status, status_of
+from .crmdata import build_tiny_crm, status_of
 from .peers import SshServer, give_to
 
 LIST_ID = "1234567"
@@ -99,59 +93,6 @@ def test_full_export_is_imported_by_importlist_with_its_opt_outs(
     assert [op for op in acoustic.api.operations if op == "ImportList"] == ["ImportList", "ImportList"]
     assert result.rejected == 0 and result.api_calls > 0
     assert sorted(path.suffix for path in (home / "upload").iterdir()) == [".csv", ".csv", ".xml", ".xml"]
-    assert sync.export("diff").rows == 0
-
-
-def test_diff_opts_out_an_unsubscribed_contact(sync: Sync, acoustic: AcousticServer, clock: ManualClock) -> None:
-    sync.export("full")
-    clock.advance(3600)
-    set_status(sync.engine, 2, "newsletter", "unsubscribed", clock.now())
-
-    assert sync.export("diff").rows == 1
-
-    assert held(acoustic)["bob@example.com"] is True
-
-
-def test_rows_acoustic_refuses_come_back_from_the_error_file_and_go_out_again(
-    sync: Sync, acoustic: AcousticServer, clock: ManualClock
-) -> None:
-    acoustic.lists[LIST_ID].columns[1] = Column("LAST_NAME", NUMERIC)  # Acoustic wants a number there
-    with sync.engine.begin() as connection:  # every contact has one but Bob ("Brown")
-        connection.execute(update(contacts).where(contacts.c.id != 2).values(last_name=contacts.c.id))
-
-    [exported] = sync.export("full").files
-
-    assert exported.rejected == 1
-    [report] = [path for path in exported.reports if path.name.endswith(".rejected.csv")]
-    with report.open(encoding="utf-8", newline="") as handle:
-        [row] = list(csv.DictReader(handle))
-    assert row["email"] == "bob@example.com" and row["reason"] and row["list"] == "newsletter"
-    assert acoustic.contact(LIST_ID, "bob@example.com") is None
-    assert acoustic.contact(LIST_ID, "alice@example.com") is not None
-    clock.advance(3600)
-    assert sync.export("diff").rejected == 1  # its ledger row kept its old state: sent again, refused again
-    with sync.engine.begin() as connection:
-        connection.execute(update(contacts).where(contacts.c.id == 2).values(last_name="2"))
-    clock.advance(3600)
-    assert sync.export("diff").rejected == 0 and acoustic.contact(LIST_ID, "bob@example.com") is not None
-
-
-def test_crash_between_the_import_and_the_ledger_sends_again_to_the_same_state(
-    sync: Sync, acoustic: AcousticServer, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def crash(*args: object) -> None:
-        raise DatabaseError("the database went away after the import job completed")
-
-    original = batchsync.export.commit_pending
-    monkeypatch.setattr(batchsync.export, "commit_pending", crash)
-    with pytest.raises(DatabaseError):
-        sync.export("full")
-    before = held(acoustic)
-    monkeypatch.setattr(batchsync.export, "commit_pending", original)
-    clock.advance(60)
-
-    assert sync.export("diff").rows > 0
-    assert held(acoustic) == before
     assert sync.export("diff").rows == 0
 
 

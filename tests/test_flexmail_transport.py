@@ -1,37 +1,26 @@
-"""The flexmail transport against the fake Flexmail REST API (tests/flexmail_server.py) over real HTTP: a full
-export and a diff become contact creates, updates and unsubscribes; Flexmail's refusals go to the errors file and
-out again; a crash between the sending and the ledger sends again to the same state; 429s and the per-minute
-pace slow the run without failing it; a monthly budget stops sending and leaves the rest for later; and
-unsubscribes and bounces at Flexmail come back through its webhooks into the real ``batchsync serve``."""
+"""What is Flexmail's own in the flexmail transport, against the fake Flexmail REST API (tests/flexmail_server.py)
+over real HTTP: contacts created once with their names, language and source; the per-minute pace and 429s; the
+monthly budget that stops sending and leaves the rest for later; check. The scenarios every API transport shares
+(its webhooks through the real ``batchsync serve`` among them) are in tests/test_api_scenarios.py."""
 
 from __future__ import annotations
 
-import base64
-import csv
 import json
 import os
-import signal
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import batchsync.export
 from batchsync.check import run_checks
 from batchsync.clock import ManualClock
 from batchsync.config import load_profile
-from batchsync.errors import DatabaseError
 from batchsync.sync import Sync
 from batchsync.transport import open_transport
 
 from .conftest import ROOT
-from .crmdata import build_tiny_crm, status_of
+from .crmdata import build_tiny_crm
 from .flexmail_server import FlexmailServer
-from .peers import free_port
-from .test_unattended import wait_until
 
 ACTIVE = {"alice@example.com", "bob@example.com", "dave@example.com", "eve@example.com", "ivan@example.com"}
 HOOK_KEY = "flexmail-hook-secret-42"
@@ -107,59 +96,6 @@ def test_full_export_creates_each_contact_once_with_its_fields(sync: Sync, flexm
     assert sync.export("diff").rows == 0
 
 
-def test_an_address_that_leaves_the_list_is_unsubscribed_at_flexmail(
-    sync: Sync, flexmail: FlexmailServer, clock: ManualClock
-) -> None:
-    sync.export("full")
-    clock.advance(3600)
-    leave_segment(sync, 2)
-
-    result = sync.export("diff")
-
-    assert result.rows == 1 and result.files[0].tombstones == 1
-    bob = flexmail.contact("bob@example.com")
-    assert bob is not None and bob.status == "unsubscribed"
-    assert active(flexmail) == ACTIVE - {"bob@example.com"}
-
-
-def test_refused_row_goes_to_the_errors_file_and_out_again(
-    sync: Sync, flexmail: FlexmailServer, clock: ManualClock
-) -> None:
-    flexmail.add_contact("dave@example.com")
-    flexmail.unsubscribe_at_flexmail("dave@example.com", reason="left by the link")  # blacklisted at Flexmail
-
-    [exported] = sync.export("full").files
-
-    assert exported.rejected == 1
-    [report] = [path for path in exported.reports if path.name.endswith(".rejected.csv")]
-    with report.open(encoding="utf-8", newline="") as handle:
-        [row] = list(csv.DictReader(handle, delimiter=";"))
-    assert row["email"] == "dave@example.com" and "blacklisted" in row["reason"]
-    clock.advance(3600)
-    again = sync.export("diff")  # its ledger row kept its old state: it goes again, and is refused again
-    assert again.rows == 1 and again.rejected == 1
-
-
-def test_crash_between_the_calls_and_the_ledger_sends_again_to_the_same_state(
-    sync: Sync, flexmail: FlexmailServer, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def crash(*args: object) -> None:
-        raise DatabaseError("the database went away after Flexmail took the rows")
-
-    original = batchsync.export.commit_pending
-    monkeypatch.setattr(batchsync.export, "commit_pending", crash)
-    with pytest.raises(DatabaseError):
-        sync.export("full")
-    before = {c.email: (c.first_name, c.status) for c in flexmail.api.contacts.values()}
-    monkeypatch.setattr(batchsync.export, "commit_pending", original)
-    clock.advance(60)
-
-    # every row again (at least once; the five and the suppressed frank): updates, no second contact
-    assert sync.export("diff").rows == len(ACTIVE) + 1
-    assert {c.email: (c.first_name, c.status) for c in flexmail.api.contacts.values()} == before
-    assert sync.export("diff").rows == 0
-
-
 def test_429_and_the_per_minute_limit_slow_the_run_and_the_calls_are_counted(
     sync: Sync, flexmail: FlexmailServer, clock: ManualClock
 ) -> None:
@@ -206,61 +142,3 @@ def test_check_reports_the_account_source_language_custom_fields_and_webhooks(
     os.environ["BATCHSYNC_FLEXMAIL_TOKEN"] = "wrong"
     [*_, api] = run_checks(sync.profile, clock=clock)
     assert not api.ok and "credentials refused" in api.detail
-
-
-def test_unsubscribe_and_bounce_at_flexmail_come_back_through_its_webhooks(
-    tmp_path: Path, flexmail: FlexmailServer, clock: ManualClock, environment: dict[str, str]
-) -> None:
-    sync = ready(tmp_path, flexmail, clock)
-    sync.export("full")
-    port, log = free_port(), tmp_path / "serve.log"
-    command = [sys.executable, "-m", "batchsync.cli", "serve", "-p", str(tmp_path / "flexmail-api.toml")]
-    with log.open("wb") as handle:
-        serve = subprocess.Popen(
-            [*command, "--listen", f"127.0.0.1:{port}"], stdout=handle, stderr=handle, env={**os.environ, **environment}
-        )
-    try:
-        target = f"http://127.0.0.1:{port}/hooks/flexmail-api/flexmail?key={HOOK_KEY}"
-        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/healthz"), log)
-        for event in ("contact.unsubscribed", "contact.bounced_out"):
-            _register(flexmail, event, target)
-        flexmail.unsubscribe_at_flexmail("bob@example.com", reason="too many mails")
-        flexmail.bounce("alice@example.com")
-        assert [d.status for d in flexmail.deliveries] == [200, 200], flexmail.deliveries
-        inbox = tmp_path / "work" / "inbox"
-        wait_until(lambda: any(inbox.glob("callback_flexmail.*.csv")), log)
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        assert serve.wait(timeout=60) == 0, log.read_text()
-
-    clock.advance(3600)
-    report = sync.run("diff")
-
-    assert status_of(sync.engine, 2, "newsletter") == "unsubscribed"
-    assert status_of(sync.engine, 1, "newsletter") == "cleaned"
-    assert report is not None and report.exported is not None
-    assert report.exported.rows == 0  # Flexmail's own opt-outs are not sent back to it
-    assert {outcome.name.split(".")[0] for outcome in report.imported.files} == {"callback_flexmail"}  # type: ignore[union-attr]
-    assert sum(outcome.changed for outcome in report.imported.files) >= 1  # type: ignore[union-attr]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5):
-            return True
-    except OSError:
-        return False
-
-
-def _register(server: FlexmailServer, event: str, target: str) -> None:
-    """An admin registers batchsync's callback at Flexmail (POST /webhooks)."""
-    body = json.dumps({"event_name": event, "target_url": target}).encode()
-    credentials = base64.b64encode(f"{server.account_id}:{server.token}".encode()).decode()
-    request = urllib.request.Request(
-        server.url + "/webhooks",
-        data=body,
-        headers={"Authorization": f"Basic {credentials}", "Content-Type": "application/json"},
-        method="POST",
-    )
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        assert answer.status == 201

@@ -1,11 +1,11 @@
-"""The mailchimp transport against the fake Mailchimp Marketing API (tests/mailchimp_server.py) over real HTTP:
-a full export and a diff become member upserts in batches, Mailchimp's refusals go to the errors file and out
-again, a member unsubscribed or cleaned at Mailchimp comes back as an opt-out, a crash between the batch and
-the ledger re-sends without changing what Mailchimp holds, and 429s slow the run down without failing it."""
+"""What is Mailchimp's own in the mailchimp transport, against the fake Mailchimp Marketing API
+(tests/mailchimp_server.py) over real HTTP: merge fields and tags in batches, a diff sending one upsert, the report
+windows, a member Mailchimp opted out never sent as subscribed (pending with new consent), a refused key, sign-ups
+with and without policy.create_contacts, check, and the summary mail. The scenarios every API transport shares
+are in tests/test_api_scenarios.py."""
 
 from __future__ import annotations
 
-import csv
 import json
 from collections.abc import Iterator
 from datetime import UTC, timedelta
@@ -15,12 +15,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, select
 
-import batchsync.export
 from batchsync.check import run_checks
 from batchsync.clock import ManualClock
 from batchsync.config import Profile, load_profile
 from batchsync.db.schema import bs_changes, contacts, subscriptions
-from batchsync.errors import DatabaseError
 from batchsync.notify import summary_message
 from batchsync.signups import RULE
 from batchsync.sync import Sync
@@ -103,7 +101,8 @@ def test_full_export_upserts_every_member_with_merge_fields_and_tags(sync: Sync,
     dave = mailchimp.member(LIST_ID, "dave@example.com")
     assert dave is not None and dave.tags == ["VIP"] and alice.tags == []
     assert exported.rejected == 0 and exported.uploaded
-    assert exported.api_calls == result.api_calls and result.api_calls >= 3 * len(mailchimp.api.batches)
+    batches = len(mailchimp.api.batches)
+    assert exported.api_calls == 4 * batches and result.api_calls == 1 + 4 * batches  # ping; post and 3 polls each
     assert len(mailchimp.api.batches) > 1  # batch_size 4: the rows went in several batches
     assert sync.export("diff").rows == 0  # the ledger moved: nothing left to send
 
@@ -147,47 +146,6 @@ def test_member_unsubscribed_or_cleaned_at_mailchimp_is_opted_out_in_the_crm(
     assert not sync.run("diff").imported.files  # type: ignore[union-attr]
 
 
-def test_refused_row_goes_to_the_errors_file_and_out_again(
-    sync: Sync, mailchimp: MailchimpServer, clock: ManualClock
-) -> None:
-    audience(mailchimp).forgotten.add(subscriber_hash("bob@example.com"))  # deleted for good at Mailchimp
-
-    [exported] = sync.export("full").files
-
-    assert exported.rejected == 1
-    [report] = [path for path in exported.reports if path.name.endswith(".rejected.csv")]
-    with report.open(encoding="utf-8", newline="") as handle:
-        [row] = list(csv.DictReader(handle))
-    assert row["email"] == "bob@example.com" and row["list"] == "newsletter"
-    assert "Forgotten Email" in row["reason"]
-    assert mailchimp.member(LIST_ID, "bob@example.com") is None
-    clock.advance(3600)
-    audience(mailchimp).forgotten.clear()  # Mailchimp takes it now
-    retried = sync.export("diff")
-    assert retried.rows == 1 and retried.rejected == 0
-    assert statuses(mailchimp)["bob@example.com"] == "subscribed"
-
-
-def test_crash_between_the_batch_and_the_ledger_sends_again_to_the_same_state(
-    sync: Sync, mailchimp: MailchimpServer, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def crash(*args: object) -> None:
-        raise DatabaseError("the database went away after the batch finished")
-
-    monkeypatch.setattr(batchsync.export, "commit_pending", crash)
-    with pytest.raises(DatabaseError):
-        sync.export("full")
-    crashed = statuses(mailchimp)
-    monkeypatch.undo()
-
-    clock.advance(60)
-    again = sync.export("diff")  # the ledger never moved: every row goes again (at least once)
-
-    assert again.rows == len(put_bodies(mailchimp)) // 2
-    assert statuses(mailchimp) == crashed
-    assert sync.export("diff").rows == 0
-
-
 def test_member_unsubscribed_at_mailchimp_is_never_sent_as_subscribed(
     sync: Sync, mailchimp: MailchimpServer, clock: ManualClock
 ) -> None:
@@ -212,19 +170,6 @@ def test_member_unsubscribed_at_mailchimp_is_never_sent_as_subscribed(
     assert [(body["email_address"], body["status"]) for body in later] == [("judy@example.com", "pending")]
     assert statuses(mailchimp)["bob@example.com"] == "unsubscribed"
     assert statuses(mailchimp)["judy@example.com"] == "pending"
-
-
-def test_429_slows_the_run_down_and_the_calls_are_counted(
-    sync: Sync, mailchimp: MailchimpServer, clock: ManualClock
-) -> None:
-    mailchimp.fail_next(3, status=429)
-    started = clock.now()
-
-    result = sync.export("full")
-
-    assert statuses(mailchimp)["alice@example.com"] == "subscribed" and result.rejected == 0
-    assert clock.now() - started >= timedelta(seconds=1 + 2 + 4)  # backed off 1, 2 and 4 seconds
-    assert result.api_calls == mailchimp.request_count - 1 - len(mailchimp.api.batches)  # archives: not the API's
 
 
 def test_wrong_api_key_fails_the_export_before_anything_is_sent(

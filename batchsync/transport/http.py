@@ -122,7 +122,7 @@ class ApiClient:
         if wait > 0:
             self.clock.sleep(wait)
         self._last = self.clock.monotonic()
-        self.calls += 1
+        self.calls += 0 if r.anonymous else 1  # a link to the provider's storage is not a call on its API
         auth: Any = None if r.anonymous else httpx.USE_CLIENT_DEFAULT
         try:
             with self._http.stream(
