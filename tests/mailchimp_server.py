@@ -17,9 +17,10 @@ Usage::
 
 Endpoints (paths under ``/3.0``): ``GET /ping``; ``GET /lists/{list_id}``; ``GET /lists/{list_id}/merge-fields``;
 ``GET /lists/{list_id}/members``; ``GET`` and ``PUT /lists/{list_id}/members/{subscriber_hash}``;
-``POST /lists/{list_id}/members/{subscriber_hash}/tags``; ``POST /batches``; ``GET /batches/{batch_id}``; and the
-batch results archive at ``/batch-results/{batch_id}.tar.gz`` (outside ``/3.0``, like Mailchimp's own link to
-storage, so it takes no API key). ``GET /reports/{campaign_id}/email-activity`` is NOT done: it answers 404.
+``POST /lists/{list_id}/members/{subscriber_hash}/tags``; ``POST /batches``; ``GET /batches/{batch_id}``;
+``GET /campaigns``; ``GET /reports/{campaign_id}/email-activity``; and the batch results archive at
+``/batch-results/{batch_id}.tar.gz`` (outside ``/3.0``, like Mailchimp's own link to storage, so it takes no API
+key).
 
 Sources, cited below by tag:
 
@@ -30,6 +31,12 @@ Sources, cited below by tag:
          github.com/api-evangelist/mailchimp, openapi/mailchimp-members-api-openapi.yml (PUT/GET member, GET
          members, member tags), openapi/mailchimp-merge-api-openapi.yml, openapi/mailchimp-batches-api-openapi.yml,
          openapi/mailchimp-pings-api-openapi.yml, openapi/mailchimp-lists-api-openapi.yml (list object fields).
+[REPORTS] The same document's reports tag, openapi/mailchimp-reports-api-openapi.yml (operation
+         getReportsIdEmailActivity: count, offset, since; emails[campaign_id, list_id, list_is_active, email_id,
+         email_address, activity[action "open", "click" or "bounce"; type "hard" or "soft"; timestamp; url; ip]],
+         campaign_id, total_items).
+[CAMPAIGNS] ... its campaigns tag, openapi/mailchimp-campaigns-api-openapi.yml (GET /campaigns: status enum with
+         "sent", list_id, since_send_time; campaigns[id, type, status, send_time, recipients.list_id]).
 [CLIENT] Mailchimp's generated Python client, github.com/mailchimp/mailchimp-marketing-python v3.0.80:
          mailchimp_marketing/api/lists_api.py (get_list, get_list_merge_fields, get_list_members_info,
          get_list_member, set_list_member), api/batches_api.py, api/ping_api.py, and api_client.py (lines 38-64:
@@ -298,6 +305,39 @@ class Batch:
         }
 
 
+@dataclass
+class Activity:
+    """[REPORTS] one member activity: action open, click or bounce; type hard or soft for a bounce; url for a
+    click; its timestamp."""
+
+    email_address: str
+    action: str
+    timestamp: datetime
+    url: str = ""
+    type: str = ""
+    ip: str = "192.0.2.1"
+
+
+@dataclass
+class Campaign:
+    """A sent campaign: [CAMPAIGNS] id, status, send_time, recipients.list_id; and its members' activity."""
+
+    id: str
+    list_id: str
+    send_time: datetime
+    status: str = "sent"
+    activity: list[Activity] = field(default_factory=list)
+
+    def to_json(self) -> Json:
+        return {
+            "id": self.id,
+            "type": "regular",
+            "status": self.status,
+            "send_time": iso(self.send_time),
+            "recipients": {"list_id": self.list_id},
+        }
+
+
 Route = Callable[[Mapping[str, str], Mapping[str, str], Any], Reply]
 LIST = r"/lists/(?P<list_id>[^/]+)"
 MEMBER = LIST + r"/members/(?P<hash>[^/]+)"
@@ -312,6 +352,7 @@ class MailchimpApi:
         self.batches: dict[str, Batch] = {}
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
         self.batch_started_polls = 1  # polls a new batch answers "started" to before it finishes
+        self.campaigns: dict[str, Campaign] = {}
         self.results_per_file = 500  # undocumented how Mailchimp splits results across the archive's files
         self.results_url = ""
         self.routes: list[tuple[str, re.Pattern[str], Route]] = [
@@ -324,6 +365,8 @@ class MailchimpApi:
             ("POST", re.compile(MEMBER + r"/tags"), self.post_member_tags),
             ("POST", re.compile(r"/batches"), self.post_batch),
             ("GET", re.compile(r"/batches/(?P<batch_id>[^/]+)"), self.get_batch),
+            ("GET", re.compile(r"/campaigns"), self.list_campaigns),
+            ("GET", re.compile(r"/reports/(?P<campaign_id>[^/]+)/email-activity"), self.email_activity),
         ]
 
     def dispatch(self, method: str, path: str, query: Mapping[str, str], text: str) -> Reply:
@@ -493,6 +536,53 @@ class MailchimpApi:
             else:
                 self._run_batch(batch)
         return Reply(200, batch.to_json(self.results_url))
+
+    def list_campaigns(self, params: Mapping[str, str], query: Mapping[str, str], body: Any) -> Reply:
+        """[CAMPAIGNS] GET /campaigns: status, list_id, since_send_time ("campaigns sent after the set time"),
+        count, offset. Undocumented: the order (send time here)."""
+        offset, count = paging(query)
+        since = time_param(query, "since_send_time")
+        rows = sorted(
+            (
+                campaign
+                for campaign in self.campaigns.values()
+                if query.get("status") in (None, campaign.status)
+                and query.get("list_id") in (None, campaign.list_id)
+                and (since is None or campaign.send_time > since)
+            ),
+            key=lambda campaign: campaign.send_time,
+        )
+        page = [campaign.to_json() for campaign in rows[offset : offset + count]]
+        return Reply(200, {"campaigns": page, "total_items": len(rows)})
+
+    def email_activity(self, params: Mapping[str, str], query: Mapping[str, str], body: Any) -> Reply:
+        """[REPORTS] GET /reports/{campaign_id}/email-activity: ``emails``, each with campaign_id, list_id,
+        email_id (the subscriber hash), email_address and ``activity`` [{action, type, timestamp, url, ip}];
+        ``since`` keeps the events after that time. Undocumented: a member with no event after ``since`` is
+        left out (here), and the members' order (first activity)."""
+        campaign = self.campaigns.get(params["campaign_id"])
+        if campaign is None:
+            raise ApiError(404)
+        offset, count = paging(query)
+        since = time_param(query, "since")
+        by_member: dict[str, list[Json]] = {}
+        for event in campaign.activity:
+            if since is None or event.timestamp > since:
+                item = {"action": event.action, "type": event.type, "timestamp": iso(event.timestamp)}
+                by_member.setdefault(event.email_address, []).append({**item, "url": event.url, "ip": event.ip})
+        emails = [
+            {
+                "campaign_id": campaign.id,
+                "list_id": campaign.list_id,
+                "list_is_active": True,
+                "email_id": subscriber_hash(email),
+                "email_address": email,
+                "activity": events,
+            }
+            for email, events in by_member.items()
+        ]
+        page = emails[offset : offset + count]
+        return Reply(200, {"emails": page, "campaign_id": campaign.id, "total_items": len(emails)})
 
     def _run_batch(self, batch: Batch) -> None:
         """Applies every operation through the same routes as HTTP and keeps one result per operation."""
@@ -729,6 +819,17 @@ class MailchimpServer:
     def member(self, list_id: str, email: str) -> Member | None:
         with self.api.lock:
             return self.api.audiences[list_id].members.get(subscriber_hash(email))
+
+    def add_campaign(self, campaign_id: str, list_id: str, send_time: datetime) -> Campaign:
+        campaign = Campaign(campaign_id, list_id, send_time)
+        with self.api.lock:
+            self.api.campaigns[campaign_id] = campaign
+        return campaign
+
+    def add_activity(self, campaign_id: str, email: str, action: str, at: datetime, **details: str) -> None:
+        """A member opened, clicked (``url=``) or bounced (``type="hard"``) in a sent campaign."""
+        with self.api.lock:
+            self.api.campaigns[campaign_id].activity.append(Activity(email, action, at, **details))
 
     def fail_next(self, count: int, status: int = 429) -> None:
         """Answers the next ``count`` API requests with ``status`` (429, or a 5xx) and a problem body."""

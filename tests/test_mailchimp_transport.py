@@ -18,7 +18,7 @@ from sqlalchemy import Engine, select
 from batchsync.check import run_checks
 from batchsync.clock import ManualClock
 from batchsync.config import Profile, load_profile
-from batchsync.db.schema import bs_changes, contacts, subscriptions
+from batchsync.db.schema import activities, bs_changes, contacts, subscriptions
 from batchsync.notify import summary_message
 from batchsync.signups import RULE
 from batchsync.sync import Sync
@@ -288,3 +288,31 @@ def test_summary_mail_counts_the_calls_and_attaches_the_refused_rows(
     assert "REFUSED by the provider, list newsletter: 1 rows" in text and "1 rows refused" in message["Subject"]
     [attached] = [part for part in message.iter_attachments()]
     assert attached.get_filename().endswith(".rejected.csv") and "bob@example.com" in attached.get_content()
+
+
+def test_campaign_opens_clicks_and_bounces_become_activities(
+    sync: Sync, mailchimp: MailchimpServer, clock: ManualClock
+) -> None:
+    sync.export("full")
+    sent = clock.now() - timedelta(days=2)
+    mailchimp.add_campaign("c1", LIST_ID, sent)
+    mailchimp.add_campaign("old", LIST_ID, clock.now() - timedelta(days=90))  # outside the 30 days: not read
+    mailchimp.add_activity("c1", "alice@example.com", "open", sent + timedelta(hours=1))
+    mailchimp.add_activity("c1", "alice@example.com", "click", sent + timedelta(hours=2), url="https://example.com/a")
+    mailchimp.add_activity("c1", "dave@example.com", "bounce", sent + timedelta(minutes=5), type="hard")
+    mailchimp.add_activity("old", "bob@example.com", "open", clock.now() - timedelta(days=1))
+
+    sync.import_files()
+
+    with sync.engine.connect() as connection:
+        kinds = connection.execute(
+            select(activities.c.contact_id, activities.c.kind)
+            .where(activities.c.kind.in_(("open", "click", "bounce")))
+            .order_by(activities.c.contact_id, activities.c.kind)
+        ).all()
+    assert [tuple(row) for row in kinds] == [(1, "click"), (1, "open"), (4, "bounce")]
+    assert status_of(sync.engine, 4, "newsletter") == "cleaned"
+    clock.advance(3600)
+    mailchimp.add_activity("c1", "bob@example.com", "open", clock.now() - timedelta(minutes=1))
+    [again] = [outcome for outcome in sync.import_files().files if outcome.name.startswith("email_activity_")]
+    assert again.rows == 1  # only what happened since the last collect (and its few minutes of overlap)

@@ -24,6 +24,11 @@ Inbound, ``list("members")`` asks each audience for the members whose ``last_cha
 ``OPTIN_TIME`` (``timestamp_opt``, else ``timestamp_signup``, else ``last_changed``), ``LAST_CHANGED``,
 ``UNSUB_TIME``, ``UNSUB_REASON``, ``CLEAN_TIME``, ``TAGS``, ``LIST_ID``, ``REPORT`` (the stream).
 
+Where a kind of the profile reads the folder ``activity``, the opens, clicks and bounces of each audience's
+campaigns sent in the last 30 days, since the last collect (``GET /campaigns``, then
+``GET /reports/{id}/email-activity`` with ``since``), become ``email_activity_<list id>_<stamp>.csv``
+(``Email Address``, ``CAMPAIGN_ID``, ``ACTION``: open, click, bounce_hard or bounce_soft, ``TIMESTAMP``, ``URL``).
+
 Sources: the Marketing API reference (https://mailchimp.com/developer/marketing/api/list-members/ ,
 .../api/batch-operations/ , .../api/list-member-tags/ , .../docs/errors/), the batch guide
 (https://mailchimp.com/developer/marketing/guides/run-async-requests-batch-endpoint/ : "a limit of 10 concurrent
@@ -53,8 +58,8 @@ from batchsync.transport.http import ApiClient, ApiRefusal
 
 log = logging.getLogger(__name__)
 MEMBER_PAGE = 1000  # the largest ``count`` GET members takes
-# Report streams: the file name's first word, and the member status it lists. "subscribes" lists the same
-# members as "subscribed", for a kind whose event is a subscribe (sign-ups: policy.create_contacts).
+# Report streams: the file name's first word, and the member status it lists. "subscribes" lists the subscribed
+# members who opted in within the window, for a kind whose event is a subscribe (sign-ups: create_contacts).
 REPORTS = (
     ("subscribed", "subscribed"),
     ("subscribes", "subscribed"),
@@ -62,7 +67,15 @@ REPORTS = (
     ("cleaned", "cleaned"),
 )
 TIME = "%Y-%m-%d %H:%M:%S"  # the audience export's times, UTC
-OVERLAP = timedelta(minutes=5)  # a window starts this long before the last one ended: late writes are not missed
+OVERLAP = timedelta(minutes=5)
+ACTIVITY_DAYS = timedelta(days=30)  # a campaign's opens and clicks are read for this long after it is sent
+ACTIVITY_HEADER = [
+    "Email Address",
+    "CAMPAIGN_ID",
+    "ACTION",
+    "TIMESTAMP",
+    "URL",
+]  # a window starts this long before the last one ended: late writes are not missed
 SENT_AS = {"subscribed": "subscribed", "pending": "pending", "unsubscribed": "unsubscribed", "cleaned": "unsubscribed"}
 
 
@@ -91,7 +104,7 @@ def api_url(api_key: str) -> str:
 
 
 class MailchimpTransport(ApiTransport):
-    report_folders = ("members",)
+    report_folders = ("members", "activity")
 
     def __init__(self, profile: Profile, clock: Clock, api_key: str) -> None:
         super().__init__(profile, clock)
@@ -227,6 +240,10 @@ class MailchimpTransport(ApiTransport):
     # --- in: members changed since the last collect ----------------------------------------------------------
 
     def fetch_reports(self, folder: str) -> None:
+        if folder == "activity":
+            for config in self.profile.lists.values():
+                self._fetch_activity(folder, config.id)
+            return
         wanted = [(word, status) for word, status in REPORTS if self._taken(folder, word)]
         for code, config in self.profile.lists.items():
             for word, status in wanted:
@@ -241,7 +258,10 @@ class MailchimpTransport(ApiTransport):
         stream = f"{list_id}.{word}"
         since = self.inbox.cursor(folder, stream)
         upto = self.clock.now()
-        members = list(self._members(list_id, status, since - OVERLAP if since else None))
+        start = since - OVERLAP if since else None
+        members = list(self._members(list_id, status, start))
+        if word == "subscribes" and start is not None:  # a sign-up is an opt-in in the window, not any change
+            members = [member for member in members if _opted_in(member) > start]
         if not members:
             self.inbox.advance(folder, stream, upto)  # nothing changed in the window: nothing to apply
             return
@@ -261,6 +281,75 @@ class MailchimpTransport(ApiTransport):
             offset += len(members)
             if not members or offset >= int(page.get("total_items", 0)):
                 return
+
+    # --- in: campaign email activity ---------------------------------------------------------------------------
+
+    def _fetch_activity(self, folder: str, list_id: str) -> None:
+        """Opens, clicks and bounces in the audience's campaigns sent in the last ACTIVITY_DAYS, since the last
+        collect (GET /campaigns, then GET /reports/{id}/email-activity)."""
+        stream = f"{list_id}.activity"
+        since, upto = self.inbox.cursor(folder, stream), self.clock.now()
+        sent_since = (since or upto) - ACTIVITY_DAYS
+        campaigns = self._pages(
+            "/campaigns", "campaigns", status="sent", list_id=list_id, since_send_time=_iso(sent_since)
+        )
+        rows = [
+            [
+                email["email_address"],
+                campaign["id"],
+                _action(event),
+                _time(event.get("timestamp")),
+                event.get("url", ""),
+            ]
+            for campaign in campaigns
+            for email in self._pages(f"/reports/{campaign['id']}/email-activity", "emails", **_since(since))
+            for event in email.get("activity") or []
+        ]
+        if not rows:
+            self.inbox.advance(folder, stream, upto)
+            return
+        name = f"email_activity_{list_id}_{upto.astimezone(UTC):%Y%m%dT%H%M%SZ}.csv"
+        self.inbox.add(folder, name, stream, upto, lambda part: _write_rows(part, ACTIVITY_HEADER, rows))
+        log.info(
+            "Mailchimp audience %s: %d activities in %d campaigns since %s", list_id, len(rows), len(campaigns), since
+        )
+
+    def _pages(self, path: str, key: str, **params: str) -> list[dict[str, Any]]:
+        """Every item of a paged collection."""
+        found: list[dict[str, Any]] = []
+        while True:
+            page = self.api.call("GET", path, params={**params, "count": MEMBER_PAGE, "offset": len(found)}).body
+            items = page.get(key) or []
+            found += items
+            if not items or len(found) >= int(page.get("total_items", 0)):
+                return found
+
+
+def _opted_in(member: dict[str, Any]) -> datetime:
+    """When the member opted in (``timestamp_opt``, else ``timestamp_signup``, else ``last_changed``)."""
+    value = member.get("timestamp_opt") or member.get("timestamp_signup") or member.get("last_changed")
+    return datetime.fromisoformat(str(value)).astimezone(UTC) if value else datetime.min.replace(tzinfo=UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="seconds")
+
+
+def _since(since: datetime | None) -> dict[str, str]:
+    return {"since": _iso(since - OVERLAP)} if since is not None else {}
+
+
+def _action(event: dict[str, Any]) -> str:
+    """open, click, or bounce_hard / bounce_soft (the kind's codes make them events)."""
+    action = str(event.get("action", ""))
+    return f"bounce_{event.get('type') or 'soft'}" if action == "bounce" else action
+
+
+def _write_rows(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def report_name(word: str, list_id: str, upto: datetime) -> str:
