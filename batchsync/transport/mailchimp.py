@@ -17,17 +17,8 @@ Mailchimp refuses ``subscribed`` for a member it holds as unsubscribed or cleane
 State"); batchsync never asks it to: the export sends an address the provider opted out only as ``pending``
 (Mailchimp's confirmation email), and only with consent given after the opt-out.
 
-Inbound, ``list("members")`` asks each audience for the members whose ``last_changed`` is after the last collect
-(``since_last_changed``), one file per report stream the profile's inbound kinds take (``subscribed``,
-``subscribes``, ``unsubscribed``, ``cleaned``), named and headed as Mailchimp's audience export is
-(``unsubscribed_email_audience_export_<list id>_<stamp>.csv``): ``Email Address``, the merge tags,
-``OPTIN_TIME`` (``timestamp_opt``, else ``timestamp_signup``, else ``last_changed``), ``LAST_CHANGED``,
-``UNSUB_TIME``, ``UNSUB_REASON``, ``CLEAN_TIME``, ``TAGS``, ``LIST_ID``, ``REPORT`` (the stream).
-
-Where a kind of the profile reads the folder ``activity``, the opens, clicks and bounces of each audience's
-campaigns sent in the last 30 days, since the last collect (``GET /campaigns``, then
-``GET /reports/{id}/email-activity`` with ``since``), become ``email_activity_<list id>_<stamp>.csv``
-(``Email Address``, ``CAMPAIGN_ID``, ``ACTION``: open, click, bounce_hard or bounce_soft, ``TIMESTAMP``, ``URL``).
+Inbound, ``list("members")`` and ``list("activity")`` ask what Mailchimp reports since the last collect
+(``mailchimp_reports``: members changed, by status; campaign opens, clicks and bounces) as files for collect.
 
 Sources: the Marketing API reference (https://mailchimp.com/developer/marketing/api/list-members/ ,
 .../api/batch-operations/ , .../api/list-member-tags/ , .../docs/errors/), the batch guide
@@ -44,9 +35,9 @@ import io
 import json
 import logging
 import tarfile
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,28 +46,20 @@ from batchsync.config import Profile
 from batchsync.errors import ConfigError, TransportError
 from batchsync.transport.api import ApiTransport, Finding, Rejected, Submission
 from batchsync.transport.http import ApiClient, ApiRefusal
+from batchsync.transport.mailchimp_reports import MemberReports
 
 log = logging.getLogger(__name__)
-MEMBER_PAGE = 1000  # the largest ``count`` GET members takes
-# Report streams: the file name's first word, and the member status it lists. "subscribes" lists the subscribed
-# members who opted in within the window, for a kind whose event is a subscribe (sign-ups: create_contacts).
-REPORTS = (
-    ("subscribed", "subscribed"),
-    ("subscribes", "subscribed"),
-    ("unsubscribed", "unsubscribed"),
-    ("cleaned", "cleaned"),
-)
-TIME = "%Y-%m-%d %H:%M:%S"  # the audience export's times, UTC
-OVERLAP = timedelta(minutes=5)
-ACTIVITY_DAYS = timedelta(days=30)  # a campaign's opens and clicks are read for this long after it is sent
-ACTIVITY_HEADER = [
-    "Email Address",
-    "CAMPAIGN_ID",
-    "ACTION",
-    "TIMESTAMP",
-    "URL",
-]  # a window starts this long before the last one ended: late writes are not missed
+IN_FLIGHT = 8  # batches posted before the oldest is waited for
 SENT_AS = {"subscribed": "subscribed", "pending": "pending", "unsubscribed": "unsubscribed", "cleaned": "unsubscribed"}
+
+
+@dataclass(frozen=True)
+class Posted:
+    """A batch posted and not yet read: its id, how many operations it holds, and its rows (line -> address)."""
+
+    id: str
+    operations: int
+    emails: dict[int, str]
 
 
 @dataclass
@@ -111,7 +94,7 @@ class MailchimpTransport(ApiTransport):
         if not api_key:
             raise ConfigError(f"profile {profile.name}: the Mailchimp transport needs api_key_env or api_key_file")
         config = profile.transport
-        self.api = ApiClient(
+        self.api = api = ApiClient(
             config.url or api_url(api_key),
             clock,
             retries=config.retries,
@@ -120,6 +103,7 @@ class MailchimpTransport(ApiTransport):
             max_connections=config.max_connections,
             name="Mailchimp",
         )
+        self.reports = MemberReports(profile, clock, api, self.inbox)
 
     @property
     def calls(self) -> int:
@@ -160,17 +144,37 @@ class MailchimpTransport(ApiTransport):
     # --- out: an export's rows -----------------------------------------------------------------------------
 
     def submit(self, files: list[Path], list_code: str) -> Submission:
+        """Post a batch per ``batch_size`` rows, up to IN_FLIGHT of them before the oldest is waited for (Mailchimp
+        runs them meanwhile), and read each one's results."""
         list_id = self.profile.lists[list_code].id
-        submission = Submission()
+        submission, posted = Submission(), deque[Posted]()
         for path in files:
             for rows in _chunks(self._rows(path), self.profile.transport.batch_size):
                 operations = [op for row in rows for op in self._operations(list_id, list_code, row)]
-                refused = self._run_batch(operations)
-                emails = {row.line: row.email for row in rows}
-                for line, reason in sorted(refused.items()):
-                    submission.rejected.append(Rejected(line, emails[line], reason))
-                submission.accepted += len(rows) - len(refused)
+                batch = self.api.call("POST", "/batches", json_body={"operations": operations}).body
+                posted.append(Posted(str(batch["id"]), len(operations), {row.line: row.email for row in rows}))
+                if len(posted) >= IN_FLIGHT:
+                    self._verdict(posted.popleft(), submission)
+        while posted:
+            self._verdict(posted.popleft(), submission)
         return submission
+
+    def _verdict(self, batch: Posted, submission: Submission) -> None:
+        """Wait for a batch and add its rows to the submission: refused (with Mailchimp's reason) or accepted."""
+        finished = self._wait(batch.id)
+        results = list(_results(self.api, str(finished.get("response_body_url") or "")))
+        if len(results) < batch.operations:
+            raise TransportError(
+                f"Mailchimp batch {batch.id}: {len(results)} results for {batch.operations} operations"
+            )
+        refused: dict[int, str] = {}
+        for result in results:
+            if int(result.get("status_code", 500)) >= 400:
+                line = int(str(result.get("operation_id", "0")).split(":")[0])
+                refused.setdefault(line, _reason(result))
+        for line, reason in sorted(refused.items()):
+            submission.rejected.append(Rejected(line, batch.emails[line], reason))
+        submission.accepted += len(batch.emails) - len(refused)
 
     def _rows(self, path: Path) -> Iterator[Row]:
         """The rows of an export file, each with its line number (the header is line 1)."""
@@ -208,19 +212,6 @@ class MailchimpTransport(ApiTransport):
             operations.append({**tagged, "operation_id": f"{row.line}:tags"})
         return operations
 
-    def _run_batch(self, operations: list[dict[str, Any]]) -> dict[int, str]:
-        """Post one batch, wait for it, and return the refused rows: line -> Mailchimp's reason."""
-        batch = self.api.call("POST", "/batches", json_body={"operations": operations}).body
-        finished = self._wait(str(batch["id"]))
-        refused: dict[int, str] = {}
-        for result in _results(self.api, str(finished.get("response_body_url") or "")):
-            if int(result.get("status_code", 500)) >= 400:
-                line = int(str(result.get("operation_id", "0")).split(":")[0])
-                refused.setdefault(line, _reason(result))
-        if finished.get("errored_operations") and not refused:
-            raise TransportError(f"Mailchimp batch {batch['id']}: errors counted but no results read")
-        return refused
-
     def _wait(self, batch_id: str) -> dict[str, Any]:
         config = self.profile.transport
         deadline = self.clock.monotonic() + config.job_timeout_seconds
@@ -237,162 +228,8 @@ class MailchimpTransport(ApiTransport):
             self.clock.sleep(delay)
             delay = min(delay * 2, 60.0)
 
-    # --- in: members changed since the last collect ----------------------------------------------------------
-
     def fetch_reports(self, folder: str) -> None:
-        if folder == "activity":
-            for config in self.profile.lists.values():
-                self._fetch_activity(folder, config.id)
-            return
-        wanted = [(word, status) for word, status in REPORTS if self._taken(folder, word)]
-        for code, config in self.profile.lists.items():
-            for word, status in wanted:
-                self._fetch(folder, code, config.id, word, status)
-
-    def _taken(self, folder: str, word: str) -> bool:
-        """Some inbound kind of the folder takes this stream's files (the others are not asked for)."""
-        name = report_name(word, "x", datetime(2000, 1, 1, tzinfo=UTC))
-        return any(kind.remote_dir == folder and kind.matches(name) for kind in self.profile.inbound)
-
-    def _fetch(self, folder: str, code: str, list_id: str, word: str, status: str) -> None:
-        stream = f"{list_id}.{word}"
-        since = self.inbox.cursor(folder, stream)
-        upto = self.clock.now()
-        start = since - OVERLAP if since else None
-        members = list(self._members(list_id, status, start))
-        if word == "subscribes" and start is not None:  # a sign-up is an opt-in in the window, not any change
-            members = [member for member in members if _opted_in(member) > start]
-        if not members:
-            self.inbox.advance(folder, stream, upto)  # nothing changed in the window: nothing to apply
-            return
-        name = report_name(word, list_id, upto)
-        self.inbox.add(folder, name, stream, upto, lambda part: _write_members(part, members, list_id, word))
-        log.info("Mailchimp audience %s (%s): %d %s members since %s", list_id, code, len(members), status, since)
-
-    def _members(self, list_id: str, status: str, since: datetime | None) -> Iterator[dict[str, Any]]:
-        offset = 0
-        while True:
-            params: dict[str, Any] = {"status": status, "count": MEMBER_PAGE, "offset": offset}
-            if since is not None:
-                params["since_last_changed"] = since.astimezone(UTC).isoformat(timespec="seconds")
-            page = self.api.call("GET", f"/lists/{list_id}/members", params=params).body
-            members = page.get("members") or []
-            yield from members
-            offset += len(members)
-            if not members or offset >= int(page.get("total_items", 0)):
-                return
-
-    # --- in: campaign email activity ---------------------------------------------------------------------------
-
-    def _fetch_activity(self, folder: str, list_id: str) -> None:
-        """Opens, clicks and bounces in the audience's campaigns sent in the last ACTIVITY_DAYS, since the last
-        collect (GET /campaigns, then GET /reports/{id}/email-activity)."""
-        stream = f"{list_id}.activity"
-        since, upto = self.inbox.cursor(folder, stream), self.clock.now()
-        sent_since = (since or upto) - ACTIVITY_DAYS
-        campaigns = self._pages(
-            "/campaigns", "campaigns", status="sent", list_id=list_id, since_send_time=_iso(sent_since)
-        )
-        rows = [
-            [
-                email["email_address"],
-                campaign["id"],
-                _action(event),
-                _time(event.get("timestamp")),
-                event.get("url", ""),
-            ]
-            for campaign in campaigns
-            for email in self._pages(f"/reports/{campaign['id']}/email-activity", "emails", **_since(since))
-            for event in email.get("activity") or []
-        ]
-        if not rows:
-            self.inbox.advance(folder, stream, upto)
-            return
-        name = f"email_activity_{list_id}_{upto.astimezone(UTC):%Y%m%dT%H%M%SZ}.csv"
-        self.inbox.add(folder, name, stream, upto, lambda part: _write_rows(part, ACTIVITY_HEADER, rows))
-        log.info(
-            "Mailchimp audience %s: %d activities in %d campaigns since %s", list_id, len(rows), len(campaigns), since
-        )
-
-    def _pages(self, path: str, key: str, **params: str) -> list[dict[str, Any]]:
-        """Every item of a paged collection."""
-        found: list[dict[str, Any]] = []
-        while True:
-            page = self.api.call("GET", path, params={**params, "count": MEMBER_PAGE, "offset": len(found)}).body
-            items = page.get(key) or []
-            found += items
-            if not items or len(found) >= int(page.get("total_items", 0)):
-                return found
-
-
-def _opted_in(member: dict[str, Any]) -> datetime:
-    """When the member opted in (``timestamp_opt``, else ``timestamp_signup``, else ``last_changed``)."""
-    value = member.get("timestamp_opt") or member.get("timestamp_signup") or member.get("last_changed")
-    return datetime.fromisoformat(str(value)).astimezone(UTC) if value else datetime.min.replace(tzinfo=UTC)
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="seconds")
-
-
-def _since(since: datetime | None) -> dict[str, str]:
-    return {"since": _iso(since - OVERLAP)} if since is not None else {}
-
-
-def _action(event: dict[str, Any]) -> str:
-    """open, click, or bounce_hard / bounce_soft (the kind's codes make them events)."""
-    action = str(event.get("action", ""))
-    return f"bounce_{event.get('type') or 'soft'}" if action == "bounce" else action
-
-
-def _write_rows(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def report_name(word: str, list_id: str, upto: datetime) -> str:
-    return f"{word}_email_audience_export_{list_id}_{upto.astimezone(UTC):%Y%m%dT%H%M%SZ}.csv"
-
-
-def _write_members(path: Path, members: list[dict[str, Any]], list_id: str, word: str) -> None:
-    """The members as an audience export has them, and the stream's word in ``REPORT`` (two streams of the same
-    members are two reports, not one file twice)."""
-    tags = sorted({tag for member in members for tag in (member.get("merge_fields") or {})})
-    header = ["Email Address", *tags, "OPTIN_TIME", "LAST_CHANGED", "UNSUB_TIME", "UNSUB_REASON", "CLEAN_TIME"]
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow([*header, "TAGS", "LIST_ID", "REPORT"])
-        for member in members:
-            merge = member.get("merge_fields") or {}
-            changed = _time(member.get("last_changed"))
-            status = member.get("status")
-            writer.writerow(
-                [
-                    member.get("email_address", ""),
-                    *(_cell(merge.get(tag)) for tag in tags),
-                    _time(member.get("timestamp_opt") or member.get("timestamp_signup")) or changed,
-                    changed,
-                    changed if status == "unsubscribed" else "",
-                    member.get("unsubscribe_reason") or "",
-                    changed if status == "cleaned" else "",
-                    ",".join(str(tag.get("name", "")) for tag in member.get("tags") or []),
-                    list_id,
-                    word,
-                ]
-            )
-
-
-def _time(value: Any) -> str:
-    """An API time (ISO 8601 with offset) as the audience export writes it (UTC, seconds)."""
-    if not value:
-        return ""
-    return datetime.fromisoformat(str(value)).astimezone(UTC).strftime(TIME)
-
-
-def _cell(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, dict | list) else "" if value is None else str(value)
+        self.reports.fetch(folder)
 
 
 def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
