@@ -118,7 +118,6 @@ import io
 import itertools
 import re
 import secrets
-import socket
 import threading
 import uuid
 from collections import deque
@@ -132,6 +131,8 @@ from xml.etree import ElementTree
 
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
+
+from .loopback_http import LoopbackHttp
 
 Element = ElementTree.Element
 Params = dict[str, str]
@@ -1083,11 +1084,14 @@ def json_response(status: int, body: Mapping[str, Any]) -> web.Response:
 ENDPOINTS = {"/XMLAPI": "xml", "/oauth/token": "token"}
 
 
-class AcousticServer:
+class AcousticServer(LoopbackHttp):
     """The fake on ``127.0.0.1`` in a background thread. ``root`` stands for the SFTP account's home: the server
     reads ``root/upload`` and writes ``root/download`` (both created here)."""
 
+    label = "the fake Acoustic API"
+
     def __init__(self, root: Path) -> None:
+        super().__init__()
         self.root = Path(root)
         for folder in ("upload", "download"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
@@ -1099,9 +1103,6 @@ class AcousticServer:
         self.max_concurrent = MAX_CONCURRENT_REQUESTS
         self._failures: dict[str, deque[int]] = {"xml": deque(), "token": deque()}
         self._in_flight = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
 
     # ---------------------------------------------------------------------------------- addresses and state
 
@@ -1222,44 +1223,11 @@ class AcousticServer:
 
     # --------------------------------------------------------------------------------------------- lifecycle
 
-    def start(self) -> AcousticServer:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(64)
-        self.port = listener.getsockname()[1]
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(listener, ready), name="fake-acoustic", daemon=True)
-        self._thread.start()
-        if not ready.wait(15):
-            raise RuntimeError("the fake Acoustic server did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(15)
-        self._loop = self._thread = None
-
-    def __enter__(self) -> AcousticServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _serve(self, listener: socket.socket, ready: threading.Event) -> None:
-        assert self._loop is not None
-        asyncio.set_event_loop(self._loop)
+    def app(self) -> web.Application:
         app = web.Application(middlewares=[self._gate])
         app.router.add_post("/XMLAPI", self._handle_xml)
         app.router.add_post("/oauth/token", self._handle_token)
-        runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.SockSite(runner, listener).start())
-        ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(runner.cleanup())
-        self._loop.close()
+        return app
 
     # ------------------------------------------------------------------------------------------------- HTTP
 

@@ -114,7 +114,6 @@ import asyncio
 import json
 import re
 import secrets
-import socket
 import threading
 import uuid
 from collections import deque
@@ -128,6 +127,8 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import BasicAuth, hdrs, web
 from aiohttp.typedefs import Handler
+
+from .loopback_http import LoopbackHttp
 
 Json = dict[str, Any]
 
@@ -673,11 +674,14 @@ class Usage:
             self.minute, self.calls_this_minute = minute, 0
 
 
-class FlexmailServer:
+class FlexmailServer(LoopbackHttp):
     """The fake on ``127.0.0.1`` in a background thread: auth, limits, injected failures, webhook delivery, and
     every request counted. ``api`` holds the state; the methods below set and read it."""
 
+    label = "the fake Flexmail API"
+
     def __init__(self, account_id: str = "123456", token: str | None = None) -> None:
+        super().__init__()
         self.api = FlexmailApi()
         self.account_id = account_id  # [SUPPORT] "your numeric account ID"
         self.token = token or secrets.token_hex(20)  # undocumented: a token's form
@@ -689,9 +693,6 @@ class FlexmailServer:
         self.usage = Usage()
         self.deliveries: list[Delivery] = []
         self._failures: deque[int] = deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
 
     @property
     def url(self) -> str:
@@ -773,43 +774,10 @@ class FlexmailServer:
 
     # --- HTTP ----------------------------------------------------------------------------------------------------
 
-    def start(self) -> FlexmailServer:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(64)
-        self.port = listener.getsockname()[1]
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(listener, ready), name="fake-flexmail", daemon=True)
-        self._thread.start()
-        if not ready.wait(15):
-            raise RuntimeError("the fake Flexmail server did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(15)
-        self._loop = self._thread = None
-
-    def __enter__(self) -> FlexmailServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _serve(self, listener: socket.socket, ready: threading.Event) -> None:
-        assert self._loop is not None
-        asyncio.set_event_loop(self._loop)
+    def app(self) -> web.Application:
         app = web.Application(middlewares=[self._gate])
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.SockSite(runner, listener).start())
-        ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(runner.cleanup())
-        self._loop.close()
+        return app
 
     @web.middleware
     async def _gate(self, request: web.Request, handler: Handler) -> web.StreamResponse:

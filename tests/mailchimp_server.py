@@ -80,7 +80,6 @@ import io
 import json
 import re
 import secrets
-import socket
 import tarfile
 import threading
 import uuid
@@ -93,6 +92,8 @@ from typing import Any
 
 from aiohttp import BasicAuth, hdrs, web
 from aiohttp.typedefs import Handler
+
+from .loopback_http import LoopbackHttp
 
 Json = dict[str, Any]
 
@@ -763,11 +764,14 @@ def problem_response(error: ApiError) -> web.Response:
     )
 
 
-class MailchimpServer:
+class MailchimpServer(LoopbackHttp):
     """The fake on ``127.0.0.1`` in a background thread: auth, the connection limit, injected failures, and
     every request counted. ``api`` holds the state (``audiences``, ``batches``, ``clock``)."""
 
+    label = "the fake Mailchimp API"
+
     def __init__(self) -> None:
+        super().__init__()
         self.api = MailchimpApi()
         self.api_key = f"{secrets.token_hex(16)}-{DATA_CENTRE}"  # [CLIENT] api_client.py: "<key>-<dc>"
         self.data_centre = DATA_CENTRE
@@ -776,9 +780,6 @@ class MailchimpServer:
         self.response_delay = 0.0  # seconds each /3.0 request is held open (to test the connection limit)
         self._failures: deque[int] = deque()
         self._in_flight: dict[str, int] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self.port = 0
 
     @property
     def url(self) -> str:
@@ -835,45 +836,14 @@ class MailchimpServer:
         """Answers the next ``count`` API requests with ``status`` (429, or a 5xx) and a problem body."""
         self._failures.extend([status] * count)
 
-    def start(self) -> MailchimpServer:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(64)
-        self.port = listener.getsockname()[1]
+    def bound(self) -> None:
         self.api.results_url = f"http://127.0.0.1:{self.port}/batch-results"
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(listener, ready), name="fake-mailchimp", daemon=True)
-        self._thread.start()
-        if not ready.wait(15):
-            raise RuntimeError("the fake Mailchimp server did not start")
-        return self
 
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(15)
-        self._loop = self._thread = None
-
-    def __enter__(self) -> MailchimpServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _serve(self, listener: socket.socket, ready: threading.Event) -> None:
-        assert self._loop is not None
-        asyncio.set_event_loop(self._loop)
+    def app(self) -> web.Application:
         app = web.Application(middlewares=[self._gate])
         app.router.add_route("*", "/3.0/{tail:.*}", self._handle_api)
         app.router.add_get("/batch-results/{name}", self._handle_results)
-        runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(runner.setup())
-        self._loop.run_until_complete(web.SockSite(runner, listener).start())
-        ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(runner.cleanup())
-        self._loop.close()
+        return app
 
     @web.middleware
     async def _gate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
