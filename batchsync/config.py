@@ -427,6 +427,8 @@ class Profile(_Model):
         kinds = [entry.kind for entry in self.inbound]
         if len(set(kinds)) != len(kinds):
             raise ValueError("two inbound entries share one kind (a callback's kind is callback_<name>)")
+        if self.transport.kind in API_KINDS:
+            api_export_problem(self)
         return self
 
     def path(self, value: str) -> Path:
@@ -456,6 +458,27 @@ class Profile(_Model):
             if entry.id == provider_id:
                 return code
         return None
+
+
+def api_export_problem(profile: Profile) -> None:
+    """What an API transport needs of the export: every row with its status (an API does nothing with an address
+    that is absent, so leaving a list must be a row), no zip, and one list where the provider's reports or its
+    unsubscribes cannot say which list they are about."""
+    kind, export = profile.transport.kind, profile.export
+    if not export.has_status:
+        raise ValueError(f"a '{kind}' transport needs a status column in export.columns (and export.status_values)")
+    if export.zip:
+        raise ValueError(f"a '{kind}' transport takes the rows of the export file itself: export.zip must be false")
+    if kind == "acoustic" and not (export.opt_out_file and export.map_file == "acoustic"):
+        raise ValueError("an 'acoustic' transport needs export.opt_out_file = true and export.map_file = \"acoustic\"")
+    unlisted = [entry.kind for entry in profile.inbound if entry.remote_dir and not entry.columns.list_id]
+    if len(profile.lists) > 1 and (kind == "flexmail" or unlisted):
+        why = (
+            "Flexmail unsubscribes a contact from the account"
+            if kind == "flexmail"
+            else (f"inbound {', '.join(unlisted)} would give every list's reports to one list: map columns.list_id")
+        )
+        raise ValueError(f"a '{kind}' transport with several lists: {why}")
 
 
 def load_profile(path: Path, overrides: Mapping[str, Any] | None = None) -> Profile:

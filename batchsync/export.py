@@ -30,7 +30,7 @@ from batchsync.engine.crmread import ListPlace
 from batchsync.engine.csvout import ListFiles
 from batchsync.engine.diff import Mode, export_list
 from batchsync.engine.scan import CrmScan
-from batchsync.errors import ConfigError
+from batchsync.errors import ConfigError, TransportError
 from batchsync.formats.csvfile import ReportWriter
 from batchsync.formats.package import package
 from batchsync.locks import ensure_lock_held
@@ -246,6 +246,11 @@ class Exporter:
         calls = transport.calls
         submission = transport.submit(staged.uploads, staged.list_code)
         staged.api_calls, staged.rejected = transport.calls - calls, len(submission.rejected)
+        if submission.accepted + len(submission.rejected) != staged.rows:  # a verdict on every row, or none
+            raise TransportError(
+                f"list {staged.list_code}: the provider's verdict covers {submission.accepted} accepted and "
+                f"{len(submission.rejected)} refused rows of the {staged.rows} sent: the ledger stays, all go again"
+            )
         refused = []
         if submission.rejected:
             report = staged.uploads[0].with_name(staged.uploads[0].name + ".rejected.csv")

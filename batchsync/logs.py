@@ -105,6 +105,9 @@ def setup_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
     logging.getLogger("paramiko").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("aiohttp.access").setLevel(max(logging.WARNING, root.level))
+    # httpx logs every request's whole URL at INFO: a provider's signed links and addresses in queries stay out.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     _format[0] = log_format
 
 

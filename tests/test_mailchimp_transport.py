@@ -25,7 +25,7 @@ from batchsync.sync import Sync
 from batchsync.transport import open_transport
 
 from .conftest import ROOT
-from .crmdata import build_tiny_crm, set_status, status_of
+from .crmdata import build_tiny_crm, delete_contact, set_status, status_of
 from .mailchimp_server import Audience, MailchimpServer, MergeField, subscriber_hash
 
 LIST_ID = "a1b2c3d4e5"
@@ -222,6 +222,9 @@ def test_sign_up_at_mailchimp_creates_the_contact_with_consent_when_asked(
     mailchimp.add_member(
         LIST_ID, "new@example.com", "subscribed", merge_fields={"FNAME": "Nina"}, timestamp_opt=opted_in
     )
+    delete_contact(sync.engine, 10)  # the CRM let heidi go: her sign-up at Mailchimp does not bring her back
+    mailchimp.add_member(LIST_ID, "heidi@example.com", "subscribed", timestamp_opt=opted_in)
+    mailchimp.add_member(LIST_ID, "unsure@example.com", "subscribed")  # no opt-in time: no consent to record
 
     report = sync.run("diff")
 
@@ -232,7 +235,12 @@ def test_sign_up_at_mailchimp_creates_the_contact_with_consent_when_asked(
     with sync.engine.connect() as connection:
         rules = connection.scalars(select(bs_changes.c.rule).where(bs_changes.c.contact_id == row["id"])).all()
     assert rules == [RULE]
-    assert report is not None and sum(outcome.no_contact for outcome in report.imported.files) == 0
+    with sync.engine.connect() as connection:
+        heidis = connection.scalars(select(contacts.c.deleted).where(contacts.c.email_key == "heidi@example.com"))
+        assert list(heidis) == [True]
+    assert contact_row(sync.engine, "unsure@example.com") is None
+    # heidi's sign-up and the update rows of heidi and unsure find no contact; new@'s rows do
+    assert report is not None and sum(outcome.no_contact for outcome in report.imported.files) == 3
 
 
 def test_sign_up_at_mailchimp_creates_nothing_by_default(
@@ -316,3 +324,18 @@ def test_campaign_opens_clicks_and_bounces_become_activities(
     mailchimp.add_activity("c1", "bob@example.com", "open", clock.now() - timedelta(minutes=1))
     [again] = [outcome for outcome in sync.import_files().files if outcome.name.startswith("email_activity_")]
     assert again.rows == 1  # only what happened since the last collect (and its few minutes of overlap)
+
+
+def test_a_subscribed_row_never_overrides_what_mailchimp_holds(sync: Sync, mailchimp: MailchimpServer) -> None:
+    mailchimp.add_member(LIST_ID, "bob@example.com", "unsubscribed")  # opted out there, not collected yet
+    mailchimp.add_member(LIST_ID, "grace@example.com", "pending")  # has not confirmed yet
+
+    [exported] = sync.export("full").files
+
+    assert statuses(mailchimp)["bob@example.com"] == "unsubscribed"
+    assert statuses(mailchimp)["grace@example.com"] == "pending"  # no upsert skips Mailchimp's double opt-in
+    assert exported.rejected == 1
+    [report] = [path for path in exported.reports if path.name.endswith(".rejected.csv")]
+    text = report.read_text(encoding="utf-8")
+    assert "bob@example.com" in text and "holds the address unsubscribed" in text
+    assert not [body for body in put_bodies(mailchimp) if body.get("status") == "subscribed"]

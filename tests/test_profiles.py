@@ -67,3 +67,24 @@ def test_the_cli_exits_2_on_a_misspelt_key(tmp_path: Path, capsys: pytest.Captur
 def test_a_missing_profile_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["init", "--profile", str(tmp_path / "nope.toml")]) == 2
     assert "no such profile file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("profile", "old", "new", "said"),
+    [  # an API acts on rows only: an opt-out said by absence, or in a zip, would never reach the provider
+        ("mailchimp-api", '{ header = "Status", field = "status" },', "", "needs a status column"),
+        ("mailchimp-api", "[export]\n", "[export]\nzip = true\n", "export.zip must be false"),
+        ("acoustic-api", "opt_out_file = true", "opt_out_file = false", "export.opt_out_file = true"),
+        ("flexmail-api", "\n[[callback]]", '\n[lists.offers]\nid = "offers"\n[[callback]]', "from the account"),
+        ("acoustic-api", "\n[[inbound]]", '\n[lists.offers]\nid = "7654321"\n[[inbound]]', "columns.list_id"),
+    ],
+)  # fmt: skip
+def test_an_api_profile_that_could_lose_opt_outs_is_refused(
+    tmp_path: Path, profile: str, old: str, new: str, said: str
+) -> None:
+    text = (ROOT / "profiles" / f"{profile}.toml").read_text(encoding="utf-8")
+    assert old in text
+    path = tmp_path / f"{profile}.toml"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    with pytest.raises(ConfigError, match=said):
+        load_profile(path)

@@ -35,6 +35,7 @@ from batchsync.db import driver
 from batchsync.db.crm import ordered_key
 from batchsync.db.schema import bs_ledger_notes, bs_snapshot_chunks, bs_snapshots
 
+NOTE_KEYS = 1000  # addresses a notes query names at once
 FEW_KEYS = 50  # up to this many addresses, rows_for_keys picks the chunks by key range; past it, reads them all
 CHUNK_ROWS = 100_000  # rows a migrated snapshot's chunk holds (an export's chunks are its buckets)
 CHUNK_SCHEMA: dict[str, Any] = {
@@ -226,7 +227,7 @@ def commit(connection: Connection, profile: str, list_code: str, refused: Sequen
     pending = connection.execute(select(s.generation, s.notes_upto).where(mine, s.state == "pending")).first()
     if pending is None:
         return
-    before = rows_for_keys(connection, profile, refused).filter(pl.col("list_code") == list_code) if refused else None
+    before = held_rows(connection, profile, list_code, refused) if refused else None
     older = [int(r[0]) for r in connection.execute(select(s.generation).where(mine, s.state == "current"))]
     _drop(connection, profile, list_code, older)
     connection.execute(update(bs_snapshots).where(mine, s.generation == pending[0]).values(state="current"))
@@ -238,8 +239,31 @@ def commit(connection: Connection, profile: str, list_code: str, refused: Sequen
         _put_back(connection, profile, list_code, refused, before)
 
 
+def held_rows(connection: Connection, profile: str, list_code: str, keys: Sequence[str]) -> pl.DataFrame:
+    """What the current snapshot of one list holds for these addresses, notes folded in: only the chunks whose
+    key range holds one of a few keys (every chunk of the list for many), the notes asked for a slice of keys at
+    a time (a statement takes a bounded number of parameters)."""
+    s, c = bs_snapshots.c, bs_snapshot_chunks.c
+    wanted = sorted(set(keys))
+    current = select(s.generation).where(s.profile == profile, s.list_code == list_code, s.state == "current")
+    chunks = select(c.data).where(
+        c.profile == profile, c.list_code == list_code, c.generation.in_(current.scalar_subquery())
+    )
+    if len(wanted) <= FEW_KEYS:
+        chunks = chunks.where(or_(*(and_(c.first_key <= key, c.last_key >= key) for key in wanted)))
+    among = pl.DataFrame({"email_key": wanted}, schema={"email_key": pl.String})
+    rows = pl.concat(
+        [empty(), *(decode(r[0]).join(among, on="email_key", how="semi") for r in connection.execute(chunks))]
+    )
+    notes = [
+        _notes(connection, profile, list_code, wanted[at : at + NOTE_KEYS])[0]
+        for at in range(0, len(wanted), NOTE_KEYS)
+    ]
+    return fold(rows.sort("email_key"), pl.concat(notes).sort("email_key", "id"))
+
+
 def _put_back(connection: Connection, profile: str, list_code: str, keys: Sequence[str], before: pl.DataFrame) -> None:
-    held = {row["email_key"]: row for row in before.drop("list_code").iter_rows(named=True)}
+    held = {row["email_key"]: row for row in before.iter_rows(named=True)}
     notes = [
         {**held[key], "list_code": list_code, "kind": "put"}
         if key in held

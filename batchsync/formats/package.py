@@ -52,6 +52,8 @@ def acoustic_map(profile: Profile, list_code: str, data: Path, action: str) -> P
         ElementTree.SubElement(entry, "INDEX").text = str(index)
         ElementTree.SubElement(entry, "NAME").text = column.header
         ElementTree.SubElement(entry, "INCLUDE").text = "true"
-    target = data.with_name(data.name.split(".")[0] + ".xml")
+    # The data file's name without its extensions (.csv, .csv.zip), whatever dots the profile's name holds: the
+    # data and opt-out files each get a map of their own, never one for both.
+    target = data.with_name(data.name.removesuffix(".zip").rsplit(".", 1)[0] + ".xml")
     ElementTree.ElementTree(root).write(target, encoding="utf-8", xml_declaration=True)
     return target

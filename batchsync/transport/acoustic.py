@@ -35,6 +35,7 @@ import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from xml.etree import ElementTree
 from xml.etree.ElementTree import Element
@@ -43,8 +44,9 @@ from batchsync.clock import Clock
 from batchsync.config import Profile
 from batchsync.errors import ConfigError, TransportError
 from batchsync.transport.api import ApiTransport, Finding, Rejected, Submission
-from batchsync.transport.base import Transport, upload_confirmed
+from batchsync.transport.base import Transport, check_remote_name, upload_confirmed
 from batchsync.transport.http import ApiClient, ApiRefusal, CredentialsRefused
+from batchsync.transport.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 DOWNLOAD = "download"
@@ -76,6 +78,7 @@ class AcousticTransport(ApiTransport):
             raise ConfigError(f"profile {profile.name}: an 'acoustic' transport needs export.map_file = \"acoustic\"")
         config = profile.transport
         self.files, self.credentials = files, credentials
+        self.retry = RetryPolicy.of(config, clock)
         self.api = ApiClient(
             config.url or "", clock, retries=config.retries, timeout=config.timeout_seconds, name="Acoustic"
         )
@@ -179,32 +182,53 @@ class AcousticTransport(ApiTransport):
     def submit(self, files: list[Path], list_code: str) -> Submission:
         folder = self.profile.export.remote_dir.rstrip("/") or "upload"
         submission = Submission()
-        for data, mapping in zip(files[0::2], files[1::2], strict=True):
+        pairs = list(zip(files[0::2], files[1::2], strict=True))
+        if any(mapping.suffix != ".xml" or data.suffix != ".csv" for data, mapping in pairs) or len(
+            {path.name for path in files}
+        ) != len(files):
+            raise TransportError(f"Acoustic: the files to import are not (data, map) pairs of their own: {files}")
+        for data, mapping in pairs:
             for local in (data, mapping):  # the map last: the data is whole on the server when the job starts
-                upload_confirmed(self.files, local, posixpath.join(folder, local.name))
+                remote = posixpath.join(folder, local.name)
+                self.retry.call(partial(upload_confirmed, self.files, local, remote), what=f"upload of {remote}")
             job = self.xml("ImportList", MAP_FILE=mapping.name, SOURCE_FILE=data.name).findtext("JOB_ID", "")
             state, parameters, description = self._wait(job)
             if state != "COMPLETE":
                 raise TransportError(f"Acoustic import job {job} of {data.name} ended {state}: {description}")
-            refused = self._refused(parameters.get("ERROR_FILE_NAME", ""))
+            refused = self._refused(data, parameters)
             submission.rejected += refused
-            export = self.profile.export
-            submission.accepted += _rows_in(data, export.encoding, export.delimiter) - len(refused)
+            submission.accepted += len(_addresses(self.profile, data)) - len(refused)
         return submission
 
-    def _refused(self, error_file: str) -> list[Rejected]:
-        """The rows of the job's error file: LINE_NUMBER, ERROR and the row's columns (its EMAIL among them)."""
-        if not error_file:
-            return []
-        remote = posixpath.join(DOWNLOAD, posixpath.basename(error_file))
-        local = self.inbox.root / ".acoustic-errors.csv"
-        local.parent.mkdir(parents=True, exist_ok=True)
-        self.files.download(remote, local)
-        with local.open(encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        local.unlink()
-        email = next((c.header for c in self.profile.export.columns if c.field == "email"), "EMAIL")
-        return [Rejected(int(row.get("LINE_NUMBER") or 0), row.get(email, ""), row.get("ERROR", "")) for row in rows]
+    def _refused(self, data: Path, parameters: dict[str, str]) -> list[Rejected]:
+        """The rows of the job's error file (LINE_NUMBER, ERROR, the row's columns), each matched to the row sent
+        by its line; the file must list as many as the job counted bad (BAD_RECORDS, BAD_ADDRESSES), or nothing
+        is taken as accepted. The job's files are removed from the download folder once read."""
+        counted = sum(int(parameters.get(name) or 0) for name in ("BAD_RECORDS", "BAD_ADDRESSES"))
+        error_file, results_file = parameters.get("ERROR_FILE_NAME", ""), parameters.get("RESULTS_FILE_NAME", "")
+        rows: list[dict[str, str]] = []
+        if error_file:
+            local = self.inbox.root / ".acoustic-errors.csv"
+            local.parent.mkdir(parents=True, exist_ok=True)
+            self.files.download(posixpath.join(DOWNLOAD, check_remote_name(posixpath.basename(error_file))), local)
+            with local.open(encoding="utf-8", newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            local.unlink()
+        if len(rows) != counted:
+            raise TransportError(
+                f"Acoustic: the import of {data.name} counted {counted} bad rows, its error file lists {len(rows)}"
+            )
+        for name in (error_file, results_file):
+            if name:
+                self._remove(posixpath.join(DOWNLOAD, check_remote_name(posixpath.basename(name))))
+        sent = _addresses(self.profile, data)
+        refused = []
+        for row in rows:
+            line = int(row.get("LINE_NUMBER") or 0)
+            if line not in sent:
+                raise TransportError(f"Acoustic: the error file of {data.name} names line {line}, not a row sent")
+            refused.append(Rejected(line, sent[line], row.get("ERROR") or "refused, no reason given"))
+        return refused
 
     # --- in ----------------------------------------------------------------------------------------------------
 
@@ -227,7 +251,7 @@ class AcousticTransport(ApiTransport):
         state, _, description = self._wait(asked.findtext("JOB_ID", ""))
         if state != "COMPLETE":
             raise TransportError(f"Acoustic export of list {list_id} ({export_type}) ended {state}: {description}")
-        remote = posixpath.join(DOWNLOAD, posixpath.basename(asked.findtext("FILE_PATH", "")))
+        remote = posixpath.join(DOWNLOAD, check_remote_name(posixpath.basename(asked.findtext("FILE_PATH", ""))))
         name = f"{list_id}_{word}_{upto:%Y%m%dT%H%M%SZ}.csv"
 
         def fetch(part: Path) -> None:
@@ -255,7 +279,13 @@ def _result(answer: bytes, operation: str) -> Element:
     raise ApiRefusal(200, fault.strip(), f"Acoustic {operation}")
 
 
-def _rows_in(path: Path, encoding: str, delimiter: str) -> int:
-    """Data rows of a CSV with a header (a quoted cell may hold a line break)."""
-    with path.open(encoding=encoding, newline="") as handle:
-        return max(sum(1 for _ in csv.reader(handle, delimiter=delimiter)) - 1, 0)
+def _addresses(profile: Profile, data: Path) -> dict[int, str]:
+    """The address of each row of a data file by its line (the header is line 1; a quoted cell may hold a line
+    break, so lines are the CSV's records, as Acoustic counts them)."""
+    export = profile.export
+    with data.open(encoding=export.encoding, newline="") as handle:
+        reader = csv.reader(handle, delimiter=export.delimiter, quotechar=export.quote)
+        header = next(reader, [])
+        email = next((c.header for c in export.columns if c.field == "email"), "EMAIL")
+        at = header.index(email) if email in header else 0
+        return {line: cells[at] if at < len(cells) else "" for line, cells in enumerate(reader, start=2)}

@@ -92,6 +92,12 @@ class ReportInbox:
             return []
         return sorted(path for path in place.iterdir() if path.is_file() and not path.name.startswith("."))
 
+    def waiting(self, folder: str, stream: str) -> bool:
+        """A file of this stream is here, not applied yet: the stream's next window waits for it."""
+        place = self.root / folder
+        windows = place.glob(".*.window") if place.is_dir() else []
+        return any(json.loads(path.read_text("utf-8")).get("stream") == stream for path in windows)
+
     def cursor(self, folder: str, stream: str) -> datetime | None:
         value = self._cursors(folder).get(stream)
         return datetime.fromisoformat(value) if value else None
@@ -143,6 +149,7 @@ class ApiTransport(Submitter):
     def __init__(self, profile: Profile, clock: Clock) -> None:
         self.profile, self.clock = profile, clock
         self.inbox = ReportInbox(WorkDir.of(profile).root / "api-inbox")
+        self._asked: set[str] = set()  # report folders asked this connection (collect lists one once per kind)
 
     @abstractmethod
     def check(self) -> Iterator[Finding]:
@@ -151,15 +158,23 @@ class ApiTransport(Submitter):
 
     @abstractmethod
     def fetch_reports(self, folder: str) -> None:
-        """Ask the provider what is new for ``folder`` and add it to the inbox as files."""
+        """Ask the provider what is new for ``folder`` and add it to the inbox as files: each stream whose
+        last file is not waiting to be applied (``ReportInbox.waiting``)."""
 
     def list(self, folder: str) -> list[RemoteEntry]:
         if folder not in self.report_folders:
             known = ", ".join(self.report_folders) or "none"
             raise RemoteFolderMissing(f"{type(self).__name__} has no report folder {folder!r} (it has: {known})")
-        if not self.inbox.pending(folder):
+        if folder not in self._asked:
+            self._asked.add(folder)
             self.fetch_reports(folder)
-        return [RemoteEntry(path.name, path.stat().st_size, None) for path in self.inbox.pending(folder)]
+        pending = self.inbox.pending(folder)
+        for path in pending:
+            if not any(kind.remote_dir == folder and kind.matches(path.name) for kind in self.profile.inbound):
+                log.error(
+                    "%s in %s matches no inbound kind of the profile: its stream waits", path.name, self.inbox.root
+                )
+        return [RemoteEntry(path.name, path.stat().st_size, None) for path in pending]
 
     def download(self, remote: str, local: Path) -> None:
         shutil.copyfile(self._report(remote), local)

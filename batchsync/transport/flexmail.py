@@ -48,6 +48,7 @@ from batchsync.config import Profile
 from batchsync.errors import ConfigError, TransportError
 from batchsync.transport.api import ApiTransport, Finding, Rejected, Submission
 from batchsync.transport.http import ApiClient, ApiRefusal
+from batchsync.workdir import write_whole
 
 log = logging.getLogger(__name__)
 NAMES = {"first_name": "first_name", "last_name": "name"}  # batchsync field -> Flexmail's
@@ -72,7 +73,12 @@ class CallBudget:
                 f"this month's {self.limit} Flexmail API calls are spent (transport.monthly_calls)"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"month": month, "calls": used + 1}), "utf-8")
+        text = json.dumps({"month": month, "calls": used + 1})
+
+        def write(part: Path) -> None:
+            part.write_text(text, "utf-8")
+
+        write_whole(self.path, write)  # a run stopped mid-write leaves the count whole
 
     def used(self) -> int:
         return self._read()[1]
@@ -174,19 +180,18 @@ class FlexmailTransport(ApiTransport):
 
     def submit(self, files: list[Path], list_code: str) -> Submission:
         submission = Submission()
-        for path in files:
-            rows = _rows(self.profile, path)
-            for line, row in rows:
-                try:
-                    self._send(row)
-                    submission.accepted += 1
-                except MonthlyLimitReached as exc:
-                    left = [(line, row), *rows]
-                    submission.rejected += [Rejected(n, r["email"], f"not sent: {exc}") for n, r in left]
-                    log.error("%s; %d rows left for the next run", exc, len(left))
-                    return submission
-                except ApiRefusal as exc:
-                    submission.rejected.append(Rejected(line, row["email"], exc.reason))
+        rows = (numbered for path in files for numbered in _rows(self.profile, path))
+        for line, row in rows:
+            try:
+                self._send(row)
+                submission.accepted += 1
+            except MonthlyLimitReached as exc:  # this row and every one left, of every file: not sent
+                left = [(line, row), *rows]
+                submission.rejected += [Rejected(n, r["email"], f"not sent: {exc}") for n, r in left]
+                log.error("%s; %d rows left for the next run", exc, len(left))
+                return submission
+            except ApiRefusal as exc:
+                submission.rejected.append(Rejected(line, row["email"], exc.reason))
         return submission
 
     def _send(self, row: dict[str, Any]) -> None:

@@ -142,6 +142,15 @@ class ApiClient:
             raise TransportError(f"{what}: {type(exc).__name__}: {exc}", retryable=True) from None
         return _answer(response, body, what, self.rate_window)
 
+    def link(self, url: str) -> str:
+        """A link the provider gave (a results archive), checked before it is followed: https, or a loopback
+        http as the base URL may be; anything else is refused."""
+        parts = httpx.URL(url)
+        base = httpx.URL(self.base_url)
+        if parts.scheme == "https" or (parts.scheme == "http" and parts.host == base.host == "127.0.0.1"):
+            return url
+        raise TransportError(f"{self.name}: refused to follow {parts.scheme}://{parts.host}/...: not https")
+
     def close(self) -> None:
         self._http.close()
 

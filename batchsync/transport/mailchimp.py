@@ -13,9 +13,11 @@ but the address, status and groups is a merge tag, its header the tag), then, wh
 (a gzipped tar of JSON arrays of ``{status_code, operation_id, response}``) says which rows were refused and why.
 An operation id is the row's line in the file.
 
-Mailchimp refuses ``subscribed`` for a member it holds as unsubscribed or cleaned ("Member In Compliance
-State"); batchsync never asks it to: the export sends an address the provider opted out only as ``pending``
-(Mailchimp's confirmation email), and only with consent given after the opt-out.
+A subscribed row goes with ``status_if_new`` alone: a new member is subscribed, an existing one keeps the status
+Mailchimp holds (a pending member still confirms; an unsubscribed or cleaned one stays so, and its row is
+reported refused, since the CRM has it subscribed). ``status`` is sent only as ``pending`` (Mailchimp's
+confirmation mail: the export sends an address the provider opted out so, and only with consent given after the
+opt-out) or ``unsubscribed``.
 
 Inbound, ``list("members")`` and ``list("activity")`` ask what Mailchimp reports since the last collect
 (``mailchimp_reports``: members changed, by status; campaign opens, clicks and bounces) as files for collect.
@@ -50,16 +52,20 @@ from batchsync.transport.mailchimp_reports import MemberReports
 
 log = logging.getLogger(__name__)
 IN_FLIGHT = 8  # batches posted before the oldest is waited for
+RESULTS_BYTES = 512 * 1024 * 1024  # a batch's results archive, unpacked, at most
+NOT_SUBSCRIBED = "a subscription is sent as pending, with consent given after Mailchimp's opt-out"
 SENT_AS = {"subscribed": "subscribed", "pending": "pending", "unsubscribed": "unsubscribed", "cleaned": "unsubscribed"}
 
 
 @dataclass(frozen=True)
 class Posted:
-    """A batch posted and not yet read: its id, how many operations it holds, and its rows (line -> address)."""
+    """A batch posted and not yet read: its id, its operations' ids, its rows (line -> address) and the lines
+    sent to be subscribed."""
 
     id: str
-    operations: int
+    operations: frozenset[str]
     emails: dict[int, str]
+    subscribed: frozenset[int]
 
 
 @dataclass
@@ -152,7 +158,10 @@ class MailchimpTransport(ApiTransport):
             for rows in _chunks(self._rows(path), self.profile.transport.batch_size):
                 operations = [op for row in rows for op in self._operations(list_id, list_code, row)]
                 batch = self.api.call("POST", "/batches", json_body={"operations": operations}).body
-                posted.append(Posted(str(batch["id"]), len(operations), {row.line: row.email for row in rows}))
+                ids = frozenset(str(op["operation_id"]) for op in operations)
+                emails = {row.line: row.email for row in rows}
+                wanted = frozenset(row.line for row in rows if SENT_AS.get(row.status) == "subscribed")
+                posted.append(Posted(str(batch["id"]), ids, emails, wanted))
                 if len(posted) >= IN_FLIGHT:
                     self._verdict(posted.popleft(), submission)
         while posted:
@@ -162,16 +171,19 @@ class MailchimpTransport(ApiTransport):
     def _verdict(self, batch: Posted, submission: Submission) -> None:
         """Wait for a batch and add its rows to the submission: refused (with Mailchimp's reason) or accepted."""
         finished = self._wait(batch.id)
-        results = list(_results(self.api, str(finished.get("response_body_url") or "")))
-        if len(results) < batch.operations:
-            raise TransportError(
-                f"Mailchimp batch {batch.id}: {len(results)} results for {batch.operations} operations"
-            )
+        results = list(_results(self.api, self.api.link(str(finished.get("response_body_url") or ""))))
+        answered = {str(result.get("operation_id")) for result in results}
+        if answered != batch.operations:
+            missing = len(batch.operations - answered)
+            raise TransportError(f"Mailchimp batch {batch.id}: its results miss {missing} of its operations")
         refused: dict[int, str] = {}
         for result in results:
+            operation = str(result["operation_id"])
+            line = int(operation.split(":")[0])
             if int(result.get("status_code", 500)) >= 400:
-                line = int(str(result.get("operation_id", "0")).split(":")[0])
                 refused.setdefault(line, _reason(result))
+            elif line in batch.subscribed and ":" not in operation and (held := _held_as(result)):
+                refused.setdefault(line, f"Mailchimp holds the address {held}: {NOT_SUBSCRIBED}")
         for line, reason in sorted(refused.items()):
             submission.rejected.append(Rejected(line, batch.emails[line], reason))
         submission.accepted += len(batch.emails) - len(refused)
@@ -201,7 +213,9 @@ class MailchimpTransport(ApiTransport):
     def _operations(self, list_id: str, list_code: str, row: Row) -> list[dict[str, Any]]:
         status = SENT_AS.get(row.status, "unsubscribed")
         path = f"/lists/{list_id}/members/{subscriber_hash(row.email)}"
-        body: dict[str, Any] = {"email_address": row.email, "status_if_new": status, "status": status}
+        body: dict[str, Any] = {"email_address": row.email, "status_if_new": status}
+        if status != "subscribed":  # never "subscribed" over what Mailchimp holds: pending or unsubscribed only
+            body["status"] = status
         if status != "unsubscribed":
             body["merge_fields"] = row.merge
         operations = [{"method": "PUT", "path": path, "operation_id": str(row.line), "body": json.dumps(body)}]
@@ -244,15 +258,31 @@ def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
 
 
 def _results(api: ApiClient, url: str) -> Iterator[dict[str, Any]]:
-    """The operations' results from a finished batch's archive (no API key goes to its storage host)."""
+    """The operations' results from a finished batch's archive (no API key goes to its storage host), at most
+    RESULTS_BYTES unpacked."""
     if not url:
         raise TransportError("a finished Mailchimp batch gave no results archive")
     archive = api.call("GET", url, anonymous=True).body
+    left = RESULTS_BYTES
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         for member in tar:
             handle = tar.extractfile(member) if member.isfile() else None
-            if handle is not None:
-                yield from json.load(handle)
+            if handle is None:
+                continue
+            data = handle.read(left + 1)
+            left -= len(data)
+            if left < 0:
+                raise TransportError(f"a Mailchimp batch's results unpack to more than {RESULTS_BYTES} bytes")
+            yield from json.loads(data)
+
+
+def _held_as(result: dict[str, Any]) -> str | None:
+    """The status Mailchimp answered an upsert with, where it is one a subscription does not override."""
+    try:
+        status = json.loads(result.get("response") or "{}").get("status")
+    except (ValueError, AttributeError):
+        return None
+    return str(status) if status in ("unsubscribed", "cleaned") else None
 
 
 def _reason(result: dict[str, Any]) -> str:

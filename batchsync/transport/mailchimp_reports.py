@@ -40,7 +40,7 @@ REPORTS = (
 TIME = "%Y-%m-%d %H:%M:%S"  # the audience export's times, UTC
 OVERLAP = timedelta(minutes=5)  # a window starts this long before the last one ended: late writes are not missed
 ACTIVITY_DAYS = timedelta(days=30)  # a campaign's opens and clicks are read for this long after it is sent
-ACTIVITY_HEADER = ["Email Address", "CAMPAIGN_ID", "ACTION", "TIMESTAMP", "URL"]
+ACTIVITY_HEADER = ["Email Address", "CAMPAIGN_ID", "ACTION", "TIMESTAMP", "URL", "LIST_ID"]
 
 
 @dataclass
@@ -55,24 +55,26 @@ class MemberReports:
             for config in self.profile.lists.values():
                 self._fetch_activity(folder, config.id)
             return
-        wanted = [(word, status) for word, status in REPORTS if self._taken(folder, word)]
         for code, config in self.profile.lists.items():
-            for word, status in wanted:
-                self._fetch(folder, code, config.id, word, status)
+            for word, status in REPORTS:
+                if self._taken(folder, word, config.id):
+                    self._fetch(folder, code, config.id, word, status)
 
-    def _taken(self, folder: str, word: str) -> bool:
+    def _taken(self, folder: str, word: str, list_id: str) -> bool:
         """Some inbound kind of the folder takes this stream's files (the others are not asked for)."""
-        name = report_name(word, "x", datetime(2000, 1, 1, tzinfo=UTC))
+        name = report_name(word, list_id, self.clock.now())
         return any(kind.remote_dir == folder and kind.matches(name) for kind in self.profile.inbound)
 
     def _fetch(self, folder: str, code: str, list_id: str, word: str, status: str) -> None:
         stream = f"{list_id}.{word}"
+        if self.inbox.waiting(folder, stream):
+            return
         since = self.inbox.cursor(folder, stream)
         upto = self.clock.now()
         start = since - OVERLAP if since else None
         members = list(self._members(list_id, status, start))
-        if word == "subscribes" and start is not None:  # a sign-up is an opt-in in the window, not any change
-            members = [member for member in members if _opted_in(member) > start]
+        if word == "subscribes":  # a sign-up is an opt-in (in the window), not any change; none without its time
+            members = [m for m in members if (opted := _opted_in(m)) is not None and (start is None or opted > start)]
         if not members:
             self.inbox.advance(folder, stream, upto)  # nothing changed in the window: nothing to apply
             return
@@ -99,6 +101,8 @@ class MemberReports:
         """Opens, clicks and bounces in the audience's campaigns sent in the last ACTIVITY_DAYS, since the last
         collect (GET /campaigns, then GET /reports/{id}/email-activity)."""
         stream = f"{list_id}.activity"
+        if self.inbox.waiting(folder, stream):
+            return
         since, upto = self.inbox.cursor(folder, stream), self.clock.now()
         sent_since = (since or upto) - ACTIVITY_DAYS
         campaigns = self._pages(
@@ -111,6 +115,7 @@ class MemberReports:
                 _action(event),
                 _time(event.get("timestamp")),
                 event.get("url", ""),
+                list_id,
             ]
             for campaign in campaigns
             for email in self._pages(f"/reports/{campaign['id']}/email-activity", "emails", **_since(since))
@@ -136,10 +141,10 @@ class MemberReports:
                 return found
 
 
-def _opted_in(member: dict[str, Any]) -> datetime:
-    """When the member opted in (``timestamp_opt``, else ``timestamp_signup``, else ``last_changed``)."""
-    value = member.get("timestamp_opt") or member.get("timestamp_signup") or member.get("last_changed")
-    return datetime.fromisoformat(str(value)).astimezone(UTC) if value else datetime.min.replace(tzinfo=UTC)
+def _opted_in(member: dict[str, Any]) -> datetime | None:
+    """When the member opted in (``timestamp_opt``, else ``timestamp_signup``); None where Mailchimp does not say."""
+    value = member.get("timestamp_opt") or member.get("timestamp_signup")
+    return datetime.fromisoformat(str(value)).astimezone(UTC) if value else None
 
 
 def _iso(moment: datetime) -> str:
@@ -183,7 +188,7 @@ def _write_members(path: Path, members: list[dict[str, Any]], list_id: str, word
                 [
                     member.get("email_address", ""),
                     *(_cell(merge.get(tag)) for tag in tags),
-                    _time(member.get("timestamp_opt") or member.get("timestamp_signup")) or changed,
+                    _time(member.get("timestamp_opt") or member.get("timestamp_signup")),
                     changed,
                     changed if status == "unsubscribed" else "",
                     member.get("unsubscribe_reason") or "",
