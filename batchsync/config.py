@@ -471,6 +471,10 @@ def api_export_problem(profile: Profile) -> None:
         raise ValueError(f"a '{kind}' transport takes the rows of the export file itself: export.zip must be false")
     if kind == "acoustic" and not (export.opt_out_file and export.map_file == "acoustic"):
         raise ValueError("an 'acoustic' transport needs export.opt_out_file = true and export.map_file = \"acoustic\"")
+    if kind == "acoustic" and export.remote_dir.strip("/") != "upload":
+        raise ValueError(
+            "an 'acoustic' transport uploads to export.remote_dir = \"upload\": ImportList looks nowhere else"
+        )
     unlisted = [entry.kind for entry in profile.inbound if entry.remote_dir and not entry.columns.list_id]
     if len(profile.lists) > 1 and (kind == "flexmail" or unlisted):
         why = (

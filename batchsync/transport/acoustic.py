@@ -180,7 +180,7 @@ class AcousticTransport(ApiTransport):
     # --- out ---------------------------------------------------------------------------------------------------
 
     def submit(self, files: list[Path], list_code: str) -> Submission:
-        folder = self.profile.export.remote_dir.rstrip("/") or "upload"
+        folder = "upload"  # the only folder ImportList reads (the profile is held to it)
         submission = Submission()
         pairs = list(zip(files[0::2], files[1::2], strict=True))
         if any(mapping.suffix != ".xml" or data.suffix != ".csv" for data, mapping in pairs) or len(
