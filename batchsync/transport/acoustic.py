@@ -7,7 +7,8 @@
 Out: each data file and its map file (``LIST_IMPORT``: ADD_AND_UPDATE for the data, OPT_OUT for the opt-outs)
 go up to the SFTP account's ``upload`` folder, confirmed whole, and then ``ImportList`` (MAP_FILE, SOURCE_FILE)
 starts the import: Acoustic imports nothing until it is called. ``GetJobStatus`` is polled until the job is
-COMPLETE (or ERROR: then nothing is taken as accepted); the job's error file (``ERROR_FILE_NAME`` in
+COMPLETE (then the files are removed from ``upload``) or ERROR (then nothing is taken as accepted, and the files
+stay for a person to read); the job's error file (``ERROR_FILE_NAME`` in
 ``download``: ``LINE_NUMBER``, ``ERROR``, then the row's own columns) names the rows Acoustic refused and why.
 
 In: ``ExportList`` of each list, EXPORT_TYPE OPT_OUT (and UNDELIVERABLE where a kind takes it), from the last
@@ -198,6 +199,8 @@ class AcousticTransport(ApiTransport):
             refused = self._refused(data, parameters)
             submission.rejected += refused
             submission.accepted += len(_addresses(self.profile, data)) - len(refused)
+            for local in (data, mapping):  # imported: the contacts' data need not wait on the server (a failed
+                self._remove(posixpath.join(folder, local.name))  # job's files stay there for a person to read)
         return submission
 
     def _refused(self, data: Path, parameters: dict[str, str]) -> list[Rejected]:
@@ -263,8 +266,8 @@ class AcousticTransport(ApiTransport):
     def _remove(self, remote: str) -> None:
         try:
             self.files.delete(remote)
-        except TransportError as exc:  # tidying the download folder is no reason to fail a collect
-            log.warning("could not remove %s from Acoustic's download folder: %s", remote, exc)
+        except TransportError as exc:  # tidying the server is no reason to fail an export or a collect
+            log.warning("could not remove %s from Acoustic's SFTP folder: %s", remote, exc)
 
 
 def _result(answer: bytes, operation: str) -> Element:
