@@ -26,14 +26,18 @@ GROUP_SEP = "\x1f"
 AHEAD_POSTGRESQL = 2  # batches a PostgreSQL read holds ahead of the exporter
 BATCH_HINT = "adbc.postgresql.batch_size_hint_bytes"
 BATCH_BYTES = 4 << 20  # PostgreSQL batches of about 4 MB (1M contacts: peak 465 MB rather than 575 MB)
-# The columns a list's CRM rows reach the builder in (``engine.scan``), with their types.
-ROW_SCHEMA: dict[str, pl.DataType] = {
+# A contact's columns as the scan reads them, and the columns a list's CRM rows reach the builder in (the
+# contact's, then its subscription's, suppression, groups and consent), with their types.
+CONTACT_SCHEMA: dict[str, pl.DataType] = {
     "contact_id": pl.Int64(),
     "email": pl.String(),
     "email_key": pl.String(),
     "first_name": pl.String(),
     "last_name": pl.String(),
     "custom": pl.String(),
+}
+ROW_SCHEMA: dict[str, pl.DataType] = {
+    **CONTACT_SCHEMA,
     "status": pl.String(),
     "source": pl.String(),
     "suppressed": pl.Boolean(),

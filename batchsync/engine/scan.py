@@ -39,20 +39,13 @@ from batchsync.config import Profile
 from batchsync.db.mapping import crm_tables
 from batchsync.db.schema import bs_provider_optouts
 from batchsync.engine.build import FrameBuilder
-from batchsync.engine.crmread import GROUP_SEP, ROW_COLUMNS, ListPlace, arrow_batches, timestamp
+from batchsync.engine.crmread import CONTACT_SCHEMA, GROUP_SEP, ROW_COLUMNS, ListPlace, arrow_batches, timestamp
 
 STALE_SECONDS = 86_400
 SAMPLE = 16_384  # keys kept to place the bounds: a bucket within a few per cent of its intended size
 UTC_TIME = pl.Datetime("us", "UTC")
 KINDS: dict[str, dict[str, pl.DataType]] = {
-    "contacts": {
-        "contact_id": pl.Int64(),
-        "email": pl.String(),
-        "email_key": pl.String(),
-        "first_name": pl.String(),
-        "last_name": pl.String(),
-        "custom": pl.String(),
-    },
+    "contacts": CONTACT_SCHEMA,
     "subscriptions": {
         "contact_id": pl.Int64(),
         "list_id": pl.Int64(),
