@@ -44,7 +44,7 @@ from xml.etree.ElementTree import Element
 from batchsync.clock import Clock
 from batchsync.config import Profile
 from batchsync.errors import ConfigError, TransportError
-from batchsync.transport.api import ApiTransport, Finding, Rejected, Submission
+from batchsync.transport.api import ApiTransport, Finding, Rejected, Submission, export_rows
 from batchsync.transport.base import Transport, check_remote_name, upload_confirmed
 from batchsync.transport.http import ApiClient, ApiRefusal, CredentialsRefused
 from batchsync.transport.retry import RetryPolicy
@@ -80,14 +80,8 @@ class AcousticTransport(ApiTransport):
         config = profile.transport
         self.files, self.credentials = files, credentials
         self.retry = RetryPolicy.of(config, clock)
-        self.api = ApiClient(
-            config.url or "", clock, retries=config.retries, timeout=config.timeout_seconds, name="Acoustic"
-        )
+        self.api = ApiClient.of(config, clock, "", "Acoustic")
         self._token, self._expires = "", datetime.min.replace(tzinfo=UTC)
-
-    @property
-    def calls(self) -> int:
-        return self.api.calls
 
     def connect(self) -> None:
         self.files.connect()
@@ -196,14 +190,15 @@ class AcousticTransport(ApiTransport):
             state, parameters, description = self._wait(job)
             if state != "COMPLETE":
                 raise TransportError(f"Acoustic import job {job} of {data.name} ended {state}: {description}")
-            refused = self._refused(data, parameters)
+            sent = _addresses(self.profile, data)
+            refused = self._refused(data, sent, parameters)
             submission.rejected += refused
-            submission.accepted += len(_addresses(self.profile, data)) - len(refused)
+            submission.accepted += len(sent) - len(refused)
             for local in (data, mapping):  # imported: the contacts' data need not wait on the server (a failed
                 self._remove(posixpath.join(folder, local.name))  # job's files stay there for a person to read)
         return submission
 
-    def _refused(self, data: Path, parameters: dict[str, str]) -> list[Rejected]:
+    def _refused(self, data: Path, sent: dict[int, str], parameters: dict[str, str]) -> list[Rejected]:
         """The rows of the job's error file (LINE_NUMBER, ERROR, the row's columns), each matched to the row sent
         by its line; the file must list as many as the job counted bad (BAD_RECORDS, BAD_ADDRESSES), or nothing
         is taken as accepted. The job's files are removed from the download folder once read."""
@@ -224,7 +219,6 @@ class AcousticTransport(ApiTransport):
         for name in (error_file, results_file):
             if name:
                 self._remove(posixpath.join(DOWNLOAD, check_remote_name(posixpath.basename(name))))
-        sent = _addresses(self.profile, data)
         refused = []
         for row in rows:
             line = int(row.get("LINE_NUMBER") or 0)
@@ -283,12 +277,5 @@ def _result(answer: bytes, operation: str) -> Element:
 
 
 def _addresses(profile: Profile, data: Path) -> dict[int, str]:
-    """The address of each row of a data file by its line (the header is line 1; a quoted cell may hold a line
-    break, so lines are the CSV's records, as Acoustic counts them)."""
-    export = profile.export
-    with data.open(encoding=export.encoding, newline="") as handle:
-        reader = csv.reader(handle, delimiter=export.delimiter, quotechar=export.quote)
-        header = next(reader, [])
-        email = next((c.header for c in export.columns if c.field == "email"), "EMAIL")
-        at = header.index(email) if email in header else 0
-        return {line: cells[at] if at < len(cells) else "" for line, cells in enumerate(reader, start=2)}
+    """The address of each row of a data file by its line, as Acoustic counts them (the CSV's records)."""
+    return {row.line: row.email for row in export_rows(profile, data)}

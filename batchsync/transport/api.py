@@ -19,6 +19,7 @@ An API transport does two things a file server cannot, each an optional ability 
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -32,10 +33,11 @@ from batchsync.clock import Clock
 from batchsync.config import Profile
 from batchsync.errors import RemoteFolderMissing, TransportError
 from batchsync.transport.base import RemoteEntry, Transport, check_remote_name
+from batchsync.transport.http import ApiClient
 from batchsync.workdir import WorkDir, write_whole
 
 log = logging.getLogger(__name__)
-__all__ = ["ApiTransport", "Finding", "Rejected", "ReportInbox", "Submission", "Submitter"]
+__all__ = ["ApiTransport", "ExportRow", "Finding", "Rejected", "ReportInbox", "Submission", "Submitter", "export_rows"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,39 @@ class Finding:
     name: str
     ok: bool
     detail: str
+
+
+@dataclass
+class ExportRow:
+    """A row of an export file as an API sends it: its line (the header is line 1; lines are the CSV's records,
+    a quoted cell may hold a line break), the address, batchsync's word for its status (subscribed where the file
+    has none), and every other column as (header, field, cell)."""
+
+    line: int
+    email: str = ""
+    status: str = "subscribed"
+    others: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def export_rows(profile: Profile, path: Path) -> Iterator[ExportRow]:
+    """The rows of an export file the profile wrote, read back in its dialect."""
+    export = profile.export
+    fields = {column.header: column.field for column in export.columns}
+    statuses = {value: status for status, value in export.status_values.items()}
+    with path.open(encoding=export.encoding, newline="") as handle:
+        reader = csv.reader(handle, delimiter=export.delimiter, quotechar=export.quote)
+        header = next(reader, [])
+        for line, cells in enumerate(reader, start=2):
+            row = ExportRow(line)
+            for name, cell in zip(header, cells, strict=False):
+                kind = fields.get(name, name)
+                if kind == "email":
+                    row.email = cell
+                elif kind == "status":
+                    row.status = statuses.get(cell, cell)
+                else:
+                    row.others.append((name, kind, cell))
+            yield row
 
 
 class Submitter(Transport):
@@ -145,11 +180,16 @@ class ApiTransport(Submitter):
 
     lists_whole_files = True
     report_folders: tuple[str, ...] = ()
+    api: ApiClient  # the provider's API, made by the subclass
 
     def __init__(self, profile: Profile, clock: Clock) -> None:
         self.profile, self.clock = profile, clock
         self.inbox = ReportInbox(WorkDir.of(profile).root / "api-inbox")
         self._asked: set[str] = set()  # report folders asked this connection (collect lists one once per kind)
+
+    @property
+    def calls(self) -> int:
+        return self.api.calls
 
     @abstractmethod
     def check(self) -> Iterator[Finding]:

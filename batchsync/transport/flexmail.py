@@ -36,7 +36,6 @@ the 60-a-minute limit from Flexmail's API getting-started page.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections.abc import Iterator
@@ -46,7 +45,7 @@ from typing import Any
 from batchsync.clock import Clock
 from batchsync.config import Profile
 from batchsync.errors import ConfigError, TransportError
-from batchsync.transport.api import ApiTransport, Finding, Rejected, Submission
+from batchsync.transport.api import ApiTransport, ExportRow, Finding, Rejected, Submission, export_rows
 from batchsync.transport.http import ApiClient, ApiRefusal
 from batchsync.workdir import write_whole
 
@@ -102,21 +101,16 @@ class FlexmailTransport(ApiTransport):
                 "access token (api_key_env or api_key_file)"
             )
         self.budget = CallBudget(self.inbox.root / ".flexmail-calls.json", config.monthly_calls, clock)
-        self.api = ApiClient(
-            config.url or "https://api.flexmail.eu",
+        self.api = ApiClient.of(
+            config,
             clock,
-            retries=config.retries,
-            timeout=config.timeout_seconds,
+            "https://api.flexmail.eu",
+            "Flexmail",
             auth=(account_id, token),
             max_connections=1,
             per_minute=config.max_per_minute,
             before_call=self.budget.spend,
-            name="Flexmail",
         )
-
-    @property
-    def calls(self) -> int:
-        return self.api.calls
 
     def connect(self) -> None:
         self.api.call("GET", "/")
@@ -180,28 +174,28 @@ class FlexmailTransport(ApiTransport):
 
     def submit(self, files: list[Path], list_code: str) -> Submission:
         submission = Submission()
-        rows = (numbered for path in files for numbered in _rows(self.profile, path))
-        for line, row in rows:
+        rows = (row for path in files for row in export_rows(self.profile, path))
+        for row in rows:
             try:
                 self._send(row)
                 submission.accepted += 1
             except MonthlyLimitReached as exc:  # this row and every one left, of every file: not sent
-                left = [(line, row), *rows]
-                submission.rejected += [Rejected(n, r["email"], f"not sent: {exc}") for n, r in left]
+                left = [row, *rows]
+                submission.rejected += [Rejected(r.line, r.email, f"not sent: {exc}") for r in left]
                 log.error("%s; %d rows left for the next run", exc, len(left))
                 return submission
             except ApiRefusal as exc:
-                submission.rejected.append(Rejected(line, row["email"], exc.reason))
+                submission.rejected.append(Rejected(row.line, row.email, exc.reason))
         return submission
 
-    def _send(self, row: dict[str, Any]) -> None:
-        email = row["email"].strip().lower()
+    def _send(self, row: ExportRow) -> None:
+        email = row.email.strip().lower()
         found = _items(self.api.call("GET", "/contacts", params={"email": email}).body)
-        if row["status"] not in LIVE:
+        if row.status not in LIVE:
             for contact in found:
                 self.api.call("POST", f"/contacts/{contact['id']}/unsubscribe")
             return
-        document = {**row["names"], "custom_fields": row["custom"]}
+        document = _fields(row)
         if found:
             self.api.call("PATCH", f"/contacts/{found[0]['id']}", json_body=document)
             return
@@ -210,27 +204,11 @@ class FlexmailTransport(ApiTransport):
         self.api.call("POST", "/contacts", json_body=created)
 
 
-def _rows(profile: Profile, path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """An export file's rows by line: the address, batchsync's status, Flexmail's names and custom fields."""
-    export = profile.export
-    fields = {column.header: column.field for column in export.columns}
-    values = {value: status for status, value in export.status_values.items()}
-    with path.open(encoding=export.encoding, newline="") as handle:
-        reader = csv.reader(handle, delimiter=export.delimiter, quotechar=export.quote)
-        header = next(reader)
-        for line, cells in enumerate(reader, start=2):
-            row: dict[str, Any] = {"email": "", "status": "subscribed", "names": {}, "custom": {}}
-            for name, cell in zip(header, cells, strict=False):
-                field = fields.get(name, name)
-                if field == "email":
-                    row["email"] = cell
-                elif field == "status":
-                    row["status"] = values.get(cell, cell)
-                elif field in NAMES:
-                    row["names"][NAMES[field]] = cell
-                elif field != "groups":
-                    row["custom"][name] = cell or None
-            yield line, row
+def _fields(row: ExportRow) -> dict[str, Any]:
+    """A row's Flexmail fields: first_name and name, and the custom fields by placeholder."""
+    names = {NAMES[kind]: cell for _, kind, cell in row.others if kind in NAMES}
+    custom = {header: cell or None for header, kind, cell in row.others if kind not in NAMES and kind != "groups"}
+    return {**names, "custom_fields": custom}
 
 
 def _custom_headers(profile: Profile) -> list[str]:

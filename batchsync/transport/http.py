@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 
 from batchsync.clock import Clock
+from batchsync.config import TransportConfig
 from batchsync.errors import TransportError
 from batchsync.transport.retry import RetryPolicy
 
@@ -90,6 +91,14 @@ class ApiClient:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.Client(
             auth=auth, headers=dict(headers or {}), timeout=timeout, limits=limits, follow_redirects=False
+        )
+
+    @classmethod
+    def of(cls, config: TransportConfig, clock: Clock, default_url: str, name: str, **more: Any) -> ApiClient:
+        """The client a profile's ``[transport]`` asks for: its ``url`` (else the provider's own), retries and
+        time-out; ``more`` as for the constructor."""
+        return cls(
+            config.url or default_url, clock, retries=config.retries, timeout=config.timeout_seconds, name=name, **more
         )
 
     def call(

@@ -31,7 +31,6 @@ api_client.py: the data centre is the key's suffix after "-", Basic auth with th
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -39,14 +38,14 @@ import logging
 import tarfile
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from batchsync.clock import Clock
 from batchsync.config import Profile
 from batchsync.errors import ConfigError, TransportError
-from batchsync.transport.api import ApiTransport, Finding, Rejected, Submission
+from batchsync.transport.api import ApiTransport, ExportRow, Finding, Rejected, Submission, export_rows
 from batchsync.transport.http import ApiClient, ApiRefusal
 from batchsync.transport.mailchimp_reports import MemberReports
 
@@ -66,17 +65,6 @@ class Posted:
     operations: frozenset[str]
     emails: dict[int, str]
     subscribed: frozenset[int]
-
-
-@dataclass
-class Row:
-    """One row of an export file: its line, address, status (batchsync's word), groups and merge fields."""
-
-    line: int
-    email: str = ""
-    status: str = "subscribed"
-    groups: set[str] = field(default_factory=set)
-    merge: dict[str, str] = field(default_factory=dict)
 
 
 def subscriber_hash(email: str) -> str:
@@ -100,20 +88,11 @@ class MailchimpTransport(ApiTransport):
         if not api_key:
             raise ConfigError(f"profile {profile.name}: the Mailchimp transport needs api_key_env or api_key_file")
         config = profile.transport
-        self.api = api = ApiClient(
-            config.url or api_url(api_key),
-            clock,
-            retries=config.retries,
-            timeout=config.timeout_seconds,
-            auth=("batchsync", api_key),
-            max_connections=config.max_connections,
-            name="Mailchimp",
+        auth, connections = ("batchsync", api_key), config.max_connections
+        self.api = api = ApiClient.of(
+            config, clock, api_url(api_key), "Mailchimp", auth=auth, max_connections=connections
         )
         self.reports = MemberReports(profile, clock, api, self.inbox)
-
-    @property
-    def calls(self) -> int:
-        return self.api.calls
 
     def connect(self) -> None:
         self.api.call("GET", "/ping")
@@ -155,7 +134,7 @@ class MailchimpTransport(ApiTransport):
         list_id = self.profile.lists[list_code].id
         submission, posted = Submission(), deque[Posted]()
         for path in files:
-            for rows in _chunks(self._rows(path), self.profile.transport.batch_size):
+            for rows in _chunks(export_rows(self.profile, path), self.profile.transport.batch_size):
                 operations = [op for row in rows for op in self._operations(list_id, list_code, row)]
                 batch = self.api.call("POST", "/batches", json_body={"operations": operations}).body
                 ids = frozenset(str(op["operation_id"]) for op in operations)
@@ -188,40 +167,20 @@ class MailchimpTransport(ApiTransport):
             submission.rejected.append(Rejected(line, batch.emails[line], reason))
         submission.accepted += len(batch.emails) - len(refused)
 
-    def _rows(self, path: Path) -> Iterator[Row]:
-        """The rows of an export file, each with its line number (the header is line 1)."""
-        export = self.profile.export
-        fields = {column.header: column.field for column in export.columns}
-        values = {value: status for status, value in export.status_values.items()}
-        with path.open(encoding=export.encoding, newline="") as handle:
-            reader = csv.reader(handle, delimiter=export.delimiter, quotechar=export.quote)
-            header = next(reader)
-            for line, cells in enumerate(reader, start=2):
-                row = Row(line)
-                for name, cell in zip(header, cells, strict=False):
-                    field = fields.get(name, name)
-                    if field == "email":
-                        row.email = cell
-                    elif field == "groups":
-                        row.groups = {part.strip() for part in cell.split(export.group_separator) if part.strip()}
-                    elif field == "status":
-                        row.status = values.get(cell, cell)
-                    else:
-                        row.merge[name] = cell
-                yield row
-
-    def _operations(self, list_id: str, list_code: str, row: Row) -> list[dict[str, Any]]:
+    def _operations(self, list_id: str, list_code: str, row: ExportRow) -> list[dict[str, Any]]:
         status = SENT_AS.get(row.status, "unsubscribed")
         path = f"/lists/{list_id}/members/{subscriber_hash(row.email)}"
         body: dict[str, Any] = {"email_address": row.email, "status_if_new": status}
         if status != "subscribed":  # never "subscribed" over what Mailchimp holds: pending or unsubscribed only
             body["status"] = status
         if status != "unsubscribed":
-            body["merge_fields"] = row.merge
+            body["merge_fields"] = {header: cell for header, kind, cell in row.others if kind != "groups"}
         operations = [{"method": "PUT", "path": path, "operation_id": str(row.line), "body": json.dumps(body)}]
         groups = self.profile.lists[list_code].groups
         if groups and status != "unsubscribed":
-            tags = [{"name": tag, "status": "active" if tag in row.groups else "inactive"} for tag in groups.values()]
+            separator = self.profile.export.group_separator
+            held = {name.strip() for _, kind, cell in row.others if kind == "groups" for name in cell.split(separator)}
+            tags = [{"name": tag, "status": "active" if tag in held else "inactive"} for tag in groups.values()]
             tagged = {"method": "POST", "path": path + "/tags", "body": json.dumps({"tags": tags})}
             operations.append({**tagged, "operation_id": f"{row.line}:tags"})
         return operations
@@ -246,8 +205,8 @@ class MailchimpTransport(ApiTransport):
         self.reports.fetch(folder)
 
 
-def _chunks(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
-    chunk: list[Row] = []
+def _chunks(rows: Iterator[ExportRow], size: int) -> Iterator[list[ExportRow]]:
+    chunk: list[ExportRow] = []
     for row in rows:
         chunk.append(row)
         if len(chunk) >= size:
