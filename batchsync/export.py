@@ -231,14 +231,19 @@ class Exporter:
             return
         assert staged.remote_path is not None
         folder = staged.remote_path.rsplit("/", 1)[0]
-        staged.uploads = self.delivery.send(transport, staged.uploads, folder)
-        staged.uploaded = True
-        staged.remote_path = f"{folder}/{staged.uploads[0].name}"
-        # The provider has the files now: keep the reports beside their copies before the ledger moves.
+        uploads = self.delivery.send(transport, staged.uploads, folder)
+        self._mark_sent(staged, uploads, f"{folder}/{uploads[0].name}")
+
+    def _mark_sent(
+        self, staged: ExportedFile, uploads: list[Path], remote_path: str, refused: Sequence[str] = ()
+    ) -> None:
+        """The provider has the rows: the reports are kept beside the copies in ``sent/``, then the ledger's new
+        generation is made current (``refused``: the keys whose old ledger rows stay)."""
+        staged.uploads, staged.uploaded, staged.remote_path = uploads, True, remote_path
         staged.reports = self.work.keep_sent(staged.reports)
-        staged.local_path = staged.uploads[0]
+        staged.local_path = uploads[0]
         with self.engine.begin() as connection:
-            commit_pending(connection, self.profile.name, staged.list_code)
+            commit_pending(connection, self.profile.name, staged.list_code, refused)
 
     def _submit(self, transport: Submitter, staged: ExportedFile) -> None:
         """The rows go through the provider's API; the ledger moves for the rows it accepted, the others keep
@@ -260,13 +265,8 @@ class Exporter:
             staged.reports.append(report)
             refused = [email_key(row.email) for row in submission.rejected]
             log.warning("list %s: the provider refused %d rows (see %s)", staged.list_code, len(refused), report.name)
-        staged.uploads = self.work.keep_sent(staged.uploads)
-        staged.uploaded = True
-        staged.remote_path = f"{self.profile.transport.kind}:{self.profile.lists[staged.list_code].id}"
-        staged.reports = self.work.keep_sent(staged.reports)
-        staged.local_path = staged.uploads[0]
-        with self.engine.begin() as connection:
-            commit_pending(connection, self.profile.name, staged.list_code, refused)
+        where = f"{self.profile.transport.kind}:{self.profile.lists[staged.list_code].id}"
+        self._mark_sent(staged, self.work.keep_sent(staged.uploads), where, refused)
 
     def _recover_outbox(self) -> None:
         self.delivery.recover(self.transport_factory)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -72,7 +71,8 @@ class MemberReports:
         since = self.inbox.cursor(folder, stream)
         upto = self.clock.now()
         start = since - OVERLAP if since else None
-        members = list(self._members(list_id, status, start))
+        changed = {"since_last_changed": _iso(start)} if start is not None else {}
+        members = self._pages(f"/lists/{list_id}/members", "members", status=status, **changed)
         if word == "subscribes":  # a sign-up is an opt-in (in the window), not any change; none without its time
             members = [m for m in members if (opted := _opted_in(m)) is not None and (start is None or opted > start)]
         if not members:
@@ -82,18 +82,15 @@ class MemberReports:
         self.inbox.add(folder, name, stream, upto, lambda part: _write_members(part, members, list_id, word))
         log.info("Mailchimp audience %s (%s): %d %s members since %s", list_id, code, len(members), status, since)
 
-    def _members(self, list_id: str, status: str, since: datetime | None) -> Iterator[dict[str, Any]]:
-        offset = 0
+    def _pages(self, path: str, key: str, **params: str) -> list[dict[str, Any]]:
+        """Every item of a paged collection."""
+        found: list[dict[str, Any]] = []
         while True:
-            params: dict[str, Any] = {"status": status, "count": PAGE, "offset": offset}
-            if since is not None:
-                params["since_last_changed"] = since.astimezone(UTC).isoformat(timespec="seconds")
-            page = self.api.call("GET", f"/lists/{list_id}/members", params=params).body
-            members = page.get("members") or []
-            yield from members
-            offset += len(members)
-            if not members or offset >= int(page.get("total_items", 0)):
-                return
+            page = self.api.call("GET", path, params={**params, "count": PAGE, "offset": len(found)}).body
+            items = page.get(key) or []
+            found += items
+            if not items or len(found) >= int(page.get("total_items", 0)):
+                return found
 
     # --- campaign email activity ---------------------------------------------------------------------------
 
@@ -129,16 +126,6 @@ class MemberReports:
         log.info(
             "Mailchimp audience %s: %d activities in %d campaigns since %s", list_id, len(rows), len(campaigns), since
         )
-
-    def _pages(self, path: str, key: str, **params: str) -> list[dict[str, Any]]:
-        """Every item of a paged collection."""
-        found: list[dict[str, Any]] = []
-        while True:
-            page = self.api.call("GET", path, params={**params, "count": PAGE, "offset": len(found)}).body
-            items = page.get(key) or []
-            found += items
-            if not items or len(found) >= int(page.get("total_items", 0)):
-                return found
 
 
 def _opted_in(member: dict[str, Any]) -> datetime | None:
